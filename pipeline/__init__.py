@@ -1,0 +1,1 @@
+"""finsent: the pipeline library. It knows nothing of Airflow."""

@@ -1,0 +1,105 @@
+"""The one settings object. Every field can be set from the environment
+with the prefix ``FINSENT_`` (nested fields with ``__``, e.g.
+``FINSENT_TRAIN__EPOCHS=3``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+OFFLINE_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class IngestConfig(BaseModel):
+    train_fraction: float = 0.72
+    validation_fraction: float = 0.08
+    test_fraction: float = 0.20
+    seed: int = 0
+    min_chars: int = 3
+    max_chars: int = 2000
+    min_clean_share: float = Field(0.95, description="a batch whose clean share is below this fails")
+
+
+class TrainConfig(BaseModel):
+    base_model: str = Field(OFFLINE_MINILM, description="hub id or local folder")
+    max_length: int = 128
+    seed: int = 0
+    mlm_steps: int = Field(40, description="0 skips masked-LM adaptation")
+    mlm_block_size: int = 128
+    mlm_batch_size: int = 16
+    mlm_learning_rate: float = 5e-5
+    mlm_probability: float = 0.15
+    mlm_max_corpus_texts: int = 2000
+    mlm_margin: float = Field(0.0, description="adapted model is used only if its perplexity beats the base by this")
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 8e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+
+
+class ReleaseConfig(BaseModel):
+    min_macro_f1: float = Field(0.6, description="absolute floor for the first champion")
+    min_improvement: float = Field(0.0, description="candidate must beat champion macro-F1 by at least this")
+    parity_max_abs_diff: float = 1e-4
+    parity_max_flips: int = 0
+
+
+class ServingConfig(BaseModel):
+    alias: str = "champion"
+    model_dir: Path | None = Field(None, description="serve a local ONNX folder instead of the registry")
+    max_batch: int = 256
+    max_text_chars: int = 10_000
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FINSENT_", env_nested_delimiter="__", extra="ignore")
+
+    project_dir: Path = Field(Path("."), description="the DVC repository that holds data/ and data.dvc")
+    state_dir: Path = Field(Path(".finsent"), description="services' state, run outputs, DVC remote")
+    fpb_dir: Path | None = Field(None, description="Financial PhraseBank folder; unset: the hub dataset")
+    reuters_dir: Path | None = Field(None, description="Reuters-21578 SGML folder; unset: no corpus")
+    dvc_remote: str | None = Field(None, description="DVC remote URL; unset: <state_dir>/dvc-remote")
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "finsent"
+    model_name: str = "finsent-sentiment"
+
+    ingest: IngestConfig = IngestConfig()
+    train: TrainConfig = TrainConfig()
+    release: ReleaseConfig = ReleaseConfig()
+    serving: ServingConfig = ServingConfig()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.project_dir / "data"
+
+    @property
+    def labeled_dir(self) -> Path:
+        return self.data_dir / "curated" / "labeled"
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.data_dir / "curated" / "corpus" / "reuters.parquet"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.state_dir / "runs"
+
+    def resolved(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def get_settings() -> Settings:
+    return Settings()

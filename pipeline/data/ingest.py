@@ -1,0 +1,77 @@
+"""The ingest stage: read, clean, split, validate, write Parquet, version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import Settings
+from pipeline.data.clean import clean_corpus, clean_labeled
+from pipeline.data.sources import read_phrasebank, read_phrasebank_hub, read_reuters
+from pipeline.data.split import split_labeled
+from pipeline.data.validate import DataValidationError, validate_corpus, validate_labeled
+from pipeline.data.version import version_data
+
+log = logging.getLogger(__name__)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+
+
+def load_split(labeled_dir: Path, split: str) -> pd.DataFrame:
+    return pd.read_parquet(labeled_dir / f"{split}.parquet")
+
+
+def ingest(settings: Settings) -> dict:
+    """Runs the whole stage and returns its reconciled counts and digest."""
+    if settings.fpb_dir is not None and settings.fpb_dir.is_dir():
+        raw, agreement = read_phrasebank(settings.fpb_dir)
+    else:
+        log.info("no Financial PhraseBank folder configured; reading it from the hub")
+        raw, agreement = read_phrasebank_hub()
+    cleaned = clean_labeled(raw, agreement, settings.ingest)
+    counts = cleaned.counts
+    if counts["rows_in"] != counts["clean"] + counts["quarantined"] + counts["duplicates"]:
+        raise AssertionError(f"counts do not reconcile: {counts}")
+    clean_share = counts["clean"] / max(counts["rows_in"], 1)
+    if clean_share < settings.ingest.min_clean_share:
+        raise DataValidationError(
+            f"only {clean_share:.1%} of {counts['rows_in']} rows are clean "
+            f"(threshold {settings.ingest.min_clean_share:.0%}); see {settings.quarantine_dir}"
+        )
+
+    splits = split_labeled(cleaned.clean, settings.ingest)
+    validate_labeled(splits, settings.ingest).raise_for_failures()
+
+    # Replace, never append: a re-run leaves exactly one copy of its output.
+    if settings.data_dir.exists():
+        shutil.rmtree(settings.data_dir)
+    for name, frame in splits.items():
+        _write_parquet(frame, settings.labeled_dir / f"{name}.parquet")
+    _write_parquet(cleaned.quarantine, settings.quarantine_dir / "labeled.parquet")
+
+    corpus_counts = None
+    if settings.reuters_dir is not None:
+        corpus, corpus_counts = clean_corpus(read_reuters(settings.reuters_dir))
+        validate_corpus(corpus).raise_for_failures()
+        _write_parquet(corpus, settings.corpus_path)
+
+    remote = settings.dvc_remote or str((settings.state_dir / "dvc-remote").resolve())
+    digest = version_data(settings.project_dir, remote)
+    summary = {
+        **counts,
+        "digest": digest,
+        "quarantine_dir": str(settings.quarantine_dir.resolve()),
+        "labeled_dir": str(settings.labeled_dir.resolve()),
+        "splits": {name: len(frame) for name, frame in splits.items()},
+        "corpus": corpus_counts,
+        "corpus_path": str(settings.corpus_path.resolve()) if corpus_counts else None,
+    }
+    log.info("ingest: %s", json.dumps(summary))
+    return summary

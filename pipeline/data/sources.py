@@ -1,0 +1,127 @@
+"""Readers for the labeled sentiment data and the unlabeled news corpus."""
+
+from __future__ import annotations
+
+import html
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+
+# Agreement files are nested (AllAgree ⊂ 75 ⊂ 66 ⊂ 50): 50Agree holds every
+# sentence; the others only tell each sentence's highest agreement level.
+PHRASEBANK_LEVELS: dict[int, str] = {
+    50: "Sentences_50Agree.txt",
+    66: "Sentences_66Agree.txt",
+    75: "Sentences_75Agree.txt",
+    100: "Sentences_AllAgree.txt",
+}
+HUB_PHRASEBANK = "takala/financial_phrasebank"
+HUB_CONFIGS: dict[int, str] = {50: "sentences_50agree", 66: "sentences_66agree", 75: "sentences_75agree", 100: "sentences_allagree"}
+
+RAW_COLUMNS = ["text", "label", "source", "line", "error"]
+
+
+def _read_lines(path: Path) -> list[str]:
+    # latin-1 maps every byte, so decoding never fails; CRLF is stripped per line.
+    return path.read_bytes().decode("latin-1").splitlines()
+
+
+def parse_phrasebank_line(line: str) -> tuple[str, str]:
+    """``sentence@label`` → (sentence, label); raises ValueError with the reason."""
+    if "@" not in line:
+        raise ValueError("no '@' separator")
+    text, label = line.rsplit("@", 1)
+    return text, label.strip()
+
+
+def _parsed_rows(lines: list[str], source: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            text, label = parse_phrasebank_line(line)
+            rows.append({"text": text, "label": label, "source": source, "line": number, "error": None})
+        except ValueError as err:
+            rows.append({"text": line, "label": None, "source": source, "line": number, "error": str(err)})
+    return rows
+
+
+def read_phrasebank(fpb_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows of 50Agree (unparseable lines carry their ``error``) and each
+    normalised sentence's highest agreement level."""
+    path50 = fpb_dir / PHRASEBANK_LEVELS[50]
+    if not path50.is_file():
+        raise FileNotFoundError(f"Financial PhraseBank file not found: {path50}")
+    raw = pd.DataFrame(_parsed_rows(_read_lines(path50), path50.name), columns=RAW_COLUMNS)
+    agreement: dict[str, int] = {}
+    for level, name in sorted(PHRASEBANK_LEVELS.items()):
+        path = fpb_dir / name
+        if path.is_file():
+            for row in _parsed_rows(_read_lines(path), name):
+                if row["error"] is None:
+                    agreement[normalize_text(row["text"])] = level
+    return raw, agreement
+
+
+def read_phrasebank_hub(dataset_id: str = HUB_PHRASEBANK) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The same data through ``datasets``, for users with a hub."""
+    import datasets
+
+    agreement: dict[str, int] = {}
+    raw = pd.DataFrame(columns=RAW_COLUMNS)
+    for level, config in sorted(HUB_CONFIGS.items()):
+        ds = datasets.load_dataset(dataset_id, config, split="train")
+        names = ds.features["label"].names
+        if level == 50:
+            raw = pd.DataFrame({
+                "text": ds["sentence"], "label": [names[i] for i in ds["label"]],
+                "source": f"{dataset_id}/{config}", "line": range(1, len(ds) + 1), "error": None,
+            })[RAW_COLUMNS]
+        for text in ds["sentence"]:
+            agreement[normalize_text(text)] = level
+    return raw, agreement
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+_REUTERS_DOC = re.compile(r"<REUTERS\b([^>]*)>(.*?)</REUTERS>", re.S)
+_NEWID = re.compile(r'NEWID="(\d+)"')
+_DATE = re.compile(r"<DATE>\s*([^<]+?)\s*</DATE>")
+_BODY = re.compile(r"<BODY>(.*?)</BODY>", re.S)
+_CONTROL_ENTITY = re.compile(r"&#\d+;")
+_TRAILER = re.compile(r"\s*Reuter\s*$")
+
+
+def parse_reuters_date(raw: str) -> str:
+    return datetime.strptime(raw.split()[0], "%d-%b-%Y").date().isoformat()
+
+
+def read_reuters(reuters_dir: Path) -> pd.DataFrame:
+    """Bodies of the Reuters-21578 stories, with their date and id."""
+    files = sorted(reuters_dir.glob("reut2-*.sgm"))
+    if not files:
+        raise FileNotFoundError(f"no reut2-*.sgm files in {reuters_dir}")
+    records = []
+    for path in files:
+        sgml = path.read_bytes().decode("latin-1")
+        for attrs, doc in _REUTERS_DOC.findall(sgml):
+            body = _BODY.search(doc)
+            if body is None:
+                continue
+            text = _CONTROL_ENTITY.sub("", body.group(1))
+            text = html.unescape(_TRAILER.sub("", text))
+            date = _DATE.search(doc)
+            records.append({
+                "doc_id": int(_NEWID.search(attrs).group(1)),
+                "date": parse_reuters_date(date.group(1)) if date else None,
+                "text": normalize_text(text),
+                "source": path.name,
+            })
+    return pd.DataFrame(records, columns=["doc_id", "date", "text", "source"])

@@ -1,0 +1,95 @@
+"""Great Expectations (GX Core 1.x) suites for the curated data."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from pipeline.config import LABELS, IngestConfig
+from pipeline.data.split import SPLITS
+
+AGREEMENT_LEVELS = [50, 66, 75, 100]
+
+
+class DataValidationError(RuntimeError):
+    """A batch failed an expectation; the message names it and its numbers."""
+
+
+@dataclass
+class ValidationReport:
+    suite: str
+    success: bool
+    failures: list[str]
+    statistics: dict
+
+    def raise_for_failures(self) -> None:
+        if not self.success:
+            raise DataValidationError(f"suite {self.suite!r} failed: " + "; ".join(self.failures))
+
+
+def _labeled_expectations(cfg: IngestConfig) -> list:
+    import great_expectations as gx
+
+    return [
+        gx.expectations.ExpectTableColumnsToMatchSet(column_set=["text", "label", "agreement", "split"], exact_match=True),
+        gx.expectations.ExpectTableRowCountToBeBetween(min_value=1),
+        gx.expectations.ExpectColumnValuesToNotBeNull(column="text"),
+        gx.expectations.ExpectColumnValueLengthsToBeBetween(column="text", min_value=cfg.min_chars, max_value=cfg.max_chars),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABELS)),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="agreement", value_set=AGREEMENT_LEVELS),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        # Unique over the union of the splits: no sentence is in two splits.
+        gx.expectations.ExpectColumnValuesToBeUnique(column="text"),
+    ]
+
+
+def _corpus_expectations() -> list:
+    import great_expectations as gx
+
+    return [
+        gx.expectations.ExpectTableRowCountToBeBetween(min_value=1),
+        gx.expectations.ExpectColumnValuesToNotBeNull(column="text"),
+        gx.expectations.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1),
+        gx.expectations.ExpectColumnValuesToBeUnique(column="doc_id"),
+    ]
+
+
+def _describe_failure(result) -> str:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id",)}
+    details = result.result or {}
+    numbers = {k: details[k] for k in ("element_count", "unexpected_count", "unexpected_percent", "observed_value") if k in details}
+    sample = details.get("partial_unexpected_list")
+    text = f"{config.type}({kwargs}) {numbers}"
+    return text + (f" e.g. {sample[:3]!r}" if sample else "")
+
+
+def run_suite(frame: pd.DataFrame, suite_name: str, expectations: list) -> ValidationReport:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        context.data_sources.add_pandas(name=f"{suite_name}_source")
+        .add_dataframe_asset(name=suite_name)
+        .add_batch_definition_whole_dataframe(name="whole")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
+    result = batch.validate(suite)
+    failures = [_describe_failure(r) for r in result.results if not r.success]
+    return ValidationReport(suite=suite_name, success=result.success, failures=failures, statistics=dict(result.statistics))
+
+
+def validate_labeled(splits: dict[str, pd.DataFrame], cfg: IngestConfig) -> ValidationReport:
+    union = pd.concat([frame.assign(split=name) for name, frame in splits.items()], ignore_index=True)
+    return run_suite(union, "labeled_text", _labeled_expectations(cfg))
+
+
+def validate_corpus(corpus: pd.DataFrame) -> ValidationReport:
+    return run_suite(corpus, "unlabeled_corpus", _corpus_expectations())
