@@ -1,0 +1,159 @@
+"""``finsent <step>``: every pipeline step runs from the shell. Each step
+prints, as its last line, one JSON object with its result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import Settings
+
+
+def _print_result(result: dict) -> None:
+    sys.stdout.flush()
+    print(json.dumps(result, default=str), flush=True)
+
+
+def cmd_ingest(settings: Settings, args) -> dict:
+    from pipeline.data.ingest import ingest
+
+    return ingest(settings)
+
+
+def cmd_start_run(settings: Settings, args) -> dict:
+    from pipeline.train.jobs import start_run
+
+    return start_run(settings)
+
+
+def cmd_mlm_adapt(settings: Settings, args) -> dict:
+    from pipeline.train.jobs import mlm_adapt
+
+    return mlm_adapt(settings, args.run_id)
+
+
+def cmd_finetune(settings: Settings, args) -> dict:
+    from pipeline.train.jobs import finetune
+
+    return finetune(settings, args.run_id, args.model)
+
+
+def cmd_evaluate(settings: Settings, args) -> dict:
+    from pipeline.train.jobs import evaluate
+
+    return evaluate(settings, args.run_id, args.model)
+
+
+def cmd_register(settings: Settings, args) -> dict:
+    from pipeline.train.jobs import register
+
+    return register(settings, args.run_id, args.model)
+
+
+def cmd_train(settings: Settings, args) -> dict:
+    """All train steps in one process: start_run → mlm_adapt → finetune → evaluate → register."""
+    from pipeline.train import jobs
+
+    run = jobs.start_run(settings)
+    adapted = jobs.mlm_adapt(settings, run["run_id"])
+    tuned = jobs.finetune(settings, run["run_id"], adapted["model_dir"])
+    evaluation = jobs.evaluate(settings, run["run_id"], tuned["model_dir"])
+    return {**jobs.register(settings, run["run_id"], tuned["model_dir"]), "test_metrics": evaluation["metrics"]}
+
+
+def cmd_export(settings: Settings, args) -> dict:
+    from pipeline.release.jobs import export_candidate
+
+    return export_candidate(settings, args.version)
+
+
+def cmd_gate(settings: Settings, args) -> dict:
+    from pipeline.release.jobs import gate
+
+    return gate(settings, args.version)
+
+
+def cmd_release(settings: Settings, args) -> dict:
+    """export + parity → gate → promote, for the current candidate."""
+    from pipeline.release.jobs import export_candidate, gate, promote
+
+    exported = export_candidate(settings, args.version)
+    return promote(settings, gate(settings, exported["version"]))
+
+
+def cmd_serve(settings: Settings, args) -> None:
+    import uvicorn
+
+    from serving.app import create_app
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+
+
+def cmd_mlflow_server(settings: Settings, args) -> None:
+    import os
+
+    from pipeline.services import mlflow_server_command
+
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    command = mlflow_server_command(settings.state_dir, args.port)
+    os.execv(command[0], command)
+
+
+def cmd_demo(settings: Settings, args) -> dict:
+    from pipeline.demo import run_demo
+
+    return run_demo(settings, Path(args.dags))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finsent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    add("ingest", cmd_ingest, "read, clean, split, validate, write and version the data")
+    add("start-run", cmd_start_run, "open the MLflow run that the training steps log into")
+    for name, func, help_text in (
+        ("mlm-adapt", cmd_mlm_adapt, "masked-LM domain adaptation, gated on validation perplexity"),
+    ):
+        add(name, func, help_text).add_argument("--run-id", required=True)
+    for name, func, help_text in (
+        ("finetune", cmd_finetune, "fine-tune the classifier, best epoch on validation macro-F1"),
+        ("evaluate", cmd_evaluate, "test-split metrics and plots"),
+        ("register", cmd_register, "register the model and point alias 'candidate' at it"),
+    ):
+        command = add(name, func, help_text)
+        command.add_argument("--run-id", required=True)
+        command.add_argument("--model", required=True, help="transformers model folder")
+    add("train", cmd_train, "every train step in one process")
+    for name, func, help_text in (
+        ("export-onnx", cmd_export, "export a registered version to ONNX and check parity"),
+        ("gate", cmd_gate, "score candidate vs champion on the test split and decide"),
+        ("release", cmd_release, "export, parity, gate and promote"),
+    ):
+        add(name, func, help_text).add_argument("--version", default=None, help="model version (default: @candidate)")
+    serve = add("serve", cmd_serve, "run the sentiment API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    add("mlflow-server", cmd_mlflow_server, "run the embedded MLflow tracking server").add_argument("--port", type=int, default=5000)
+    add("demo", cmd_demo, "run the whole pipeline once through Airflow").add_argument("--dags", default="dags")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result = args.func(Settings(), args)
+    if result is not None:
+        _print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

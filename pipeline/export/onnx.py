@@ -1,0 +1,57 @@
+"""Export to ONNX with dynamic batch and sequence axes, and parity against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.model import MANIFEST, OnnxClassifier
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+ONNX_FILE = "model.onnx"
+
+
+def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = "", model_version: str = "") -> Path:
+    """Writes ``model.onnx`` (weights inline), ``tokenizer.json`` and the serving manifest to ``out_dir``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    example = tokenizer(["Profit rose.", "Net sales fell by 5 % in the quarter ."], padding=True, return_tensors="pt")
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
+    names = [name for name in INPUTS if name in example]
+    torch.onnx.export(
+        model, (), kwargs={name: example[name] for name in names}, f=str(out_dir / ONNX_FILE),
+        input_names=names, output_names=["logits"], external_data=False,
+        dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
+    )
+    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    (out_dir / MANIFEST).write_text(json.dumps({
+        "onnx_file": ONNX_FILE, "labels": labels, "max_length": max_length,
+        "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
+        "model_name": model_name, "model_version": model_version,
+    }, indent=2))
+    return out_dir
+
+
+@torch.no_grad()
+def check_parity(hf_dir: Path, onnx_dir: Path, texts: list[str], max_length: int) -> dict:
+    """Max absolute logit difference and label flips between PyTorch and onnxruntime."""
+    from pipeline.train.classify import load_classifier, predict_logits
+
+    model, tokenizer = load_classifier(str(hf_dir))
+    reference = predict_logits(model, tokenizer, texts, max_length)
+    exported = OnnxClassifier(onnx_dir, providers=["CPUExecutionProvider"]).logits(texts)
+    return {
+        "n": len(texts),
+        "max_abs_diff": float(np.abs(reference - exported).max()) if texts else 0.0,
+        "label_flips": int((reference.argmax(axis=1) != exported.argmax(axis=1)).sum()),
+    }

@@ -1,0 +1,108 @@
+"""MLflow: runs, logging, registration, aliases and lineage tags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import LABELS, Settings
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+ONNX_ARTIFACT_PATH = "onnx"
+
+
+def connect(settings: Settings) -> MlflowClient:
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_experiment(settings.experiment)
+    return MlflowClient(settings.tracking_uri)
+
+
+def git_commit(cwd: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def _flatten(prefix: str, value) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, inner in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else key, inner))
+        return out
+    return {prefix: str(value)}
+
+
+def start_training_run(settings: Settings, data_digest: str, test_digest: str) -> str:
+    """Creates the run every training step logs into; returns its id."""
+    import pandas as pd
+
+    connect(settings)
+    with mlflow.start_run(run_name="train") as run:
+        mlflow.log_params(_flatten("", {k: v for k, v in settings.resolved().items() if k in ("train", "ingest")}))
+        mlflow.log_dict(settings.resolved(), "config/resolved.json")
+        mlflow.set_tags({
+            "data_digest": data_digest,
+            "test_digest": test_digest,
+            "git_commit": git_commit(settings.project_dir),
+            "config_hash": settings.config_hash(),
+        })
+        for split in ("train", "validation", "test"):
+            frame = pd.read_parquet(settings.labeled_dir / f"{split}.parquet")
+            dataset = mlflow.data.from_pandas(
+                frame, source=str((settings.labeled_dir / f"{split}.parquet").resolve()), targets="label",
+                name=f"curated-labeled-{split}", digest=test_digest if split == "test" else data_digest,
+            )
+            mlflow.log_input(dataset, context=split)
+        return run.info.run_id
+
+
+def register_classifier(settings: Settings, run_id: str, model_dir: Path) -> ModelVersion:
+    """Logs the fine-tuned model as a pyfunc into ``run_id``, registers it and points ``candidate`` at it."""
+    import pandas as pd
+
+    client = connect(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        label_map = Path(tmp) / "label_map.json"
+        label_map.write_text(json.dumps({"labels": list(LABELS), "max_length": settings.train.max_length}))
+        example = pd.DataFrame({"text": ["Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."]})
+        output = pd.DataFrame({"label": ["positive"], **{name: [1.0 / len(LABELS)] for name in LABELS}})
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("sentiment_pyfunc.py")),
+                artifacts={"hf_model": str(model_dir), "label_map": str(label_map)},
+                signature=mlflow.models.infer_signature(example, output),
+                input_example=example,
+                pip_requirements=["torch", "transformers", "pandas", f"mlflow=={mlflow.__version__}"],
+                registered_model_name=settings.model_name,
+            )
+    version = client.get_model_version(settings.model_name, str(info.registered_model_version))
+    run = client.get_run(run_id)
+    for key in ("data_digest", "test_digest", "git_commit", "config_hash"):
+        client.set_model_version_tag(settings.model_name, version.version, key, run.data.tags.get(key, ""))
+    client.set_registered_model_alias(settings.model_name, CANDIDATE, version.version)
+    return client.get_model_version(settings.model_name, version.version)
+
+
+def version_by_alias(settings: Settings, alias: str) -> ModelVersion | None:
+    client = connect(settings)
+    try:
+        return client.get_model_version_by_alias(settings.model_name, alias)
+    except MlflowException:
+        return None
+
+
+def download_hf_model(version: ModelVersion, dest: Path) -> Path:
+    """The transformers folder inside a registered pyfunc version."""
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dest)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    return local / mlmodel["flavors"]["python_function"]["artifacts"]["hf_model"]["path"]

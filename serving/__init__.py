@@ -1,0 +1,1 @@
+"""finsent serving: FastAPI + onnxruntime. No training code, no Airflow."""
