@@ -31,9 +31,12 @@ class CleanResult:
         }
 
 
-def _row_problem(text: str, label: str | None, error: str | None, cfg: IngestConfig) -> str | None:
-    if error:
+def _row_problem(text: str, label, error, cfg: IngestConfig) -> str | None:
+    # pandas' string columns hold NaN, not None, for missing values.
+    if isinstance(error, str) and error:
         return error
+    if not isinstance(label, str):
+        return "missing label"
     if _CONTROL.search(text):
         return "control characters in text"
     if not text:

@@ -1,0 +1,112 @@
+"""Shared fixtures: a small Financial PhraseBank subset written in the
+original format, one Reuters file, a tiny BERT with a WordPiece vocabulary
+trained on the fly, and settings that point at all of them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import IngestConfig, ReleaseConfig, Settings, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FPB_DIR = Path(os.environ.get("FINSENT_FPB_DIR", SHARED_DATA / "financial_phrasebank"))
+REUTERS_DIR = Path(os.environ.get("FINSENT_REUTERS_DIR", SHARED_DATA / "reuters21578"))
+LEVEL_FILES = ["Sentences_50Agree.txt", "Sentences_66Agree.txt", "Sentences_75Agree.txt", "Sentences_AllAgree.txt"]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def write_fpb_subset(dest: Path, every: int = 10) -> Path:
+    """Every ``every``-th line of 50Agree, and the lines of the other levels
+    that belong to it: same bytes, latin-1, CRLF, nesting kept."""
+    dest.mkdir(parents=True, exist_ok=True)
+    lines50 = (FPB_DIR / LEVEL_FILES[0]).read_bytes().split(b"\r\n")
+    chosen = [line for i, line in enumerate(lines50) if line and i % every == 0]
+    keep = set(chosen)
+    for name in LEVEL_FILES:
+        lines = [line for line in (FPB_DIR / name).read_bytes().split(b"\r\n") if line in keep]
+        (dest / name).write_bytes(b"".join(line + b"\r\n" for line in lines))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def fpb_subset(tmp_path_factory) -> Path:
+    return write_fpb_subset(tmp_path_factory.mktemp("fpb"))
+
+
+@pytest.fixture(scope="session")
+def reuters_subset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reuters")
+    (folder / "reut2-000.sgm").symlink_to(REUTERS_DIR / "reut2-000.sgm")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, fpb_subset) -> Path:
+    from pipeline.data.sources import read_phrasebank
+    from pipeline.train.base import build_bert_from_scratch
+
+    raw, _ = read_phrasebank(fpb_subset)
+    return build_bert_from_scratch(tmp_path_factory.mktemp("tiny-bert"), raw["text"].tolist(), vocab_size=1500, max_length=64)
+
+
+def tiny_train_config(base: Path) -> TrainConfig:
+    return TrainConfig(
+        base_model=str(base), max_length=64, mlm_steps=6, mlm_block_size=64, mlm_batch_size=8,
+        mlm_max_corpus_texts=200, epochs=3, batch_size=16, learning_rate=2e-3,
+    )
+
+
+def make_settings(project: Path, fpb: Path, reuters: Path | None, base: Path, **overrides) -> Settings:
+    return Settings(
+        project_dir=project, state_dir=project / ".finsent", fpb_dir=fpb, reuters_dir=reuters,
+        ingest=IngestConfig(min_clean_share=0.5), train=tiny_train_config(base),
+        release=ReleaseConfig(min_macro_f1=0.0), **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def ingested(tmp_path_factory, fpb_subset, reuters_subset, tiny_base) -> Settings:
+    """A project folder after one ingest run of the subsets."""
+    from pipeline.data.ingest import ingest
+
+    project = tmp_path_factory.mktemp("project")
+    settings = make_settings(project, fpb_subset, reuters_subset, tiny_base)
+    ingest(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, ingested) -> Path:
+    """A tiny fine-tuned classifier folder (transformers format)."""
+    from pipeline.data.ingest import load_split
+    from pipeline.train.classify import finetune
+
+    out = tmp_path_factory.mktemp("finetuned")
+    result = finetune(
+        str(ingested.train.base_model), load_split(ingested.labeled_dir, "train"),
+        load_split(ingested.labeled_dir, "validation"), out, ingested.train,
+    )
+    return Path(result["model_dir"])
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_classifier) -> Path:
+    from pipeline.export.onnx import export_onnx
+
+    return export_onnx(tiny_classifier, tmp_path_factory.mktemp("onnx") / "onnx", 64, "finsent-test", "7")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite, local artifacts) on a free port."""
+    from pipeline.services import start_mlflow_server, stop_process
+
+    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-state"))
+    yield uri
+    stop_process(process)

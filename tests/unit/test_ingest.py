@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from pipeline.data.ingest import ingest, load_split
+from pipeline.data.version import read_digest
+from tests.conftest import make_settings
+
+
+def test_ingest_writes_versioned_splits_and_reconciles(ingested):
+    labeled = {name: load_split(ingested.labeled_dir, name) for name in ("train", "validation", "test")}
+    assert all(len(frame) for frame in labeled.values())
+    assert list(labeled["train"].columns) == ["text", "label", "agreement"]
+    union = pd.concat(labeled.values())
+    assert union["text"].is_unique
+    digest = read_digest(ingested.project_dir)
+    assert digest.endswith(".dir")
+    remote = ingested.state_dir / "dvc-remote"
+    assert any(p.is_file() for p in remote.rglob("*")), "dvc push put nothing in the remote"
+    corpus = pd.read_parquet(ingested.corpus_path)
+    assert len(corpus) > 900
+
+
+def test_rerun_replaces_output_with_the_same_digest(tmp_path, fpb_subset, tiny_base):
+    settings = make_settings(tmp_path, fpb_subset, None, tiny_base)
+    first = ingest(settings)
+    second = ingest(settings)
+    assert first["digest"] == second["digest"]
+    assert first["rows_in"] == first["clean"] + first["quarantined"] + first["duplicates"]
+    assert sorted(p.name for p in settings.labeled_dir.iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
+
+
+def test_cli_prints_counts_as_last_line(tmp_path, fpb_subset):
+    env = {
+        "PATH": "/usr/bin:/bin", "FINSENT_PROJECT_DIR": str(tmp_path), "FINSENT_STATE_DIR": str(tmp_path / "state"),
+        "FINSENT_FPB_DIR": str(fpb_subset), "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5", "DVC_NO_ANALYTICS": "1",
+    }
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows_in"] == result["clean"] + result["quarantined"] + result["duplicates"]
+    assert result["digest"] == read_digest(tmp_path)

@@ -1,0 +1,40 @@
+import pytest
+
+from pipeline.data.sources import normalize_text, parse_phrasebank_line, read_phrasebank, read_reuters
+from tests.conftest import FPB_DIR
+
+
+def test_parse_line_splits_on_last_at():
+    assert parse_phrasebank_line("Sales @ 5 % rose@positive") == ("Sales @ 5 % rose", "positive")
+    with pytest.raises(ValueError, match="no '@'"):
+        parse_phrasebank_line("no separator here")
+
+
+def test_read_full_phrasebank_counts_and_agreement():
+    raw, agreement = read_phrasebank(FPB_DIR)
+    assert len(raw) == 4846  # lines of 50Agree, per the data README
+    assert raw["error"].isna().all()
+    assert raw["label"].value_counts().to_dict() == {"neutral": 2879, "positive": 1363, "negative": 604}
+    levels = {level: sum(1 for v in agreement.values() if v == level) for level in (50, 66, 75, 100)}
+    assert levels[100] == 2259  # distinct AllAgree sentences
+    assert sum(levels.values()) == 4838  # distinct sentences of 50Agree
+    assert any("\u00f1" in text or "+" in text for text in raw["text"])  # latin-1 kept as is
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Sentences_50Agree.txt"):
+        read_phrasebank(tmp_path)
+
+
+def test_reuters_bodies_are_clean_and_dated(reuters_subset):
+    corpus = read_reuters(reuters_subset)
+    assert 900 <= len(corpus) <= 1000
+    assert corpus["date"].between("1987-02-01", "1987-10-31").all()
+    assert not corpus["text"].str.contains("&#").any()
+    assert not corpus["text"].str.contains("&lt;").any()
+    assert not corpus["text"].str.endswith("Reuter").any()
+    assert corpus["doc_id"].is_unique
+
+
+def test_normalize_collapses_whitespace():
+    assert normalize_text("  a\t b \r\n c ") == "a b c"
