@@ -1,0 +1,103 @@
+"""ingest → train → release through ``airflow dags test`` against a real
+MLflow server, then a real HTTP prediction from the serving app."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import services
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, tiny_base):
+    project = tmp_path_factory.mktemp("e2e-project")
+    finsent = {
+        "FINSENT_PROJECT_DIR": str(project),
+        "FINSENT_STATE_DIR": str(project / ".finsent"),
+        "FINSENT_FPB_DIR": str(fpb_subset),
+        "FINSENT_REUTERS_DIR": str(reuters_subset),
+        "FINSENT_TRACKING_URI": mlflow_server,
+        "FINSENT_EXPERIMENT": "e2e",
+        "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5",
+        "FINSENT_TRAIN__BASE_MODEL": str(tiny_base),
+        "FINSENT_TRAIN__MAX_LENGTH": "64",
+        "FINSENT_TRAIN__MLM_STEPS": "4",
+        "FINSENT_TRAIN__MLM_BLOCK_SIZE": "64",
+        "FINSENT_TRAIN__MLM_BATCH_SIZE": "8",
+        "FINSENT_TRAIN__MLM_MAX_CORPUS_TEXTS": "100",
+        "FINSENT_TRAIN__EPOCHS": "2",
+        "FINSENT_TRAIN__BATCH_SIZE": "16",
+        "FINSENT_TRAIN__LEARNING_RATE": "0.002",
+        "FINSENT_RELEASE__MIN_MACRO_F1": "0.0",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FINSENT_", "AIRFLOW"))}
+    env = services.airflow_env(project / ".finsent" / "airflow", REPO / "dags", {**base, **finsent})
+    services.airflow(["db", "migrate"], env, project / "airflow-db.log")
+    return env
+
+
+def _dags_test(dag_id: str, env: dict) -> None:
+    services.airflow(["dags", "test", dag_id], env)
+
+
+def test_chain_registers_promotes_and_serves(pipeline_env):
+    env = pipeline_env
+    for dag_id in ("ingest", "train", "release"):
+        _dags_test(dag_id, env)
+
+    client = MlflowClient(env["FINSENT_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("finsent-sentiment", "champion")
+    candidate = client.get_model_version_by_alias("finsent-sentiment", "candidate")
+    assert champion.version == candidate.version == "1"
+    assert float(champion.tags["parity_max_abs_diff"]) < 1e-4
+    assert int(champion.tags["parity_label_flips"]) == 0
+    assert champion.tags["gate_decision"] == "promote"
+    assert champion.tags["data_digest"].endswith(".dir")
+    run = client.get_run(champion.run_id)
+    for metric in ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_accuracy_allagree", "mlm_perplexity_base"):
+        assert metric in run.data.metrics, metric
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= artifacts
+
+    port = services.free_port()
+    server = services.start_serving(env, port, env_log := __import__("pathlib").Path(env["FINSENT_STATE_DIR"]) / "serving.log")
+    try:
+        status, body = _post(f"http://127.0.0.1:{port}/v1/predict", {"texts": ["Operating profit rose .", "Sales fell ."]})
+        assert status == 200, body
+        assert body["model_version"] == champion.version and body["model_name"] == "finsent-sentiment"
+        assert [set(p["scores"]) for p in body["predictions"]] == [{"negative", "neutral", "positive"}] * 2
+        status, body = _post(f"http://127.0.0.1:{port}/v1/predict", {"texts": ["ok", ""]})
+        assert status == 422 and "texts[1] is empty" in json.dumps(body)
+    finally:
+        services.stop_process(server)
+    assert server.poll() is not None, env_log
+
+
+def test_second_run_registers_a_new_version_and_the_gate_decides(pipeline_env):
+    env = pipeline_env
+    for dag_id in ("train", "release"):
+        _dags_test(dag_id, env)
+    client = MlflowClient(env["FINSENT_TRACKING_URI"])
+    second = client.get_model_version("finsent-sentiment", "2")
+    assert second.tags["gate_decision"] in {"promote", "reject"}
+    assert "champion" in second.tags["gate_reason"]
+    champion = client.get_model_version_by_alias("finsent-sentiment", "champion")
+    assert champion.version == ("2" if second.tags["gate_decision"] == "promote" else "1")
