@@ -7,6 +7,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -78,7 +79,7 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= artifacts
 
     port = services.free_port()
-    server = services.start_serving(env, port, env_log := __import__("pathlib").Path(env["FINSENT_STATE_DIR"]) / "serving.log")
+    server = services.start_serving(env, port, Path(env["FINSENT_STATE_DIR"]) / "serving.log")
     try:
         status, body = _post(f"http://127.0.0.1:{port}/v1/predict", {"texts": ["Operating profit rose .", "Sales fell ."]})
         assert status == 200, body
@@ -88,7 +89,7 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
         assert status == 422 and "texts[1] is empty" in json.dumps(body)
     finally:
         services.stop_process(server)
-    assert server.poll() is not None, env_log
+    assert server.poll() is not None
 
 
 def test_second_run_registers_a_new_version_and_the_gate_decides(pipeline_env):
