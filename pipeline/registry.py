@@ -54,7 +54,8 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
             "config_hash": settings.config_hash(),
         })
         for split in ("train", "validation", "test"):
-            frame = pd.read_parquet(settings.labeled_dir / f"{split}.parquet")
+            # float agreement: MLflow's schema warns on integer columns that could hold missing values.
+            frame = pd.read_parquet(settings.labeled_dir / f"{split}.parquet").astype({"agreement": "float64"})
             dataset = mlflow.data.from_pandas(
                 frame, source=str((settings.labeled_dir / f"{split}.parquet").resolve()), targets="label",
                 name=f"curated-labeled-{split}", digest=test_digest if split == "test" else data_digest,

@@ -66,7 +66,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     if cfg.mlm_steps <= 0:
         return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0)
 
-    encoded = tokenizer(corpus_texts, truncation=False, add_special_tokens=True)["input_ids"]
+    # Whole texts on purpose: group_texts cuts them into blocks afterwards.
+    encoded = tokenizer(corpus_texts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
     blocks = group_texts(encoded, cfg.mlm_block_size)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"), max_steps=cfg.mlm_steps, per_device_train_batch_size=cfg.mlm_batch_size,
