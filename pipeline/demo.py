@@ -44,8 +44,9 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         _stage(f"MLflow at {tracking_uri}; preparing the Airflow home {state / 'airflow'}", started)
         services.airflow(["db", "migrate"], env, logs / "airflow-db.log")
         for dag_id in DAGS:
-            _stage(f"airflow dags test {dag_id}", started)
-            services.airflow(["dags", "test", dag_id], env)
+            log_path = logs / f"airflow-dags-test-{dag_id}.log"
+            _stage(f"airflow dags test {dag_id}  (Airflow's log: {log_path})", started)
+            services.airflow(["dags", "test", dag_id], env, log_path, echo_task_output=True)
         settings = settings.model_copy(update={"tracking_uri": tracking_uri})
         champion = registry.version_by_alias(settings, registry.CHAMPION)
         candidate = registry.version_by_alias(settings, registry.CANDIDATE)

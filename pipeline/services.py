@@ -4,12 +4,14 @@ serving app) on this machine: 127.0.0.1, free ports, own process groups."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 
@@ -97,18 +99,30 @@ def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None)
     return env
 
 
-def airflow(args: list[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs an ``airflow`` command; output goes to ``log_path`` (or through) and failures raise."""
-    if log_path is None:
-        done = subprocess.run([_bin("airflow"), *args], env=env)
-    else:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            done = subprocess.run([_bin("airflow"), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        where = f"; see {log_path}" if log_path else ""
-        raise RuntimeError(f"airflow {' '.join(args)} exited with {done.returncode}{where}")
-    return done
+# Airflow's own structured log lines: "2026-11-25T18:43:09.568590Z [info     ] ...".
+_AIRFLOW_LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z \[")
+
+
+def airflow(args: list[str], env: dict[str, str], log_path: Path, echo_task_output: bool = False) -> None:
+    """Runs an ``airflow`` command with its full output in ``log_path``. With
+    ``echo_task_output``, what the tasks print (progress bars, step results)
+    is shown live and Airflow's own log lines stay in the file. Failures raise
+    with the end of the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=30)
+    with open(log_path, "a") as log, subprocess.Popen(
+        [_bin("airflow"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as process:
+        for line in process.stdout:
+            log.write(line)
+            tail.append(line.rstrip("\n"))
+            if echo_task_output and not _AIRFLOW_LOG_LINE.match(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"airflow {' '.join(args)} exited with {process.returncode}; full log: {log_path}\n" + "\n".join(tail)
+        )
 
 
 def start_serving(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:

@@ -41,11 +41,10 @@ class PredictResponse(BaseModel):
     predictions: list[SentimentOut]
 
 
-def load_model(settings: Settings) -> OnnxClassifier:
+def load_model(settings: Settings, cache: Path) -> OnnxClassifier:
     cfg = settings.serving
     if cfg.model_dir is not None:
         return OnnxClassifier(cfg.model_dir)
-    cache = Path(tempfile.mkdtemp(prefix="finsent-serving-"))
     return OnnxClassifier(fetch_alias(settings.tracking_uri, settings.model_name, cfg.alias, cache))
 
 
@@ -55,13 +54,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.model = None
-        try:
-            app.state.model = load_model(settings)
-            log.info("serving %s version %s", app.state.model.name, app.state.model.version)
-        except Exception as err:  # keep the process up: /readyz reports not ready
-            app.state.load_error = f"{type(err).__name__}: {err}"
-            log.error("model load failed: %s", app.state.load_error)
-        yield
+        with tempfile.TemporaryDirectory(prefix="finsent-serving-") as cache:
+            try:
+                app.state.model = load_model(settings, Path(cache))
+                log.info("serving %s version %s", app.state.model.name, app.state.model.version)
+            except Exception as err:  # keep the process up: /readyz reports not ready
+                app.state.load_error = f"{type(err).__name__}: {err}"
+                log.error("model load failed: %s", app.state.load_error)
+            yield
 
     app = FastAPI(title="finsent sentiment API", version="0.1.0", lifespan=lifespan)
 

@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -56,7 +58,7 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, ti
 
 
 def _dags_test(dag_id: str, env: dict) -> None:
-    services.airflow(["dags", "test", dag_id], env)
+    services.airflow(["dags", "test", dag_id], env, Path(env["FINSENT_STATE_DIR"]) / f"dags-test-{dag_id}.log")
 
 
 def test_chain_registers_promotes_and_serves(pipeline_env):
@@ -77,6 +79,13 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
         assert metric in run.data.metrics, metric
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= artifacts
+
+    # The registered model is usable on its own through MLflow's pyfunc interface.
+    mlflow.set_tracking_uri(env["FINSENT_TRACKING_URI"])
+    pyfunc = mlflow.pyfunc.load_model("models:/finsent-sentiment@candidate")
+    scored = pyfunc.predict(pd.DataFrame({"text": ["Operating profit rose .", "Sales fell ."]}))
+    assert list(scored.columns) == ["label", "negative", "neutral", "positive"]
+    assert len(scored) == 2 and set(scored["label"]) <= {"negative", "neutral", "positive"}
 
     port = services.free_port()
     server = services.start_serving(env, port, Path(env["FINSENT_STATE_DIR"]) / "serving.log")
