@@ -33,7 +33,7 @@ def ingest(settings: Settings) -> dict:
     if settings.fpb_dir is not None and settings.fpb_dir.is_dir():
         raw, agreement = read_phrasebank(settings.fpb_dir)
     else:
-        log.info("no Financial PhraseBank folder configured; reading it from the hub")
+        log.info("no Financial PhraseBank folder at %s; reading it from the hub", settings.fpb_dir)
         raw, agreement = read_phrasebank_hub()
     cleaned = clean_labeled(raw, agreement, settings.ingest)
     counts = cleaned.counts

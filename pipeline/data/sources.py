@@ -65,15 +65,30 @@ def read_phrasebank(fpb_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
     return raw, agreement
 
 
-def read_phrasebank_hub(dataset_id: str = HUB_PHRASEBANK) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The same data through ``datasets``, for users with a hub."""
+HUB_LABEL_NAMES = ["negative", "neutral", "positive"]  # ClassLabel order of the hub dataset
+
+
+def _load_hub_config(dataset_id: str, config: str):
     import datasets
 
+    try:
+        return datasets.load_dataset(dataset_id, config, split="train")
+    except Exception as err:  # datasets >= 4 refuses script-based repos such as this one
+        try:
+            # The hub's Parquet conversion of the same data, one folder per config.
+            return datasets.load_dataset(dataset_id, data_dir=config, revision="refs/convert/parquet", split="train")
+        except Exception:
+            raise RuntimeError(f"could not load {dataset_id!r} ({config}) from the hub: {err}") from err
+
+
+def read_phrasebank_hub(dataset_id: str = HUB_PHRASEBANK, load=_load_hub_config) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The same data through ``datasets``, for users with a hub."""
     agreement: dict[str, int] = {}
     raw = pd.DataFrame(columns=RAW_COLUMNS)
     for level, config in sorted(HUB_CONFIGS.items()):
-        ds = datasets.load_dataset(dataset_id, config, split="train")
-        names = ds.features["label"].names
+        ds = load(dataset_id, config)
+        feature = ds.features["label"]
+        names = getattr(feature, "names", None) or HUB_LABEL_NAMES
         if level == 50:
             raw = pd.DataFrame({
                 "text": ds["sentence"], "label": [names[i] for i in ds["label"]],

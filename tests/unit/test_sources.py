@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.data.sources import normalize_text, parse_phrasebank_line, read_phrasebank, read_reuters
+from pipeline.data.sources import normalize_text, parse_phrasebank_line, read_phrasebank, read_phrasebank_hub, read_reuters
 from tests.conftest import FPB_DIR
 
 
@@ -38,3 +38,27 @@ def test_reuters_bodies_are_clean_and_dated(reuters_subset):
 
 def test_normalize_collapses_whitespace():
     assert normalize_text("  a\t b \r\n c ") == "a b c"
+
+
+def test_hub_reader_maps_class_labels_and_agreement():
+    # No hub here: the loader is replaced by in-memory datasets of the hub's shape.
+    import datasets
+
+    rows = {
+        "sentences_50agree": [("Profit rose .", 2), ("Sales fell .", 0), ("Meeting held .", 1)],
+        "sentences_66agree": [("Profit rose .", 2), ("Sales fell .", 0)],
+        "sentences_75agree": [("Profit rose .", 2)],
+        "sentences_allagree": [("Profit rose .", 2)],
+    }
+    features = datasets.Features({
+        "sentence": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=["negative", "neutral", "positive"]),
+    })
+
+    def load(dataset_id, config):
+        texts, labels = zip(*rows[config])
+        return datasets.Dataset.from_dict({"sentence": list(texts), "label": list(labels)}, features=features)
+
+    raw, agreement = read_phrasebank_hub("takala/financial_phrasebank", load=load)
+    assert raw[["text", "label"]].values.tolist() == [["Profit rose .", "positive"], ["Sales fell .", "negative"], ["Meeting held .", "neutral"]]
+    assert agreement == {"Profit rose .": 100, "Sales fell .": 66, "Meeting held .": 50}
