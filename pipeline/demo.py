@@ -80,8 +80,8 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
   gate on the latest candidate: {summary['gate']}
 
   MLflow UI:   .venv/bin/finsent mlflow-server --port 5000      then open http://127.0.0.1:5000
-  Airflow UI:  AIRFLOW_HOME={state / 'airflow'} AIRFLOW__CORE__DAGS_FOLDER={dags_folder.resolve()} \\
-               AIRFLOW__CORE__LOAD_EXAMPLES=False PATH=$PWD/.venv/bin:$PATH airflow standalone
+  Airflow UI:  AIRFLOW_HOME={state / 'airflow'} PATH=$PWD/.venv/bin:$PATH airflow standalone
+               then open http://127.0.0.1:8080 (the login is in {state / 'airflow'}/simple_auth_manager_passwords.json.generated)
   Serving:     FINSENT_TRACKING_URI=http://127.0.0.1:5000 .venv/bin/finsent serve --port 8000
                (with the MLflow server above running)
 """, flush=True)

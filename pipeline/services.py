@@ -3,6 +3,7 @@ serving app) on this machine: 127.0.0.1, free ports, own process groups."""
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import signal
@@ -81,21 +82,36 @@ def start_mlflow_server(state_dir: Path, port: int | None = None) -> tuple[subpr
     return process, uri
 
 
-def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None) -> dict[str, str]:
+def airflow_settings(airflow_home: Path, dags_folder: Path) -> dict[str, dict[str, str]]:
     """An embedded Airflow 3: SQLite metadata DB, LocalExecutor, small parallelism."""
+    return {
+        "core": {
+            "dags_folder": str(dags_folder.resolve()),
+            "load_examples": "False",
+            "executor": "LocalExecutor",
+            "parallelism": "4",
+            "dags_are_paused_at_creation": "True",
+        },
+        "database": {"sql_alchemy_conn": f"sqlite:///{airflow_home.resolve() / 'airflow.db'}"},
+    }
+
+
+def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None) -> dict[str, str]:
+    """Environment for ``airflow`` commands on this home. The same settings go
+    to ``airflow.cfg`` there, so ``AIRFLOW_HOME=… airflow standalone`` by hand
+    sees the same database, DAGs and executor."""
     airflow_home = airflow_home.resolve()
     airflow_home.mkdir(parents=True, exist_ok=True)
+    settings = airflow_settings(airflow_home, dags_folder)
+    config = configparser.ConfigParser()
+    config.read_dict(settings)
+    with open(airflow_home / "airflow.cfg", "w") as handle:
+        config.write(handle)
     env = dict(base if base is not None else os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder.resolve()),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    })
+    env["AIRFLOW_HOME"] = str(airflow_home)
+    for section, options in settings.items():
+        env.update({f"AIRFLOW__{section.upper()}__{key.upper()}": value for key, value in options.items()})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

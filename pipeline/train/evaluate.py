@@ -66,6 +66,7 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
@@ -78,6 +79,7 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
         right.plot([h["epoch"] for h in evals], [h["eval_accuracy"] for h in evals], marker="o", label="validation accuracy")
     for ax in (left, right):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
