@@ -1,5 +1,6 @@
-"""ingest: Financial PhraseBank + Reuters-21578 → cleaned, split, validated,
-versioned Parquet under data/ (DVC), announced as Assets."""
+"""ingest (@daily): the labeled reference set (Financial PhraseBank) and the
+bulk corpus, plus exactly the run's day of the news landing zone; then DVC
+versioning. Outputs are Assets the train DAG is scheduled on."""
 
 from __future__ import annotations
 
@@ -10,16 +11,39 @@ CURATED_LABELED = Asset("finsent-curated-labeled")
 CURATED_CORPUS = Asset("finsent-curated-corpus")
 
 
-@dag(dag_id="ingest", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, tags=["finsent"])
+@dag(
+    dag_id="ingest",
+    schedule="@daily",
+    # Reuters-21578 starts on 1987-02-26: backfills over its days have real data.
+    start_date=pendulum.datetime(1987, 2, 26, tz="UTC"),
+    catchup=False,
+    # One day at a time: each run versions the shared data/ folder with DVC.
+    max_active_runs=1,
+    tags=["finsent"],
+)
 def ingest_dag():
-    @task(outlets=[CURATED_LABELED, CURATED_CORPUS])
-    def ingest() -> dict:
+    @task
+    def ingest_labeled() -> dict:
         from pipeline.config import get_settings
-        from pipeline.data.ingest import ingest as run_ingest
+        from pipeline.data.ingest import ingest_labeled as run
 
-        return run_ingest(get_settings())
+        return run(get_settings())
 
-    ingest()
+    @task
+    def ingest_news(data_interval_start=None) -> dict:
+        from pipeline.config import get_settings
+        from pipeline.data.news import ingest_news_day
+
+        return ingest_news_day(get_settings(), data_interval_start.date())
+
+    @task(outlets=[CURATED_LABELED, CURATED_CORPUS])
+    def version_data(labeled: dict, news: dict) -> str:
+        from pipeline.config import get_settings
+        from pipeline.data.ingest import version_curated
+
+        return version_curated(get_settings())
+
+    version_data(ingest_labeled(), ingest_news())
 
 
 ingest_dag()

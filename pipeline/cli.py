@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from datetime import date
 from pathlib import Path
 
 from pipeline.config import Settings
@@ -20,7 +21,18 @@ def _print_result(result: dict) -> None:
 def cmd_ingest(settings: Settings, args) -> dict:
     from pipeline.data.ingest import ingest
 
-    return ingest(settings)
+    return ingest(settings, args.date)
+
+
+def cmd_landing(settings: Settings, args) -> dict:
+    from pipeline.data.landing import layout_reuters
+
+    source = Path(args.reuters) if args.reuters else settings.reuters_dir
+    if source is None:
+        raise SystemExit("finsent landing: give --reuters DIR or set FINSENT_REUTERS_DIR")
+    days = layout_reuters(source, settings.landing_zone)
+    return {"landing_dir": str(settings.landing_zone.resolve()), "days": len(days), "stories": sum(days.values()),
+            "first_day": min(days), "last_day": max(days)}
 
 
 def cmd_start_run(settings: Settings, args) -> dict:
@@ -117,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    add("ingest", cmd_ingest, "read, clean, split, validate, write and version the data")
+    add("ingest", cmd_ingest, "read, clean, split, validate, write and version the data").add_argument(
+        "--date", type=date.fromisoformat, default=None, help="also ingest this day's landing files (YYYY-MM-DD)"
+    )
+    add("landing", cmd_landing, "lay Reuters-21578 out as a landing zone, one folder per <DATE>").add_argument(
+        "--reuters", default=None, help="Reuters-21578 folder (default: FINSENT_REUTERS_DIR)"
+    )
     add("start-run", cmd_start_run, "open the MLflow run that the training steps log into")
     for name, func, help_text in (
         ("mlm-adapt", cmd_mlm_adapt, "masked-LM domain adaptation, gated on validation perplexity"),

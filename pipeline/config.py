@@ -22,6 +22,7 @@ class IngestConfig(BaseModel):
     seed: int = 0
     min_chars: int = 3
     max_chars: int = 2000
+    max_news_chars: int = 100_000
     min_clean_share: float = Field(0.95, description="a batch whose clean share is below this fails")
 
 
@@ -64,6 +65,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".finsent"), description="services' state, run outputs, DVC remote")
     fpb_dir: Path | None = Field(None, description="Financial PhraseBank folder; unset: the hub dataset")
     reuters_dir: Path | None = Field(None, description="Reuters-21578 SGML folder; unset: no corpus")
+    landing_dir: Path | None = Field(None, description="daily landing zone <landing_dir>/YYYY-MM-DD/*; unset: <state_dir>/landing")
     dvc_remote: str | None = Field(None, description="DVC remote URL; unset: <state_dir>/dvc-remote")
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "finsent"
@@ -85,6 +87,10 @@ class Settings(BaseSettings):
     @property
     def corpus_path(self) -> Path:
         return self.data_dir / "curated" / "corpus" / "reuters.parquet"
+
+    @property
+    def landing_zone(self) -> Path:
+        return self.landing_dir or self.state_dir / "landing"
 
     @property
     def quarantine_dir(self) -> Path:

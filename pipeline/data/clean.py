@@ -76,6 +76,7 @@ def clean_labeled(raw: pd.DataFrame, agreement: dict[str, int], cfg: IngestConfi
 def clean_corpus(raw: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     texts = raw[raw["text"].str.len() > 0]
     unique = texts.drop_duplicates(subset=["text"], keep="first").sort_values("doc_id").reset_index(drop=True)
+    unique = unique[["doc_id", "date", "text", "source"]]
     counts = {
         "rows_in": len(raw),
         "clean": len(unique),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.clean import clean_corpus, clean_labeled
+from pipeline.data.news import ingest_news_day
 from pipeline.data.sources import read_phrasebank, read_phrasebank_hub, read_reuters
 from pipeline.data.split import split_labeled
 from pipeline.data.validate import DataValidationError, validate_corpus, validate_labeled
@@ -28,8 +30,9 @@ def load_split(labeled_dir: Path, split: str) -> pd.DataFrame:
     return pd.read_parquet(labeled_dir / f"{split}.parquet")
 
 
-def ingest(settings: Settings) -> dict:
-    """Runs the whole stage and returns its reconciled counts and digest."""
+def ingest_labeled(settings: Settings) -> dict:
+    """Labeled reference set and bulk corpus: read, clean, split, validate, write.
+    Replaces its own outputs only (daily news partitions are left alone)."""
     if settings.fpb_dir is not None and settings.fpb_dir.is_dir():
         raw, agreement = read_phrasebank(settings.fpb_dir)
     else:
@@ -50,28 +53,40 @@ def ingest(settings: Settings) -> dict:
     validate_labeled(splits, settings.ingest).raise_for_failures()
 
     # Replace, never append: a re-run leaves exactly one copy of its output.
-    if settings.data_dir.exists():
-        shutil.rmtree(settings.data_dir)
+    shutil.rmtree(settings.labeled_dir, ignore_errors=True)
     for name, frame in splits.items():
         _write_parquet(frame, settings.labeled_dir / f"{name}.parquet")
     _write_parquet(cleaned.quarantine, settings.quarantine_dir / "labeled.parquet")
 
     corpus_counts = None
+    settings.corpus_path.unlink(missing_ok=True)
     if settings.reuters_dir is not None:
         corpus, corpus_counts = clean_corpus(read_reuters(settings.reuters_dir))
         validate_corpus(corpus).raise_for_failures()
         _write_parquet(corpus, settings.corpus_path)
 
-    remote = settings.dvc_remote or str((settings.state_dir / "dvc-remote").resolve())
-    digest = version_data(settings.project_dir, remote)
-    summary = {
+    return {
         **counts,
-        "digest": digest,
         "quarantine_dir": str(settings.quarantine_dir.resolve()),
         "labeled_dir": str(settings.labeled_dir.resolve()),
         "splits": {name: len(frame) for name, frame in splits.items()},
         "corpus": corpus_counts,
         "corpus_path": str(settings.corpus_path.resolve()) if corpus_counts else None,
     }
+
+
+def version_curated(settings: Settings) -> str:
+    """``dvc add`` + ``dvc push`` of data/; returns the digest downstream runs log."""
+    remote = settings.dvc_remote or str((settings.state_dir / "dvc-remote").resolve())
+    return version_data(settings.project_dir, remote)
+
+
+def ingest(settings: Settings, day: date | None = None) -> dict:
+    """The whole stage from the shell: the labeled set, the day's news
+    partition when ``day`` is given, then versioning."""
+    summary = ingest_labeled(settings)
+    if day is not None:
+        summary["news"] = ingest_news_day(settings, day)
+    summary["digest"] = version_curated(settings)
     log.info("ingest: %s", json.dumps(summary))
     return summary

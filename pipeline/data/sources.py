@@ -118,6 +118,13 @@ def parse_reuters_date(raw: str) -> str:
     return datetime.strptime(raw.split()[0], "%d-%b-%Y").date().isoformat()
 
 
+def parse_reuters_timestamp(raw: str) -> str:
+    """``26-FEB-1987 15:01:01.79`` → ``1987-02-26T15:01:01``."""
+    day, _, clock = raw.partition(" ")
+    moment = datetime.strptime(f"{day} {clock.split('.')[0]}", "%d-%b-%Y %H:%M:%S")
+    return moment.isoformat()
+
+
 def read_reuters(reuters_dir: Path) -> pd.DataFrame:
     """Bodies of the Reuters-21578 stories, with their date and id."""
     files = sorted(reuters_dir.glob("reut2-*.sgm"))
@@ -136,7 +143,8 @@ def read_reuters(reuters_dir: Path) -> pd.DataFrame:
             records.append({
                 "doc_id": int(_NEWID.search(attrs).group(1)),
                 "date": parse_reuters_date(date.group(1)) if date else None,
+                "timestamp": parse_reuters_timestamp(date.group(1)) if date else None,
                 "text": normalize_text(text),
                 "source": path.name,
             })
-    return pd.DataFrame(records, columns=["doc_id", "date", "text", "source"])
+    return pd.DataFrame(records, columns=["doc_id", "date", "timestamp", "text", "source"])

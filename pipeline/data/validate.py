@@ -45,14 +45,14 @@ def _labeled_expectations(cfg: IngestConfig) -> list:
     ]
 
 
-def _corpus_expectations() -> list:
+def _corpus_expectations(id_column: str) -> list:
     import great_expectations as gx
 
     return [
         gx.expectations.ExpectTableRowCountToBeBetween(min_value=1),
         gx.expectations.ExpectColumnValuesToNotBeNull(column="text"),
         gx.expectations.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1),
-        gx.expectations.ExpectColumnValuesToBeUnique(column="doc_id"),
+        gx.expectations.ExpectColumnValuesToBeUnique(column=id_column),
     ]
 
 
@@ -91,5 +91,5 @@ def validate_labeled(splits: dict[str, pd.DataFrame], cfg: IngestConfig) -> Vali
     return run_suite(union, "labeled_text", _labeled_expectations(cfg))
 
 
-def validate_corpus(corpus: pd.DataFrame) -> ValidationReport:
-    return run_suite(corpus, "unlabeled_corpus", _corpus_expectations())
+def validate_corpus(corpus: pd.DataFrame, id_column: str = "doc_id") -> ValidationReport:
+    return run_suite(corpus, "unlabeled_corpus", _corpus_expectations(id_column))

@@ -54,7 +54,7 @@ def test_dag_file_imports_without_db_network_or_heavy_modules(path, tmp_path):
 
 def test_dags_wire_the_expected_tasks():
     expected = {
-        "ingest": {"ingest"},
+        "ingest": {"ingest_labeled", "ingest_news", "version_data"},
         "train": {"start_run", "mlm_adapt", "finetune", "evaluate", "register"},
         "release": {"export_onnx", "gate", "promote"},
     }
