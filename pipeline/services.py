@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -103,7 +104,13 @@ def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None)
     airflow_home = airflow_home.resolve()
     airflow_home.mkdir(parents=True, exist_ok=True)
     settings = airflow_settings(airflow_home, dags_folder)
-    config = configparser.ConfigParser()
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(airflow_home / "airflow.cfg")
+    # Scheduler, API server and task workers must sign and check task tokens
+    # with one secret; without a shared one every task is refused (403).
+    secret = config.get("api_auth", "jwt_secret", fallback=None) or secrets.token_urlsafe(32)
+    settings["api_auth"] = {"jwt_secret": secret}
+    config = configparser.ConfigParser(interpolation=None)
     config.read_dict(settings)
     with open(airflow_home / "airflow.cfg", "w") as handle:
         config.write(handle)
@@ -139,6 +146,29 @@ def airflow(args: list[str], env: dict[str, str], log_path: Path, echo_task_outp
         raise RuntimeError(
             f"airflow {' '.join(args)} exited with {process.returncode}; full log: {log_path}\n" + "\n".join(tail)
         )
+
+
+def start_airflow_services(env: dict[str, str], logs: Path) -> tuple[list[subprocess.Popen], str]:
+    """API server, scheduler and DAG processor on free ports, each in its own
+    process group: what ``airflow backfill`` and scheduled runs need. Returns
+    the processes and the API server's URL; ``env`` is updated to point at it."""
+    api_port, log_port = free_port(), free_port()
+    env.update({
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port),
+    })
+    airflow_bin = _bin("airflow")
+    processes = [start_process([airflow_bin, "api-server", "--host", "127.0.0.1", "--port", str(api_port)], logs / "airflow-api-server.log", env)]
+    try:
+        wait_for_http(f"http://127.0.0.1:{api_port}/api/v2/monitor/health", timeout=120, process=processes[0])
+        for component in ("scheduler", "dag-processor"):
+            processes.append(start_process([airflow_bin, component], logs / f"airflow-{component}.log", env))
+    except BaseException:
+        for process in processes:
+            stop_process(process)
+        raise
+    return processes, f"http://127.0.0.1:{api_port}"
 
 
 def start_serving(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
