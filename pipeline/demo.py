@@ -12,8 +12,11 @@ from pathlib import Path
 
 from pipeline import registry, services
 from pipeline.config import Settings
+from pipeline.data.landing import layout_reuters
 
-DAGS = ("ingest", "train", "release")
+# `airflow dags test ingest <date>` ingests the news of the daily interval
+# starting at <date>: Reuters-21578's busiest day.
+DAG_RUNS = (("ingest", "1987-03-02"), ("train", None), ("release", None))
 SENTENCES = [
     "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 .",
     "The company said it would cut 400 jobs after sales fell sharply in the third quarter .",
@@ -43,10 +46,14 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         env = services.airflow_env(state / "airflow", dags_folder, {**os.environ, "FINSENT_TRACKING_URI": tracking_uri})
         _stage(f"MLflow at {tracking_uri}; preparing the Airflow home {state / 'airflow'}", started)
         services.airflow(["db", "migrate"], env, logs / "airflow-db.log")
-        for dag_id in DAGS:
+        if settings.reuters_dir is not None:
+            days = layout_reuters(settings.reuters_dir, settings.landing_zone)
+            _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders under {settings.landing_zone}", started)
+        for dag_id, logical_date in DAG_RUNS:
             log_path = logs / f"airflow-dags-test-{dag_id}.log"
-            _stage(f"airflow dags test {dag_id}  (Airflow's log: {log_path})", started)
-            services.airflow(["dags", "test", dag_id], env, log_path, echo_task_output=True)
+            command = ["dags", "test", dag_id, *([logical_date] if logical_date else [])]
+            _stage(f"airflow {' '.join(command)}  (Airflow's log: {log_path})", started)
+            services.airflow(command, env, log_path, echo_task_output=True)
         settings = settings.model_copy(update={"tracking_uri": tracking_uri})
         champion = registry.version_by_alias(settings, registry.CHAMPION)
         candidate = registry.version_by_alias(settings, registry.CANDIDATE)

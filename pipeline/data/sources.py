@@ -118,11 +118,14 @@ def parse_reuters_date(raw: str) -> str:
     return datetime.strptime(raw.split()[0], "%d-%b-%Y").date().isoformat()
 
 
-def parse_reuters_timestamp(raw: str) -> str:
-    """``26-FEB-1987 15:01:01.79`` → ``1987-02-26T15:01:01``."""
+def parse_reuters_timestamp(raw: str) -> str | None:
+    """``26-FEB-1987 15:01:01.79`` → ``1987-02-26T15:01:01``; None where the
+    clock is garbled in the original (e.g. ``31-MAR-1987 605:12:19.00``)."""
     day, _, clock = raw.partition(" ")
-    moment = datetime.strptime(f"{day} {clock.split('.')[0]}", "%d-%b-%Y %H:%M:%S")
-    return moment.isoformat()
+    try:
+        return datetime.strptime(f"{day} {clock.split('.')[0]}", "%d-%b-%Y %H:%M:%S").isoformat()
+    except ValueError:
+        return None
 
 
 def read_reuters(reuters_dir: Path) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.data.sources import normalize_text, parse_phrasebank_line, read_phrasebank, read_phrasebank_hub, read_reuters
+from pipeline.data.sources import normalize_text, parse_phrasebank_line, read_phrasebank, parse_reuters_timestamp, read_phrasebank_hub, read_reuters
 from tests.conftest import FPB_DIR
 
 
@@ -62,3 +62,8 @@ def test_hub_reader_maps_class_labels_and_agreement():
     raw, agreement = read_phrasebank_hub("takala/financial_phrasebank", load=load)
     assert raw[["text", "label"]].values.tolist() == [["Profit rose .", "positive"], ["Sales fell .", "negative"], ["Meeting held .", "neutral"]]
     assert agreement == {"Profit rose .": 100, "Sales fell .": 66, "Meeting held .": 50}
+
+
+def test_reuters_timestamps_parse_and_garbled_clocks_do_not_crash():
+    assert parse_reuters_timestamp("26-FEB-1987 15:01:01.79") == "1987-02-26T15:01:01"
+    assert parse_reuters_timestamp("31-MAR-1987 605:12:19.00") is None  # as in reut2-*.sgm
