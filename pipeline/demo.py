@@ -48,7 +48,7 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         services.airflow(["db", "migrate"], env, logs / "airflow-db.log")
         if settings.reuters_dir is not None:
             days = layout_reuters(settings.reuters_dir, settings.landing_zone)
-            _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders under {settings.landing_zone}", started)
+            _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders under {settings.landing_zone.resolve()}", started)
         for dag_id, logical_date in DAG_RUNS:
             log_path = logs / f"airflow-dags-test-{dag_id}.log"
             command = ["dags", "test", dag_id, *([logical_date] if logical_date else [])]
