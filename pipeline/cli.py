@@ -21,7 +21,13 @@ def _print_result(result: dict) -> None:
 def cmd_ingest(settings: Settings, args) -> dict:
     from pipeline.data.ingest import ingest
 
-    return ingest(settings, args.date)
+    overrides = {}
+    if args.source:
+        overrides["labeled_source"] = args.source
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        overrides["project_dir"] = Path(args.out)
+    return ingest(settings.model_copy(update=overrides), args.date)
 
 
 def cmd_landing(settings: Settings, args) -> dict:
@@ -129,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    add("ingest", cmd_ingest, "read, clean, split, validate, write and version the data").add_argument(
-        "--date", type=date.fromisoformat, default=None, help="also ingest this day's landing files (YYYY-MM-DD)"
-    )
+    ingest = add("ingest", cmd_ingest, "read, clean, split, validate, write and version the data")
+    ingest.add_argument("--source", default=None, help="labeled data URI (FPB folder, hf://id, CSV/JSONL/Parquet)")
+    ingest.add_argument("--out", default=None, help="output project folder: data/ and data.dvc go there")
+    ingest.add_argument("--date", type=date.fromisoformat, default=None, help="also ingest this day's landing files")
     add("landing", cmd_landing, "lay Reuters-21578 out as a landing zone, one folder per <DATE>").add_argument(
         "--reuters", default=None, help="Reuters-21578 folder (default: FINSENT_REUTERS_DIR)"
     )

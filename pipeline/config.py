@@ -16,6 +16,8 @@ OFFLINE_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class IngestConfig(BaseModel):
+    text_column: str = Field("text", description="text column of CSV/JSONL/Parquet/hub labeled sources")
+    label_column: str = Field("label", description="label column of CSV/JSONL/Parquet/hub labeled sources")
     train_fraction: float = 0.72
     validation_fraction: float = 0.08
     test_fraction: float = 0.20
@@ -63,6 +65,10 @@ class Settings(BaseSettings):
 
     project_dir: Path = Field(Path("."), description="the DVC repository that holds data/ and data.dvc")
     state_dir: Path = Field(Path(".finsent"), description="services' state, run outputs, DVC remote")
+    labeled_source: str | None = Field(
+        None, description="labeled data URI: a Financial PhraseBank folder, hf://<dataset id>, or CSV/JSONL/Parquet "
+        "files (path, folder or fsspec URL); unset: fpb_dir"
+    )
     fpb_dir: Path | None = Field(None, description="Financial PhraseBank folder; unset: the hub dataset")
     reuters_dir: Path | None = Field(None, description="Reuters-21578 SGML folder; unset: no corpus")
     landing_dir: Path | None = Field(None, description="daily landing zone <landing_dir>/YYYY-MM-DD/*; unset: <state_dir>/landing")

@@ -13,7 +13,7 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.data.clean import clean_corpus, clean_labeled
 from pipeline.data.news import ingest_news_day
-from pipeline.data.sources import read_phrasebank, read_phrasebank_hub, read_reuters
+from pipeline.data.sources import read_labeled_source, read_phrasebank, read_phrasebank_hub, read_reuters
 from pipeline.data.split import split_labeled
 from pipeline.data.validate import DataValidationError, validate_corpus, validate_labeled
 from pipeline.data.version import version_data
@@ -33,7 +33,10 @@ def load_split(labeled_dir: Path, split: str) -> pd.DataFrame:
 def ingest_labeled(settings: Settings) -> dict:
     """Labeled reference set and bulk corpus: read, clean, split, validate, write.
     Replaces its own outputs only (daily news partitions are left alone)."""
-    if settings.fpb_dir is not None and settings.fpb_dir.is_dir():
+    if settings.labeled_source:
+        cfg = settings.ingest
+        raw, agreement = read_labeled_source(settings.labeled_source, cfg.text_column, cfg.label_column)
+    elif settings.fpb_dir is not None and settings.fpb_dir.is_dir():
         raw, agreement = read_phrasebank(settings.fpb_dir)
     else:
         log.info("no Financial PhraseBank folder at %s; reading it from the hub", settings.fpb_dir)

@@ -99,6 +99,46 @@ def read_phrasebank_hub(dataset_id: str = HUB_PHRASEBANK, load=_load_hub_config)
     return raw, agreement
 
 
+def _read_hub_table(dataset_id: str, text_column: str, label_column: str) -> pd.DataFrame:
+    import datasets
+
+    ds = datasets.load_dataset(dataset_id, split="train")
+    names = getattr(ds.features.get(label_column), "names", None)
+    labels = [names[i] for i in ds[label_column]] if names else [str(v) for v in ds[label_column]]
+    return pd.DataFrame({
+        "text": ds[text_column], "label": labels, "source": dataset_id, "line": range(1, len(ds) + 1), "error": None,
+    })[RAW_COLUMNS]
+
+
+def read_labeled_source(uri: str, text_column: str = "text", label_column: str = "label") -> tuple[pd.DataFrame, dict[str, int]]:
+    """Labeled rows from any supported source, chosen by the URI: a Financial
+    PhraseBank folder, ``hf://<dataset id>``, or CSV/JSONL/Parquet files (one
+    file, a folder of them, or an fsspec URL such as ``s3://…`` with the s3
+    extra). Returns raw rows and, for Financial PhraseBank, agreement levels."""
+    from pipeline.data.tabular import TABULAR_SUFFIXES, ColumnMapping, SourceError, read_table
+
+    if uri.startswith("hf://"):
+        dataset_id = uri.removeprefix("hf://")
+        if dataset_id == HUB_PHRASEBANK:
+            return read_phrasebank_hub(dataset_id)
+        return _read_hub_table(dataset_id, text_column, label_column), {}
+    local = Path(uri)
+    if "://" not in uri and local.is_dir():
+        if (local / PHRASEBANK_LEVELS[50]).is_file():
+            return read_phrasebank(local)
+        urls = [str(p) for p in sorted(local.iterdir()) if p.suffix.lower() in TABULAR_SUFFIXES]
+        if not urls:
+            raise SourceError(f"{uri}: neither Financial PhraseBank files nor CSV/JSONL/Parquet files")
+    elif "://" not in uri and not local.exists():
+        raise SourceError(f"{uri}: no such file or folder")
+    else:
+        urls = [uri]
+    frames = [read_table(url, ColumnMapping(text=text_column, label=label_column)) for url in urls]
+    table = pd.concat(frames, ignore_index=True)
+    raw = table.assign(source=table["file"].map(lambda f: f.rsplit("/", 1)[-1]))
+    return raw[RAW_COLUMNS].reset_index(drop=True), {}
+
+
 _WS = re.compile(r"\s+")
 
 

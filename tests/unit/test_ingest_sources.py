@@ -1,0 +1,64 @@
+"""`finsent ingest --source URI --out DIR` on CSV / JSONL / Parquet sources."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from pipeline.data.sources import read_labeled_source, read_phrasebank
+from pipeline.data.tabular import SourceError
+from pipeline.data.version import read_digest
+
+
+@pytest.fixture(scope="module")
+def fpb_rows(fpb_subset):
+    raw, _ = read_phrasebank(fpb_subset)
+    return raw[["text", "label"]]
+
+
+def _run_ingest(tmp_path, *args):
+    env = {
+        "PATH": "/usr/bin:/bin", "FINSENT_STATE_DIR": str(tmp_path / "state"),
+        "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5", "DVC_NO_ANALYTICS": "1",
+        "FINSENT_INGEST__TEXT_COLUMN": "headline", "FINSENT_INGEST__LABEL_COLUMN": "sentiment",
+    }
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", *args], env=env, capture_output=True, text=True)
+
+
+def test_csv_source_with_a_column_mapping_and_bad_rows(tmp_path, fpb_rows):
+    source = tmp_path / "labeled.csv"
+    with open(source, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["headline", "sentiment"])
+        writer.writerows(fpb_rows.values.tolist())
+        writer.writerows([["", "neutral"], ["Shares jumped", "bullish"], ["Shares jumped", "positive"]])
+    done = _run_ingest(tmp_path, "--source", str(source), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows_in"] == len(fpb_rows) + 3
+    assert result["rows_in"] == result["clean"] + result["quarantined"] + result["duplicates"]
+    assert result["digest"] == read_digest(tmp_path / "out")
+    reasons = pd.read_parquet(tmp_path / "out" / "data" / "quarantine" / "labeled.parquet")["reason"].tolist()
+    assert "empty text" in reasons and "unknown label 'bullish'" in reasons
+
+
+def test_jsonl_and_parquet_sources_read_the_same_rows(tmp_path, fpb_rows):
+    renamed = fpb_rows.rename(columns={"text": "headline", "label": "sentiment"})
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in renamed.to_dict("records")))
+    renamed.to_parquet(tmp_path / "b.parquet")
+    from_jsonl, _ = read_labeled_source(str(tmp_path / "a.jsonl"), "headline", "sentiment")
+    from_parquet, _ = read_labeled_source(str(tmp_path / "b.parquet"), "headline", "sentiment")
+    assert from_jsonl[["text", "label"]].values.tolist() == fpb_rows.values.tolist()
+    assert from_parquet[["text", "label"]].values.tolist() == fpb_rows.values.tolist()
+    folder, _ = read_labeled_source(str(tmp_path), "headline", "sentiment")  # a folder of files
+    assert len(folder) == 2 * len(fpb_rows)
+
+
+def test_a_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError, match="no such file or folder"):
+        read_labeled_source(str(tmp_path / "nope.csv"))
+    done = _run_ingest(tmp_path, "--source", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "out"))
+    assert done.returncode != 0 and "nope.csv: no such file or folder" in done.stderr
