@@ -30,6 +30,13 @@ def cmd_ingest(settings: Settings, args) -> dict:
     return ingest(settings.model_copy(update=overrides), args.date)
 
 
+def cmd_freeze_test(settings: Settings, args) -> dict:
+    from pipeline.data.frozen import freeze_test_set
+    from pipeline.data.ingest import load_split
+
+    return freeze_test_set(settings.project_dir, load_split(settings.labeled_dir, "test"))
+
+
 def cmd_landing(settings: Settings, args) -> dict:
     from pipeline.data.landing import layout_reuters
 
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--source", default=None, help="labeled data URI (FPB folder, hf://id, CSV/JSONL/Parquet)")
     ingest.add_argument("--out", default=None, help="output project folder: data/ and data.dvc go there")
     ingest.add_argument("--date", type=date.fromisoformat, default=None, help="also ingest this day's landing files")
+    add("freeze-test", cmd_freeze_test, "record the current test split as the frozen evaluation set")
     add("landing", cmd_landing, "lay Reuters-21578 out as a landing zone, one folder per <DATE>").add_argument(
         "--reuters", default=None, help="Reuters-21578 folder (default: FINSENT_REUTERS_DIR)"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,9 @@ class IngestConfig(BaseModel):
     validation_fraction: float = 0.08
     test_fraction: float = 0.20
     seed: int = 0
+    split_method: Literal["hash", "stratified"] = Field(
+        "hash", description="hash: stable per sentence, leakage-free as data grows; stratified: the canonical FPB split"
+    )
     min_chars: int = 3
     max_chars: int = 2000
     max_news_chars: int = 100_000

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.clean import clean_corpus, clean_labeled
+from pipeline.data.frozen import compare_to_frozen
 from pipeline.data.news import ingest_news_day
 from pipeline.data.sources import read_labeled_source, read_phrasebank, read_phrasebank_hub, read_reuters
 from pipeline.data.split import split_labeled
@@ -61,6 +62,11 @@ def ingest_labeled(settings: Settings) -> dict:
         _write_parquet(frame, settings.labeled_dir / f"{name}.parquet")
     _write_parquet(cleaned.quarantine, settings.quarantine_dir / "labeled.parquet")
 
+    frozen = compare_to_frozen(settings.project_dir, splits["test"])
+    if frozen["changed"]:
+        log.warning("the test split differs from the frozen one (%s): training will refuse until it is re-frozen",
+                    frozen["frozen_digest"][:12])
+
     corpus_counts = None
     settings.corpus_path.unlink(missing_ok=True)
     if settings.reuters_dir is not None:
@@ -73,6 +79,8 @@ def ingest_labeled(settings: Settings) -> dict:
         "quarantine_dir": str(settings.quarantine_dir.resolve()),
         "labeled_dir": str(settings.labeled_dir.resolve()),
         "splits": {name: len(frame) for name, frame in splits.items()},
+        "test_digest": frozen["test_digest"],
+        "test_changed": frozen["changed"],
         "corpus": corpus_counts,
         "corpus_path": str(settings.corpus_path.resolve()) if corpus_counts else None,
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import unicodedata
 from datetime import date
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.landing import day_files
+from pipeline.data.sources import normalize_text
 from pipeline.data.tabular import STANDARD_COLUMNS, ColumnMapping, SourceError, read_table
 from pipeline.data.validate import validate_corpus
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 NEWS_MAPPING = ColumnMapping(text="text", id="id", timestamp="timestamp", source="source")
 NEWS_COLUMNS = ["id", "timestamp", "text", "source"]
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_WS = re.compile(r"\s+")
 
 
 def news_partition(settings: Settings, day: date) -> Path:
@@ -51,9 +50,7 @@ def _problem(text, error, max_chars: int) -> str | None:
 
 
 def normalize_news_text(text):
-    if not isinstance(text, str):
-        return text
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    return normalize_text(text) if isinstance(text, str) else text
 
 
 def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS_MAPPING) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 
@@ -143,7 +144,8 @@ _WS = re.compile(r"\s+")
 
 
 def normalize_text(text: str) -> str:
-    return _WS.sub(" ", text).strip()
+    """NFKC Unicode normalisation and collapsed whitespace."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
 
 
 _REUTERS_DOC = re.compile(r"<REUTERS\b([^>]*)>(.*?)</REUTERS>", re.S)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline import registry
 from pipeline.config import Settings
+from pipeline.data.frozen import require_frozen_test_set
 from pipeline.data.ingest import load_split
 from pipeline.data.version import read_digest
 
@@ -25,13 +26,9 @@ def _run_dir(settings: Settings, run_id: str, step: str) -> Path:
     return path
 
 
-def frame_digest(frame: pd.DataFrame) -> str:
-    return str(pd.util.hash_pandas_object(frame, index=False).sum() & 0xFFFFFFFFFFFF)
-
-
 def start_run(settings: Settings) -> dict:
     digest = read_digest(settings.project_dir)
-    test_digest = frame_digest(load_split(settings.labeled_dir, "test"))
+    test_digest = require_frozen_test_set(settings.project_dir, load_split(settings.labeled_dir, "test"))
     run_id = registry.start_training_run(settings, digest, test_digest)
     return {"run_id": run_id, "data_digest": digest, "test_digest": test_digest}
 

@@ -4,7 +4,7 @@ import pytest
 from pipeline.config import IngestConfig
 from pipeline.data.clean import clean_labeled
 from pipeline.data.sources import RAW_COLUMNS, read_phrasebank
-from pipeline.data.split import split_labeled
+from pipeline.data.split import hash_split, split_labeled
 from pipeline.data.validate import DataValidationError, validate_labeled
 from tests.conftest import FPB_DIR
 
@@ -47,21 +47,42 @@ def fpb_clean():
     return clean_labeled(raw, agreement, IngestConfig()).clean
 
 
-def test_split_is_stratified_deterministic_and_disjoint(fpb_clean):
-    cfg = IngestConfig()
-    splits = split_labeled(fpb_clean, cfg)
-    sizes = {name: len(frame) for name, frame in splits.items()}
-    assert sum(sizes.values()) == len(fpb_clean)
-    assert abs(sizes["test"] / len(fpb_clean) - 0.20) < 0.005
-    assert abs(sizes["validation"] / len(fpb_clean) - 0.08) < 0.005
+def _assert_disjoint_cover(splits, clean):
     texts = [set(frame["text"]) for frame in splits.values()]
+    assert sum(len(t) for t in texts) == len(clean)
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+
+
+def test_stratified_split_is_the_canonical_72_8_20(fpb_clean):
+    cfg = IngestConfig(split_method="stratified")
+    splits = split_labeled(fpb_clean, cfg)
+    _assert_disjoint_cover(splits, fpb_clean)
+    assert {name: len(frame) for name, frame in splits.items()} == {"train": 3481, "validation": 387, "test": 968}
     share = fpb_clean["label"].value_counts(normalize=True)
     for frame in splits.values():
         assert (frame["label"].value_counts(normalize=True) - share).abs().max() < 0.02
     shuffled = split_labeled(fpb_clean.sample(frac=1.0, random_state=7), cfg)
     for name in splits:
         pd.testing.assert_frame_equal(splits[name], shuffled[name])
+
+
+def test_hash_split_is_balanced_stable_and_keeps_near_duplicates_together(fpb_clean):
+    cfg = IngestConfig()
+    assert cfg.split_method == "hash"
+    splits = split_labeled(fpb_clean, cfg)
+    _assert_disjoint_cover(splits, fpb_clean)
+    for name, fraction in (("train", 0.72), ("validation", 0.08), ("test", 0.20)):
+        assert abs(len(splits[name]) / len(fpb_clean) - fraction) < 0.02
+    share = fpb_clean["label"].value_counts(normalize=True)
+    for name in ("train", "test"):
+        assert (splits[name]["label"].value_counts(normalize=True) - share).abs().max() < 0.03
+    # New data never moves an old sentence: the split of the old rows is unchanged.
+    extra = pd.DataFrame({"text": [f"New sentence number {i} ." for i in range(300)], "label": "neutral", "agreement": 50})
+    grown = split_labeled(pd.concat([fpb_clean, extra]), cfg)
+    for name in splits:
+        assert set(splits[name]["text"]) <= set(grown[name]["text"])
+    # Near-duplicates share a split key, hence a split.
+    assert hash_split("Operating profit rose to EUR 13.1 mn .", cfg) == hash_split("operating profit rose to EUR 13.1 mn", cfg)
 
 
 def test_validation_passes_clean_splits_and_names_failures(fpb_clean):

@@ -41,3 +41,20 @@ def test_cli_prints_counts_as_last_line(tmp_path, fpb_subset):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows_in"] == result["clean"] + result["quarantined"] + result["duplicates"]
     assert result["digest"] == read_digest(tmp_path)
+
+
+def test_training_refuses_a_silently_changed_test_set(tmp_path, fpb_subset, tiny_base):
+    import pytest
+
+    from pipeline.data.frozen import FrozenTestSetChanged, freeze_test_set, read_frozen, require_frozen_test_set
+
+    settings = make_settings(tmp_path, fpb_subset, None, tiny_base)
+    first = ingest(settings)
+    assert read_frozen(tmp_path)["test_digest"] == first["test_digest"] and not first["test_changed"]
+    test = load_split(settings.labeled_dir, "test")
+    assert require_frozen_test_set(tmp_path, test) == first["test_digest"]
+    changed = test.iloc[1:]
+    with pytest.raises(FrozenTestSetChanged, match="finsent freeze-test"):
+        require_frozen_test_set(tmp_path, changed)
+    freeze_test_set(tmp_path, changed)  # deliberate re-freeze
+    assert require_frozen_test_set(tmp_path, changed) != first["test_digest"]
