@@ -58,7 +58,9 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
             frame = pd.read_parquet(settings.labeled_dir / f"{split}.parquet").astype({"agreement": "float64"})
             dataset = mlflow.data.from_pandas(
                 frame, source=str((settings.labeled_dir / f"{split}.parquet").resolve()), targets="label",
-                name=f"curated-labeled-{split}", digest=test_digest if split == "test" else data_digest,
+                name=f"curated-labeled-{split}",
+                # MLflow caps dataset digests at 36 characters; the full ones are tags.
+                digest=(test_digest if split == "test" else data_digest)[:36],
             )
             mlflow.log_input(dataset, context=split)
         return run.info.run_id
