@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         return self.data_dir / "quarantine"
 
     @property
+    def data_docs_dir(self) -> Path:
+        return self.state_dir / "data-docs"
+
+    @property
     def runs_dir(self) -> Path:
         return self.state_dir / "runs"
 

@@ -47,6 +47,8 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
     with mlflow.start_run(run_name="train") as run:
         mlflow.log_params(_flatten("", {k: v for k, v in settings.resolved().items() if k in ("train", "ingest")}))
         mlflow.log_dict(settings.resolved(), "config/resolved.json")
+        if settings.data_docs_dir.is_dir():
+            mlflow.log_artifacts(str(settings.data_docs_dir), "data_docs")
         mlflow.set_tags({
             "data_digest": data_digest,
             "test_digest": test_digest,

@@ -54,7 +54,9 @@ def ingest_labeled(settings: Settings) -> dict:
         )
 
     splits = split_labeled(cleaned.clean, settings.ingest)
-    validate_labeled(splits, settings.ingest).raise_for_failures()
+    report = validate_labeled(splits, settings.ingest, settings.data_docs_dir)
+    log.info("Great Expectations Data Docs: %s", report.docs_index)
+    report.raise_for_failures()
 
     # Replace, never append: a re-run leaves exactly one copy of its output.
     shutil.rmtree(settings.labeled_dir, ignore_errors=True)
@@ -71,7 +73,7 @@ def ingest_labeled(settings: Settings) -> dict:
     settings.corpus_path.unlink(missing_ok=True)
     if settings.reuters_dir is not None:
         corpus, corpus_counts = clean_corpus(read_reuters(settings.reuters_dir))
-        validate_corpus(corpus).raise_for_failures()
+        validate_corpus(corpus, docs_dir=settings.data_docs_dir).raise_for_failures()
         _write_parquet(corpus, settings.corpus_path)
 
     return {
@@ -79,6 +81,7 @@ def ingest_labeled(settings: Settings) -> dict:
         "quarantine_dir": str(settings.quarantine_dir.resolve()),
         "labeled_dir": str(settings.labeled_dir.resolve()),
         "splits": {name: len(frame) for name, frame in splits.items()},
+        "data_docs": report.docs_index,
         "test_digest": frozen["test_digest"],
         "test_changed": frozen["changed"],
         "corpus": corpus_counts,

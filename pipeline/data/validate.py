@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -23,6 +24,7 @@ class ValidationReport:
     success: bool
     failures: list[str]
     statistics: dict
+    docs_index: str | None = None
 
     def raise_for_failures(self) -> None:
         if not self.success:
@@ -66,30 +68,42 @@ def _describe_failure(result) -> str:
     return text + (f" e.g. {sample[:3]!r}" if sample else "")
 
 
-def run_suite(frame: pd.DataFrame, suite_name: str, expectations: list) -> ValidationReport:
+def run_suite(frame: pd.DataFrame, suite_name: str, expectations: list, docs_dir: Path | None = None) -> ValidationReport:
+    """Validates ``frame``; with ``docs_dir``, also builds GX Data Docs (HTML) there."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
+    batch_definition = (
         context.data_sources.add_pandas(name=f"{suite_name}_source")
         .add_dataframe_asset(name=suite_name)
         .add_batch_definition_whole_dataframe(name="whole")
-        .get_batch(batch_parameters={"dataframe": frame})
     )
     suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
-    result = batch.validate(suite)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch_definition, suite=suite))
+    actions = []
+    if docs_dir is not None:
+        docs_dir = docs_dir / suite_name
+        context.add_data_docs_site(site_name="finsent", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["finsent"]))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(name=suite_name, validation_definitions=[definition], actions=actions))
+    result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
     failures = [_describe_failure(r) for r in result.results if not r.success]
-    return ValidationReport(suite=suite_name, success=result.success, failures=failures, statistics=dict(result.statistics))
+    docs_index = str(docs_dir.resolve() / "index.html") if docs_dir is not None else None
+    return ValidationReport(suite=suite_name, success=result.success, failures=failures,
+                            statistics=dict(result.statistics), docs_index=docs_index)
 
 
-def validate_labeled(splits: dict[str, pd.DataFrame], cfg: IngestConfig) -> ValidationReport:
+def validate_labeled(splits: dict[str, pd.DataFrame], cfg: IngestConfig, docs_dir: Path | None = None) -> ValidationReport:
     union = pd.concat([frame.assign(split=name) for name, frame in splits.items()], ignore_index=True)
-    return run_suite(union, "labeled_text", _labeled_expectations(cfg))
+    return run_suite(union, "labeled_text", _labeled_expectations(cfg), docs_dir)
 
 
-def validate_corpus(corpus: pd.DataFrame, id_column: str = "doc_id") -> ValidationReport:
-    return run_suite(corpus, "unlabeled_corpus", _corpus_expectations(id_column))
+def validate_corpus(corpus: pd.DataFrame, id_column: str = "doc_id", docs_dir: Path | None = None) -> ValidationReport:
+    return run_suite(corpus, "unlabeled_corpus", _corpus_expectations(id_column), docs_dir)

@@ -79,6 +79,7 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
         assert metric in run.data.metrics, metric
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= artifacts
+    assert client.list_artifacts(champion.run_id, "data_docs"), "Great Expectations Data Docs not logged"
 
     # The registered model is usable on its own through MLflow's pyfunc interface.
     mlflow.set_tracking_uri(env["FINSENT_TRACKING_URI"])

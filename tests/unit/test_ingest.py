@@ -21,6 +21,9 @@ def test_ingest_writes_versioned_splits_and_reconciles(ingested):
     assert any(p.is_file() for p in remote.rglob("*")), "dvc push put nothing in the remote"
     corpus = pd.read_parquet(ingested.corpus_path)
     assert len(corpus) > 900
+    for suite in ("labeled_text", "unlabeled_corpus"):
+        index = ingested.data_docs_dir / suite / "index.html"
+        assert index.is_file() and suite in index.read_text(), f"no Data Docs for {suite}"
 
 
 def test_rerun_replaces_output_with_the_same_digest(tmp_path, fpb_subset, tiny_base):
