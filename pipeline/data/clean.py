@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from pipeline.config import LABELS, IngestConfig
-from pipeline.data.sources import normalize_text
+from pipeline.data.sources import normalize_value
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -31,25 +31,35 @@ class CleanResult:
         }
 
 
-def _row_problem(text: str, label, error, cfg: IngestConfig) -> str | None:
-    # pandas' string columns hold NaN, not None, for missing values.
+def text_problem(text, error, min_chars: int, max_chars: int) -> str | None:
+    """The first reason a row's text cannot be used, or None. Missing values
+    arrive as NaN (pandas' string columns), not only None."""
     if isinstance(error, str) and error:
         return error
-    if not isinstance(label, str):
-        return "missing label"
+    if not isinstance(text, str):
+        return "missing text"
     if _CONTROL.search(text):
         return "control characters in text"
     if not text:
         return "empty text"
+    if not min_chars <= len(text) <= max_chars:
+        return f"text length {len(text)} outside [{min_chars}, {max_chars}]"
+    return None
+
+
+def _row_problem(text, label, error, cfg: IngestConfig) -> str | None:
+    problem = text_problem(text, error, cfg.min_chars, cfg.max_chars)
+    if problem is not None:
+        return problem
+    if not isinstance(label, str):
+        return "missing label"
     if label not in LABELS:
         return f"unknown label {label!r}"
-    if not cfg.min_chars <= len(text) <= cfg.max_chars:
-        return f"text length {len(text)} outside [{cfg.min_chars}, {cfg.max_chars}]"
     return None
 
 
 def clean_labeled(raw: pd.DataFrame, agreement: dict[str, int], cfg: IngestConfig) -> CleanResult:
-    rows = raw.assign(text=raw["text"].map(normalize_text))
+    rows = raw.assign(text=raw["text"].map(normalize_value))
     rows["reason"] = [
         _row_problem(t, lbl, err, cfg) for t, lbl, err in zip(rows["text"], rows["label"], rows["error"])
     ]

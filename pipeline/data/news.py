@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import date
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.landing import day_files
-from pipeline.data.sources import normalize_text
+from pipeline.data.clean import text_problem
+from pipeline.data.sources import normalize_value
 from pipeline.data.tabular import STANDARD_COLUMNS, ColumnMapping, SourceError, read_table
 from pipeline.data.validate import validate_corpus
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 NEWS_MAPPING = ColumnMapping(text="text", id="id", timestamp="timestamp", source="source")
 NEWS_COLUMNS = ["id", "timestamp", "text", "source"]
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def news_partition(settings: Settings, day: date) -> Path:
@@ -33,24 +32,6 @@ def news_partition(settings: Settings, day: date) -> Path:
 
 def news_quarantine(settings: Settings, day: date) -> Path:
     return settings.quarantine_dir / "news" / f"date={day.isoformat()}.parquet"
-
-
-def _problem(text, error, max_chars: int) -> str | None:
-    if isinstance(error, str) and error:
-        return error
-    if not isinstance(text, str):
-        return "missing text"
-    if _CONTROL.search(text):
-        return "control characters in text"
-    if not text:
-        return "empty text"
-    if len(text) > max_chars:
-        return f"text length {len(text)} over {max_chars}"
-    return None
-
-
-def normalize_news_text(text):
-    return normalize_text(text) if isinstance(text, str) else text
 
 
 def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS_MAPPING) -> dict:
@@ -69,8 +50,8 @@ def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS
             file_errors.append({"file": str(path), "reason": str(err)})
     counts["files_quarantined"] = len(file_errors)
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STANDARD_COLUMNS)
-    raw["text"] = raw["text"].map(normalize_news_text)
-    raw["reason"] = [_problem(t, e, settings.ingest.max_news_chars) for t, e in zip(raw["text"], raw["error"])]
+    raw["text"] = raw["text"].map(normalize_value)
+    raw["reason"] = [text_problem(t, e, 1, settings.ingest.max_news_chars) for t, e in zip(raw["text"], raw["error"])]
     bad = raw[raw["reason"].notna()]
     good = raw[raw["reason"].isna()]
     good = good.assign(id=good["id"].where(good["id"].notna(), good["file"] + ":" + good["line"].astype(str)))

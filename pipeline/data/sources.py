@@ -148,6 +148,11 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
 
 
+def normalize_value(value):
+    """normalize_text for strings; anything else (None, NaN, a number) as it is, for cleaning to judge."""
+    return normalize_text(value) if isinstance(value, str) else value
+
+
 _REUTERS_DOC = re.compile(r"<REUTERS\b([^>]*)>(.*?)</REUTERS>", re.S)
 _NEWID = re.compile(r'NEWID="(\d+)"')
 _DATE = re.compile(r"<DATE>\s*([^<]+?)\s*</DATE>")

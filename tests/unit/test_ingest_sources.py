@@ -62,3 +62,15 @@ def test_a_missing_source_is_a_clear_error(tmp_path):
         read_labeled_source(str(tmp_path / "nope.csv"))
     done = _run_ingest(tmp_path, "--source", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "out"))
     assert done.returncode != 0 and "nope.csv: no such file or folder" in done.stderr
+
+
+def test_null_and_non_string_texts_are_quarantined_not_crashing(tmp_path):
+    from pipeline.config import IngestConfig
+    from pipeline.data.clean import clean_labeled
+
+    pd.DataFrame({"headline": ["Profit rose sharply", None], "sentiment": ["positive", "neutral"]}).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame({"headline": [7], "sentiment": ["neutral"]}).to_parquet(tmp_path / "b.parquet")  # wrong type
+    raw, agreement = read_labeled_source(str(tmp_path), "headline", "sentiment")
+    result = clean_labeled(raw, agreement, IngestConfig())
+    assert result.counts == {"rows_in": 3, "clean": 1, "quarantined": 2, "duplicates": 0}
+    assert sorted(result.quarantine["reason"]) == ["'headline' is int, not a string", "missing text"]

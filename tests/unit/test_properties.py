@@ -5,14 +5,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import LABELS, IngestConfig
-from pipeline.data.news import normalize_news_text
-from pipeline.data.sources import normalize_text
+from pipeline.data.sources import normalize_text, normalize_value
 from pipeline.data.split import split_labeled
 
 
 @given(st.text())
 def test_normalising_is_idempotent_and_trims(text):
-    for normalise in (normalize_text, normalize_news_text):
+    for normalise in (normalize_text, normalize_value):
         once = normalise(text)
         assert normalise(once) == once
         assert once == once.strip()
