@@ -93,7 +93,9 @@ def airflow_settings(airflow_home: Path, dags_folder: Path) -> dict[str, dict[st
             "parallelism": "4",
             "dags_are_paused_at_creation": "True",
         },
-        "database": {"sql_alchemy_conn": f"sqlite:///{airflow_home.resolve() / 'airflow.db'}"},
+        # SQLite allows one writer: with the scheduler, DAG processor and API server
+        # all writing, a CLI call needs to wait for the lock (60 s, not sqlite's 5 s).
+        "database": {"sql_alchemy_conn": f"sqlite:///{airflow_home.resolve() / 'airflow.db'}?timeout=60"},
     }
 
 

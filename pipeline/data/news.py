@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.data.landing import day_files
 from pipeline.data.clean import text_problem
+from pipeline.data.landing import day_files
 from pipeline.data.sources import normalize_value
 from pipeline.data.tabular import STANDARD_COLUMNS, ColumnMapping, SourceError, read_table
 from pipeline.data.validate import validate_corpus
