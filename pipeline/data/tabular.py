@@ -41,7 +41,7 @@ def _open_bytes(url: str) -> bytes:
         return handle.read()
 
 
-def _decode_lines(data: bytes, url: str, encoding: str) -> list[tuple[int, str | None, str | None]]:
+def _decode_lines(data: bytes, encoding: str) -> list[tuple[int, str | None, str | None]]:
     """(line number, text, error) per line; a line that is not valid in the
     declared encoding keeps its number and gets an error instead of text."""
     out = []
@@ -79,7 +79,7 @@ def _rows_from_records(records: list[tuple[int, dict | None, str | None]], mappi
 
 def _read_jsonl(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame:
     records = []
-    for number, line, error in _decode_lines(_open_bytes(url), url, encoding):
+    for number, line, error in _decode_lines(_open_bytes(url), encoding):
         if error is not None:
             records.append((number, None, error))
         elif not line.strip():
@@ -98,7 +98,7 @@ def _read_jsonl(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame
 
 
 def _read_csv(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame:
-    decoded = _decode_lines(_open_bytes(url), url, encoding)
+    decoded = _decode_lines(_open_bytes(url), encoding)
     if not decoded:
         return pd.DataFrame(columns=STANDARD_COLUMNS)
     header = decoded[0][1]

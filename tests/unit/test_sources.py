@@ -18,7 +18,8 @@ def test_read_full_phrasebank_counts_and_agreement():
     levels = {level: sum(1 for v in agreement.values() if v == level) for level in (50, 66, 75, 100)}
     assert levels[100] == 2259  # distinct AllAgree sentences
     assert sum(levels.values()) == 4838  # distinct sentences of 50Agree
-    assert any("\u00f1" in text or "+" in text for text in raw["text"])  # latin-1 kept as is
+    # latin-1 decoded and the original mojibake kept as is (README: "Sepp+ñl+ñ" for Seppälä)
+    assert sum("Sepp+\u00f1l+\u00f1" in text for text in raw["text"]) == 2
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
