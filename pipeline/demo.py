@@ -45,7 +45,7 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         processes.append(mlflow_process)
         env = services.airflow_env(state / "airflow", dags_folder, {**os.environ, "FINSENT_TRACKING_URI": tracking_uri})
         _stage(f"MLflow at {tracking_uri}; preparing the Airflow home {state / 'airflow'}", started)
-        services.airflow(["db", "migrate"], env, logs / "airflow-db.log")
+        services.migrate_airflow_db(env, logs / "airflow-db.log")
         if settings.reuters_dir is not None:
             days = layout_reuters(settings.reuters_dir, settings.landing_zone)
             _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders under {settings.landing_zone.resolve()}", started)

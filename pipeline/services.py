@@ -9,6 +9,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -148,6 +149,18 @@ def airflow(args: list[str], env: dict[str, str], log_path: Path, echo_task_outp
         raise RuntimeError(
             f"airflow {' '.join(args)} exited with {process.returncode}; full log: {log_path}\n" + "\n".join(tail)
         )
+
+
+def migrate_airflow_db(env: dict[str, str], log_path: Path) -> None:
+    """``airflow db migrate``; an embedded SQLite database is then switched to
+    write-ahead logging (a property of the file, kept from then on), so the
+    scheduler's and API server's reads no longer block a CLI call's writes."""
+    airflow(["db", "migrate"], env, log_path)
+    url = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if url.startswith("sqlite:///"):
+        database = url.removeprefix("sqlite:///").split("?", 1)[0]
+        with sqlite3.connect(database, timeout=60) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
 
 
 def start_airflow_services(env: dict[str, str], logs: Path) -> tuple[list[subprocess.Popen], str]:

@@ -53,7 +53,7 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, ti
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FINSENT_", "AIRFLOW"))}
     env = services.airflow_env(project / ".finsent" / "airflow", REPO / "dags", {**base, **finsent})
-    services.airflow(["db", "migrate"], env, project / "airflow-db.log")
+    services.migrate_airflow_db(env, project / "airflow-db.log")
     return env
 
 
