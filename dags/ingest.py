@@ -30,6 +30,13 @@ def ingest_dag():
         return run(get_settings())
 
     @task
+    def ingest_corpus() -> dict | None:
+        from pipeline.config import get_settings
+        from pipeline.data.ingest import ingest_corpus as run
+
+        return run(get_settings())
+
+    @task
     def ingest_news(data_interval_start=None) -> dict:
         from pipeline.config import get_settings
         from pipeline.data.news import ingest_news_day
@@ -37,13 +44,13 @@ def ingest_dag():
         return ingest_news_day(get_settings(), data_interval_start.date())
 
     @task(outlets=[CURATED_LABELED, CURATED_CORPUS])
-    def version_data(labeled: dict, news: dict) -> str:
+    def version_data(labeled: dict, corpus: dict | None, news: dict) -> str:
         from pipeline.config import get_settings
         from pipeline.data.ingest import version_curated
 
         return version_curated(get_settings())
 
-    version_data(ingest_labeled(), ingest_news())
+    version_data(ingest_labeled(), ingest_corpus(), ingest_news())
 
 
 ingest_dag()

@@ -48,6 +48,12 @@ def cmd_landing(settings: Settings, args) -> dict:
             "first_day": min(days), "last_day": max(days)}
 
 
+def cmd_news_report(settings: Settings, args) -> dict:
+    from pipeline.data.news import news_report
+
+    return news_report(settings, args.from_date, args.to_date)
+
+
 def cmd_start_run(settings: Settings, args) -> dict:
     from pipeline.train.jobs import start_run
 
@@ -150,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("landing", cmd_landing, "lay Reuters-21578 out as a landing zone, one folder per <DATE>").add_argument(
         "--reuters", default=None, help="Reuters-21578 folder (default: FINSENT_REUTERS_DIR)"
     )
+    report = add("news-report", cmd_news_report, "reconciled news counts over a range of days (e.g. after a backfill)")
+    report.add_argument("--from-date", type=date.fromisoformat, required=True)
+    report.add_argument("--to-date", type=date.fromisoformat, required=True)
     add("start-run", cmd_start_run, "open the MLflow run that the training steps log into")
     for name, func, help_text in (
         ("mlm-adapt", cmd_mlm_adapt, "masked-LM domain adaptation, gated on validation perplexity"),

@@ -16,6 +16,10 @@ LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 OFFLINE_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+# Label shares of Financial PhraseBank 50Agree (12.5 % negative, 59.4 % neutral, 28.1 % positive).
+REFERENCE_LABEL_SHARES = {"negative": 0.125, "neutral": 0.594, "positive": 0.281}
+
+
 class IngestConfig(BaseModel):
     text_column: str = Field("text", description="text column of CSV/JSONL/Parquet/hub labeled sources")
     label_column: str = Field("label", description="label column of CSV/JSONL/Parquet/hub labeled sources")
@@ -30,6 +34,14 @@ class IngestConfig(BaseModel):
     max_chars: int = 2000
     max_news_chars: int = 100_000
     min_clean_share: float = Field(0.95, description="a batch whose clean share is below this fails")
+    id_column: str | None = Field(None, description="id column of CSV/JSONL/Parquet/hub labeled sources (else a hash of the text)")
+    max_garbled_share: float = Field(0.01, description="a batch with more rows of non-printable/garbled characters fails")
+    max_truncated_share: float = Field(
+        0.02, description="a labeled batch with more sentences longer than the model's max length fails")
+    label_reference: dict[str, float] = Field(
+        default_factory=lambda: dict(REFERENCE_LABEL_SHARES),
+        description="expected label shares (default: Financial PhraseBank 50Agree); {} turns the check off")
+    label_tolerance: float = Field(0.10, description="allowed absolute deviation of each label's share")
 
 
 class TrainConfig(BaseModel):

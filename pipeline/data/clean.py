@@ -3,15 +3,24 @@ as a duplicate, and the three counts add up to the rows read."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import LABELS, IngestConfig
 from pipeline.data.sources import normalize_value
+from pipeline.data.validate import DataValidationError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+QUARANTINE_COLUMNS = ["source", "line", "id", "text", "label", "reason"]
+
+
+def text_id(text: str) -> str:
+    """A stable id for rows whose source has none: the sha256 of the normalised text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -29,6 +38,23 @@ class CleanResult:
             "quarantined": len(self.quarantine),
             "duplicates": self.duplicates,
         }
+
+    def reconcile(self) -> dict[str, int]:
+        """The counts, after checking that every row read is accounted for."""
+        counts = self.counts
+        if counts["rows_in"] != counts["clean"] + counts["quarantined"] + counts["duplicates"]:
+            raise AssertionError(f"counts do not reconcile: {counts}")
+        return counts
+
+    def with_row_failures(self, frame: pd.DataFrame, failures: dict, id_column: str = "id") -> CleanResult:
+        """``frame`` (this result's clean rows, possibly with extra columns) as
+        the clean rows, minus those in ``failures`` (index → reason), which
+        join the quarantine."""
+        failed = frame.index.isin(list(failures))
+        rejected = frame[failed]
+        rejected = rejected.assign(id=rejected[id_column].astype(str), reason=[failures[i] for i in rejected.index])
+        quarantine = pd.concat([self.quarantine, rejected.reindex(columns=self.quarantine.columns)], ignore_index=True)
+        return CleanResult(clean=frame[~failed], quarantine=quarantine, duplicates=self.duplicates, rows_in=self.rows_in)
 
 
 def text_problem(text, error, min_chars: int, max_chars: int) -> str | None:
@@ -73,24 +99,40 @@ def clean_labeled(raw: pd.DataFrame, agreement: dict[str, int], cfg: IngestConfi
     good = good[~in_conflict]
 
     deduplicated = good.drop_duplicates(subset=["text", "label"], keep="first")
-    clean = deduplicated.assign(agreement=deduplicated["text"].map(agreement).fillna(50).astype("int64"))
-    quarantine = pd.concat([bad, conflicts])[["source", "line", "text", "label", "reason"]]
+    clean = deduplicated.assign(
+        id=[str(i) if pd.notna(i) else text_id(t) for i, t in zip(deduplicated["id"], deduplicated["text"])],
+        agreement=deduplicated["text"].map(agreement).fillna(50).astype("int64"),
+    )
+    quarantine = pd.concat([bad, conflicts])[QUARANTINE_COLUMNS]
     return CleanResult(
-        clean=clean[["text", "label", "agreement"]].reset_index(drop=True),
+        clean=clean[["id", "text", "label", "agreement", "source", "line"]].reset_index(drop=True),
         quarantine=quarantine.reset_index(drop=True),
         duplicates=len(good) - len(deduplicated),
         rows_in=len(raw),
     )
 
 
-def clean_corpus(raw: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    texts = raw[raw["text"].str.len() > 0]
-    unique = texts.drop_duplicates(subset=["text"], keep="first").sort_values("doc_id").reset_index(drop=True)
-    unique = unique[["doc_id", "date", "text", "source"]]
-    counts = {
-        "rows_in": len(raw),
-        "clean": len(unique),
-        "empty": len(raw) - len(texts),
-        "duplicates": len(texts) - len(unique),
-    }
-    return unique, counts
+def clean_corpus(raw: pd.DataFrame, cfg: IngestConfig) -> CleanResult:
+    """The bulk unlabeled corpus (Reuters-21578 bodies): unusable texts to
+    quarantine, repeated stories counted as duplicates, ordered by id."""
+    rows = raw.assign(text=raw["text"].map(normalize_value))
+    rows["reason"] = [text_problem(t, None, 1, cfg.max_news_chars) for t in rows["text"]]
+    bad = rows[rows["reason"].notna()]
+    good = rows[rows["reason"].isna()]
+    unique = good.drop_duplicates(subset=["text"], keep="first").sort_values("doc_id").reset_index(drop=True)
+    quarantine = bad.assign(line=None, id=bad["doc_id"].astype(str), label=None)[QUARANTINE_COLUMNS]
+    return CleanResult(
+        clean=unique[["doc_id", "date", "text", "source"]],
+        quarantine=quarantine.reset_index(drop=True),
+        duplicates=len(good) - len(unique),
+        rows_in=len(raw),
+    )
+
+
+def require_clean_share(counts: dict[str, int], threshold: float, quarantine: Path) -> None:
+    clean_share = counts["clean"] / max(counts["rows_in"], 1)
+    if clean_share < threshold:
+        raise DataValidationError(
+            f"only {clean_share:.1%} of {counts['rows_in']} rows are clean (threshold {threshold:.0%}); "
+            f"{counts['quarantined']} quarantined with reasons in {quarantine}"
+        )

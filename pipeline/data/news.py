@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.data.clean import text_problem
+from pipeline.data.clean import CleanResult, require_clean_share, text_problem
 from pipeline.data.landing import day_files
 from pipeline.data.sources import normalize_value
 from pipeline.data.tabular import STANDARD_COLUMNS, ColumnMapping, SourceError, read_table
-from pipeline.data.validate import validate_corpus
+from pipeline.data.tokens import content_tokens, load_tokenizer, token_counts
+from pipeline.data.validate import truncated_share, validate_corpus
 
 log = logging.getLogger(__name__)
 
 NEWS_MAPPING = ColumnMapping(text="text", id="id", timestamp="timestamp", source="source")
 NEWS_COLUMNS = ["id", "timestamp", "text", "source"]
+QUARANTINE_COLUMNS = ["file", "line", "id", "text", "reason"]
+COUNTS_FILE = "_counts.json"
 
 
 def news_partition(settings: Settings, day: date) -> Path:
@@ -34,56 +37,104 @@ def news_quarantine(settings: Settings, day: date) -> Path:
     return settings.quarantine_dir / "news" / f"date={day.isoformat()}.parquet"
 
 
-def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS_MAPPING) -> dict:
-    """Reads the day's landing files, cleans, validates and writes its partition."""
-    files = day_files(settings.landing_zone, day)
-    counts = {"date": day.isoformat(), "files": len(files), "rows_in": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
-    if not files:
-        log.info("no landing files for %s in %s: nothing to do", day, settings.landing_zone)
-        return {**counts, "status": "no files"}
-
+def _read_day(files: list[Path], mapping: ColumnMapping) -> tuple[pd.DataFrame, list[dict]]:
     frames, file_errors = [], []
     for path in files:
         try:
             frames.append(read_table(str(path), mapping))
         except SourceError as err:  # the file goes to quarantine whole; the day goes on
             file_errors.append({"file": str(path), "reason": str(err)})
-    counts["files_quarantined"] = len(file_errors)
+            log.error("quarantined file %s: %s", path, err)
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STANDARD_COLUMNS)
-    raw["text"] = raw["text"].map(normalize_value)
-    raw["reason"] = [text_problem(t, e, 1, settings.ingest.max_news_chars) for t, e in zip(raw["text"], raw["error"])]
+    return raw, file_errors
+
+
+def _clean_day(raw: pd.DataFrame, max_chars: int) -> CleanResult:
+    raw = raw.assign(text=raw["text"].map(normalize_value))
+    raw["reason"] = [text_problem(t, e, 1, max_chars) for t, e in zip(raw["text"], raw["error"])]
     bad = raw[raw["reason"].notna()]
     good = raw[raw["reason"].isna()]
+    # Rows without an id get their place in the landing zone as one.
     good = good.assign(id=good["id"].where(good["id"].notna(), good["file"] + ":" + good["line"].astype(str)))
     unique = good.drop_duplicates(subset=["id"]).drop_duplicates(subset=["text"])
-    clean = unique[NEWS_COLUMNS].astype({"id": "str", "text": "str"}).sort_values("id").reset_index(drop=True)
-    counts.update(rows_in=len(raw), clean=len(clean), quarantined=len(bad), duplicates=len(good) - len(unique))
-    if counts["rows_in"] != counts["clean"] + counts["quarantined"] + counts["duplicates"]:
-        raise AssertionError(f"counts do not reconcile: {counts}")
+    return CleanResult(
+        clean=unique.astype({"id": "str", "text": "str"}).sort_values("id").reset_index(drop=True),
+        quarantine=bad[QUARANTINE_COLUMNS].reset_index(drop=True), duplicates=len(good) - len(unique), rows_in=len(raw),
+    )
 
-    partition = news_partition(settings, day)
+
+def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS_MAPPING, tokenizer=None) -> dict:
+    """Reads the day's landing files, cleans, validates and writes its
+    partition with a ``_counts.json`` beside it (Parquet readers skip it)."""
+    files = day_files(settings.landing_zone, day)
+    summary = {"date": day.isoformat(), "files": len(files), "rows_in": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
+    if not files:
+        log.info("no landing files for %s in %s: nothing to do", day, settings.landing_zone)
+        return {**summary, "status": "no files"}
+
+    raw, file_errors = _read_day(files, mapping)
+    cleaned = _clean_day(raw, settings.ingest.max_news_chars)
+    report = None
+    if len(cleaned.clean):
+        tokenizer = tokenizer or load_tokenizer(settings.train.base_model)
+        frame = cleaned.clean.assign(n_tokens=token_counts(cleaned.clean["text"].tolist(), tokenizer))
+        report = validate_corpus(frame, settings.ingest, id_column="id")
+        cleaned = cleaned.with_row_failures(frame, report.row_failures)
+        max_tokens = content_tokens(tokenizer, settings.train.max_length)
+        summary["truncated_share"] = round(truncated_share(frame["n_tokens"], max_tokens), 4)
+    summary.update(cleaned.reconcile(), files_quarantined=len(file_errors))
+
     quarantine = news_quarantine(settings, day)
-    if len(clean):
-        validate_corpus(clean, id_column="id").raise_for_failures()
+    rejected_files = quarantine.with_suffix(".files.json")
+    quarantine.unlink(missing_ok=True)
+    rejected_files.unlink(missing_ok=True)
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    if len(cleaned.quarantine):
+        cleaned.quarantine.astype({"text": "str", "id": "str"}).to_parquet(quarantine, index=False)
+    if file_errors:
+        rejected_files.write_text(json.dumps(file_errors, indent=2))
+    require_clean_share(summary, settings.ingest.min_clean_share, quarantine)
+    if report is not None:
+        report.raise_for_failures()
+
     # Replace, never append: this day's output only.
+    partition = news_partition(settings, day)
     partition.mkdir(parents=True, exist_ok=True)
     for old in partition.iterdir():
         old.unlink()
-    clean.to_parquet(partition / "news.parquet", index=False)
-    quarantine.unlink(missing_ok=True)
-    rejected_files = quarantine.with_suffix(".files.json")
-    rejected_files.unlink(missing_ok=True)
-    if len(bad):
-        quarantine.parent.mkdir(parents=True, exist_ok=True)
-        bad[["file", "line", "id", "text", "reason"]].astype({"text": "str", "id": "str"}).to_parquet(quarantine, index=False)
-    if file_errors:
-        rejected_files.parent.mkdir(parents=True, exist_ok=True)
-        rejected_files.write_text(json.dumps(file_errors, indent=2))
-        for error in file_errors:
-            log.error("quarantined file %s: %s", error["file"], error["reason"])
-    return {**counts, "status": "ingested", "partition": str(partition.resolve()),
-            "quarantine": str(quarantine.resolve()) if len(bad) else None,
+    cleaned.clean[NEWS_COLUMNS].to_parquet(partition / "news.parquet", index=False)
+    (partition / COUNTS_FILE).write_text(json.dumps({**summary, "file_errors": len(file_errors)}, indent=2) + "\n")
+    return {**summary, "status": "ingested", "partition": str(partition.resolve()),
+            "quarantine": str(quarantine.resolve()) if len(cleaned.quarantine) else None,
             "file_errors": file_errors}
+
+
+COUNTED = ("files", "files_quarantined", "rows_in", "clean", "quarantined", "duplicates")
+
+
+def news_report(settings: Settings, first: date, last: date) -> dict:
+    """Counts of the ingested days in ``[first, last]`` summed from each
+    partition's ``_counts.json``, checked to reconcile day by day and in total:
+    what a data engineer reads after a backfill."""
+    totals = dict.fromkeys(COUNTED, 0)
+    ingested, without_partition = [], []
+    day = first
+    while day <= last:
+        counts_file = news_partition(settings, day) / COUNTS_FILE
+        if counts_file.is_file():
+            counts = json.loads(counts_file.read_text())
+            if counts["rows_in"] != counts["clean"] + counts["quarantined"] + counts["duplicates"]:
+                raise AssertionError(f"{counts_file}: counts do not reconcile: {counts}")
+            for key in COUNTED:
+                totals[key] += counts.get(key, 0)
+            ingested.append(day.isoformat())
+        else:
+            without_partition.append(day.isoformat())
+        day += timedelta(days=1)
+    if totals["rows_in"] != totals["clean"] + totals["quarantined"] + totals["duplicates"]:
+        raise AssertionError(f"totals do not reconcile: {totals}")
+    return {"from": first.isoformat(), "to": last.isoformat(), "days_ingested": len(ingested),
+            "days_without_partition": without_partition, **totals, "reconciled": True}
 
 
 def load_news(settings: Settings) -> pd.DataFrame:

@@ -22,7 +22,7 @@ PHRASEBANK_LEVELS: dict[int, str] = {
 HUB_PHRASEBANK = "takala/financial_phrasebank"
 HUB_CONFIGS: dict[int, str] = {50: "sentences_50agree", 66: "sentences_66agree", 75: "sentences_75agree", 100: "sentences_allagree"}
 
-RAW_COLUMNS = ["text", "label", "source", "line", "error"]
+RAW_COLUMNS = ["id", "text", "label", "source", "line", "error"]
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -94,24 +94,27 @@ def read_phrasebank_hub(dataset_id: str = HUB_PHRASEBANK, load=_load_hub_config)
             raw = pd.DataFrame({
                 "text": ds["sentence"], "label": [names[i] for i in ds["label"]],
                 "source": f"{dataset_id}/{config}", "line": range(1, len(ds) + 1), "error": None,
-            })[RAW_COLUMNS]
+            }).reindex(columns=RAW_COLUMNS)
         for text in ds["sentence"]:
             agreement[normalize_text(text)] = level
     return raw, agreement
 
 
-def _read_hub_table(dataset_id: str, text_column: str, label_column: str) -> pd.DataFrame:
+def _read_hub_table(dataset_id: str, text_column: str, label_column: str, id_column: str | None) -> pd.DataFrame:
     import datasets
 
     ds = datasets.load_dataset(dataset_id, split="train")
     names = getattr(ds.features.get(label_column), "names", None)
     labels = [names[i] for i in ds[label_column]] if names else [str(v) for v in ds[label_column]]
     return pd.DataFrame({
-        "text": ds[text_column], "label": labels, "source": dataset_id, "line": range(1, len(ds) + 1), "error": None,
-    })[RAW_COLUMNS]
+        "id": ds[id_column] if id_column else None, "text": ds[text_column], "label": labels,
+        "source": dataset_id, "line": range(1, len(ds) + 1), "error": None,
+    }).reindex(columns=RAW_COLUMNS)
 
 
-def read_labeled_source(uri: str, text_column: str = "text", label_column: str = "label") -> tuple[pd.DataFrame, dict[str, int]]:
+def read_labeled_source(
+    uri: str, text_column: str = "text", label_column: str = "label", id_column: str | None = None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """Labeled rows from any supported source, chosen by the URI: a Financial
     PhraseBank folder, ``hf://<dataset id>``, or CSV/JSONL/Parquet files (one
     file, a folder of them, or an fsspec URL such as ``s3://…`` with the s3
@@ -122,7 +125,7 @@ def read_labeled_source(uri: str, text_column: str = "text", label_column: str =
         dataset_id = uri.removeprefix("hf://")
         if dataset_id == HUB_PHRASEBANK:
             return read_phrasebank_hub(dataset_id)
-        return _read_hub_table(dataset_id, text_column, label_column), {}
+        return _read_hub_table(dataset_id, text_column, label_column, id_column), {}
     local = Path(uri)
     if "://" not in uri and local.is_dir():
         if (local / PHRASEBANK_LEVELS[50]).is_file():
@@ -134,7 +137,8 @@ def read_labeled_source(uri: str, text_column: str = "text", label_column: str =
         raise SourceError(f"{uri}: no such file or folder")
     else:
         urls = [uri]
-    frames = [read_table(url, ColumnMapping(text=text_column, label=label_column)) for url in urls]
+    mapping = ColumnMapping(text=text_column, label=label_column, id=id_column)
+    frames = [read_table(url, mapping) for url in urls]
     table = pd.concat(frames, ignore_index=True)
     raw = table.assign(source=table["file"].map(lambda f: f.rsplit("/", 1)[-1]))
     return raw[RAW_COLUMNS].reset_index(drop=True), {}

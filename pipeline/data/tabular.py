@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -34,10 +36,20 @@ class ColumnMapping:
         return {name: column for name, column in vars(self).items() if column}
 
 
+_EXTRAS = {"s3": "s3", "s3a": "s3"}  # URL protocol → the finsent extra that installs its filesystem
+
+
 def _open_bytes(url: str) -> bytes:
     import fsspec
 
-    with fsspec.open(url, "rb") as handle:
+    try:
+        opened = fsspec.open(url, "rb")
+    except ImportError as err:
+        extra = _EXTRAS.get(url.split("://", 1)[0].lower()) if "://" in url else None
+        if extra is None:
+            raise
+        raise ImportError(f"{url}: {err} (pip install 'finsent[{extra}]')") from err
+    with opened as handle:
         return handle.read()
 
 
@@ -97,30 +109,101 @@ def _read_jsonl(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame
     return _rows_from_records(records, mapping, url)
 
 
+class _Lines:
+    """Physical lines fed to ``csv.reader`` one at a time (it never reads
+    ahead), so the lines each record was parsed from can be taken after it."""
+
+    def __init__(self, text: str) -> None:
+        self._source = io.StringIO(text, newline="")
+        self._taken: list[str] = []
+        self.ended = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self._source.readline()
+        if not line:
+            self.ended = True
+            raise StopIteration
+        self._taken.append(line)
+        return line
+
+    def take(self) -> list[str]:
+        taken, self._taken = self._taken, []
+        return taken
+
+
+_CsvRecord = tuple[int, list[str] | None, list[str], str | None]
+
+
+def _csv_records(text: str) -> Iterator[_CsvRecord]:
+    """(start line, fields, physical lines, error) per CSV record; a quoted
+    field may span lines. A record the parser rejects gets an error and
+    parsing goes on with the next line."""
+    lines = _Lines(text)
+    reader = csv.reader(lines, strict=True)
+    start = 1
+    while True:
+        try:
+            values, error = next(reader), None
+        except StopIteration:
+            return
+        except csv.Error as err:
+            values = None
+            if lines.ended:  # end of data inside an open quote
+                error = f"unterminated quoted field starting at line {start} (truncated file?)"
+            else:
+                error = f"malformed CSV: {err}"
+        raw = lines.take()
+        yield start, values, raw, error
+        start += len(raw)
+
+
+_ESCAPED = re.compile(r"[\ud800-\udfff]")
+
+
+def _bad_bytes(raw: list[str], start: int, encoding: str) -> str | None:
+    """Where the first byte not valid in the encoding is (decoded with
+    surrogateescape, it is a lone surrogate), or None."""
+    for offset, line in enumerate(raw):
+        found = _ESCAPED.search(line)
+        if found:
+            column = len(line[: found.start()].encode(encoding)) + 1
+            where = f"column {column}" if offset == 0 else f"line {start + offset}, column {column}"
+            return f"bytes not valid {encoding} at {where}"
+    return None
+
+
+def _decode_escaped(data: bytes, encoding: str, url: str) -> str:
+    try:
+        return data.decode(encoding, errors="surrogateescape")
+    except UnicodeDecodeError as err:  # only bytes >= 0x80 can be escaped (e.g. odd UTF-16)
+        raise SourceError(f"{url}: not valid {encoding} at byte {err.start}: {err.reason}") from err
+
+
 def _read_csv(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame:
-    decoded = _decode_lines(_open_bytes(url), encoding)
-    if not decoded:
-        return pd.DataFrame(columns=STANDARD_COLUMNS)
-    header = decoded[0][1]
+    records = _csv_records(_decode_escaped(_open_bytes(url), encoding, url))
+    header = next(records, None)
     if header is None:
+        return pd.DataFrame(columns=STANDARD_COLUMNS)
+    _, columns, raw, error = header
+    if error is not None:
+        raise SourceError(f"{url}: unreadable header: {error}")
+    if _bad_bytes(raw, 1, encoding):
         raise SourceError(f"{url}: the header line is not valid {encoding}")
-    columns = next(csv.reader([header]))
-    records = []
-    for number, line, error in decoded[1:]:
-        if error is not None:
-            records.append((number, None, error))
+    rows = []
+    for start, values, raw, error in records:
+        if error is None and not "".join(raw).strip():
             continue
-        if not line.strip():
-            continue
-        values = next(csv.reader(io.StringIO(line)), [])
-        if len(values) != len(columns):
-            records.append((number, None, f"{len(values)} fields, the header has {len(columns)}"))
-            continue
-        records.append((number, dict(zip(columns, values)), None))
+        error = error or _bad_bytes(raw, start, encoding)
+        if error is None and len(values) != len(columns):
+            error = f"{len(values)} fields, the header has {len(columns)}"
+        rows.append((start, None if error else dict(zip(columns, values)), error))
     if mapping.text not in columns or (mapping.label and mapping.label not in columns):
         missing = [c for c in (mapping.text, mapping.label) if c and c not in columns]
         raise SourceError(f"{url}: no column {missing[0]!r} (columns: {columns})")
-    return _rows_from_records(records, mapping, url)
+    return _rows_from_records(rows, mapping, url)
 
 
 def _read_parquet(url: str, mapping: ColumnMapping) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((REPO / "dags").glob("*.py"))
 EXPECTED_TASKS = {
-    "ingest": ["ingest_labeled", "ingest_news", "version_data"],
+    "ingest": ["ingest_corpus", "ingest_labeled", "ingest_news", "version_data"],
     "train": ["evaluate", "finetune", "mlm_adapt", "register", "start_run"],
     "release": ["export_onnx", "gate", "promote"],
 }

@@ -16,7 +16,7 @@ import pytest
 from pipeline import services
 from pipeline.data.landing import layout_reuters
 from pipeline.data.news import ingest_news_day
-from tests.conftest import REPO, make_settings
+from tests.conftest import REPO, TEST_INGEST_ENV, make_settings
 
 pytestmark = pytest.mark.e2e
 FIRST, LAST = date(1987, 2, 26), date(1987, 3, 2)
@@ -55,7 +55,7 @@ def test_backfill_matches_day_by_day_runs(tmp_path, fpb_subset, reuters_subset, 
         "FINSENT_PROJECT_DIR": str(backfilled.project_dir),
         "FINSENT_STATE_DIR": str(backfilled.state_dir),
         "FINSENT_FPB_DIR": str(fpb_subset),
-        "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5",
+        **TEST_INGEST_ENV,
     })
     logs = backfilled.state_dir / "logs"
     services.migrate_airflow_db(env, logs / "airflow-db.log")

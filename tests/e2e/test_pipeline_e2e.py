@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import services
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_INGEST_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, ti
         "FINSENT_REUTERS_DIR": str(reuters_subset),
         "FINSENT_TRACKING_URI": mlflow_server,
         "FINSENT_EXPERIMENT": "e2e",
-        "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5",
+        **TEST_INGEST_ENV,
         "FINSENT_TRAIN__BASE_MODEL": str(tiny_base),
         "FINSENT_TRAIN__MAX_LENGTH": "64",
         "FINSENT_TRAIN__MLM_STEPS": "4",

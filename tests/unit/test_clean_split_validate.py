@@ -1,11 +1,12 @@
 import pandas as pd
 import pytest
 
-from pipeline.config import IngestConfig
+from pipeline.config import OFFLINE_MINILM, IngestConfig
 from pipeline.data.clean import clean_labeled
 from pipeline.data.sources import RAW_COLUMNS, read_phrasebank
 from pipeline.data.split import hash_split, split_labeled
-from pipeline.data.validate import DataValidationError, validate_labeled
+from pipeline.data.tokens import load_tokenizer, token_counts
+from pipeline.data.validate import DataValidationError, labeled_frame, validate_labeled
 from tests.conftest import FPB_DIR
 
 
@@ -85,15 +86,54 @@ def test_hash_split_is_balanced_stable_and_keeps_near_duplicates_together(fpb_cl
     assert hash_split("Operating profit rose to EUR 13.1 mn .", cfg) == hash_split("operating profit rose to EUR 13.1 mn", cfg)
 
 
-def test_validation_passes_clean_splits_and_names_failures(fpb_clean):
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    return load_tokenizer(OFFLINE_MINILM)
+
+
+def _validation_frame(splits, tokenizer):
+    frame = labeled_frame(splits)
+    return frame.assign(n_tokens=token_counts(frame["text"].tolist(), tokenizer))
+
+
+def test_validation_passes_clean_splits_and_names_failures(fpb_clean, minilm_tokenizer):
     cfg = IngestConfig()
     splits = split_labeled(fpb_clean, cfg)
-    assert validate_labeled(splits, cfg).success
+    report = validate_labeled(_validation_frame(splits, minilm_tokenizer), cfg, 126)
+    assert report.success and not report.row_failures, report.failures
     leaked = {**splits, "test": pd.concat([splits["test"], splits["train"].head(3)])}
-    report = validate_labeled(leaked, cfg)
+    report = validate_labeled(_validation_frame(leaked, minilm_tokenizer), cfg, 126)
     assert not report.success
     # Both copies of each of the 3 leaked sentences are unexpected.
     assert any("expect_column_values_to_be_unique" in f and "'unexpected_count': 6" in f for f in report.failures)
-    bad_label = {**splits, "train": splits["train"].assign(label=lambda d: d["label"].where(d.index > 0, "bullish"))}
-    with pytest.raises(DataValidationError, match="expect_column_values_to_be_in_set"):
-        validate_labeled(bad_label, cfg).raise_for_failures()
+    with pytest.raises(DataValidationError, match="expect_column_values_to_be_unique"):
+        report.raise_for_failures()
+
+
+def test_row_level_failures_name_their_rows_and_batch_failures_their_numbers(fpb_clean, minilm_tokenizer):
+    cfg = IngestConfig()
+    frame = _validation_frame(split_labeled(fpb_clean, cfg), minilm_tokenizer)
+    frame.loc[0, "label"] = "bullish"
+    frame.loc[1, "text"] = "Operating profit rose to EUR 13.1 mn \ufffd"
+    frame.loc[2, "text"] = "Net sales increased to EUR 5 mn from EUR 4 mn â\x80\x99s"
+    report = validate_labeled(frame, cfg, 126)
+    assert report.success, report.failures  # three rows are within every ``mostly``
+    assert report.row_failures == {
+        0: "label not in the set (expect_column_values_to_be_in_set)",
+        1: "non-printable or garbled characters (expect_column_values_to_not_match_regex)",
+        2: "non-printable or garbled characters (expect_column_values_to_not_match_regex)",
+    }
+
+    # Too many garbled rows, too many truncated sentences, a skewed label mix: the batch fails with numbers.
+    garbled = frame.assign(text=frame["text"].where(frame.index >= 100, frame["text"] + " \ufffd"))
+    report = validate_labeled(garbled, cfg, 20)
+    assert not report.success
+    failures = " | ".join(report.failures)
+    assert "expect_column_values_to_not_match_regex" in failures and "'unexpected_count': 100" in failures
+    truncated = next(f for f in report.failures if "'column': 'n_tokens'" in f and "'max_value': 20" in f)
+    assert "unexpected_percent" in truncated
+    skewed = frame.assign(label="neutral", is_negative=0, is_neutral=1, is_positive=0)
+    report = validate_labeled(skewed, cfg, 126)
+    shares = [f for f in report.failures if f.startswith("expect_column_mean_to_be_between")]
+    assert len(shares) == 3 and any("is_neutral" in f and "'observed_value': 1.0" in f for f in shares)
+    assert validate_labeled(skewed, IngestConfig(label_reference={}), 126).success

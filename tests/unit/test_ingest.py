@@ -6,13 +6,13 @@ import pandas as pd
 
 from pipeline.data.ingest import ingest, load_split
 from pipeline.data.version import read_digest
-from tests.conftest import make_settings
+from tests.conftest import TEST_INGEST_ENV, make_settings
 
 
 def test_ingest_writes_versioned_splits_and_reconciles(ingested):
     labeled = {name: load_split(ingested.labeled_dir, name) for name in ("train", "validation", "test")}
     assert all(len(frame) for frame in labeled.values())
-    assert list(labeled["train"].columns) == ["text", "label", "agreement"]
+    assert list(labeled["train"].columns) == ["id", "text", "label", "agreement", "source", "line"]
     union = pd.concat(labeled.values())
     assert union["text"].is_unique
     digest = read_digest(ingested.project_dir)
@@ -38,7 +38,7 @@ def test_rerun_replaces_output_with_the_same_digest(tmp_path, fpb_subset, tiny_b
 def test_cli_prints_counts_as_last_line(tmp_path, fpb_subset):
     env = {
         "PATH": "/usr/bin:/bin", "FINSENT_PROJECT_DIR": str(tmp_path), "FINSENT_STATE_DIR": str(tmp_path / "state"),
-        "FINSENT_FPB_DIR": str(fpb_subset), "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5", "DVC_NO_ANALYTICS": "1",
+        "FINSENT_FPB_DIR": str(fpb_subset), **TEST_INGEST_ENV, "DVC_NO_ANALYTICS": "1",
     }
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest"], env=env, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])

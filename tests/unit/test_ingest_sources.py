@@ -11,6 +11,7 @@ import pytest
 from pipeline.data.sources import read_labeled_source, read_phrasebank
 from pipeline.data.tabular import SourceError
 from pipeline.data.version import read_digest
+from tests.conftest import TEST_INGEST_ENV
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +20,12 @@ def fpb_rows(fpb_subset):
     return raw[["text", "label"]]
 
 
-def _run_ingest(tmp_path, *args):
+def _run_ingest(tmp_path, *args, id_column=None):
     env = {
         "PATH": "/usr/bin:/bin", "FINSENT_STATE_DIR": str(tmp_path / "state"),
-        "FINSENT_INGEST__MIN_CLEAN_SHARE": "0.5", "DVC_NO_ANALYTICS": "1",
+        **TEST_INGEST_ENV, "DVC_NO_ANALYTICS": "1",
         "FINSENT_INGEST__TEXT_COLUMN": "headline", "FINSENT_INGEST__LABEL_COLUMN": "sentiment",
+        **({"FINSENT_INGEST__ID_COLUMN": id_column} if id_column else {}),
     }
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", *args], env=env, capture_output=True, text=True)
 
@@ -34,15 +36,30 @@ def test_csv_source_with_a_column_mapping_and_bad_rows(tmp_path, fpb_rows):
         writer = csv.writer(handle)
         writer.writerow(["headline", "sentiment"])
         writer.writerows(fpb_rows.values.tolist())
-        writer.writerows([["", "neutral"], ["Shares jumped", "bullish"], ["Shares jumped", "positive"]])
+        writer.writerows([["", "neutral"], ["Shares jumped", "bullish"], ["Shares jumped", "positive"],
+                          ["Profit rose â€™ sharply", "positive"]])
     done = _run_ingest(tmp_path, "--source", str(source), "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["rows_in"] == len(fpb_rows) + 3
+    assert result["rows_in"] == len(fpb_rows) + 4
     assert result["rows_in"] == result["clean"] + result["quarantined"] + result["duplicates"]
     assert result["digest"] == read_digest(tmp_path / "out")
     reasons = pd.read_parquet(tmp_path / "out" / "data" / "quarantine" / "labeled.parquet")["reason"].tolist()
     assert "empty text" in reasons and "unknown label 'bullish'" in reasons
+    # Caught by the Great Expectations suite rather than by cleaning: still one reason per row.
+    assert "non-printable or garbled characters (expect_column_values_to_not_match_regex)" in reasons
+    assert 0 <= result["tokens"]["truncated_share"] < 0.02
+
+
+def test_ids_from_the_source_must_be_unique(tmp_path, fpb_rows):
+    source = tmp_path / "labeled.jsonl"
+    rows = [{"key": f"r{i}", "headline": t, "sentiment": lbl} for i, (t, lbl) in enumerate(fpb_rows.values.tolist())]
+    rows[1]["key"] = rows[0]["key"]
+    source.write_text("\n".join(json.dumps(r) for r in rows))
+    done = _run_ingest(tmp_path, "--source", str(source), "--out", str(tmp_path / "out"), id_column="key")
+    assert done.returncode != 0
+    assert "expect_column_values_to_be_unique" in done.stderr and "'column': 'id'" in done.stderr
+    assert "'unexpected_count': 2" in done.stderr
 
 
 def test_jsonl_and_parquet_sources_read_the_same_rows(tmp_path, fpb_rows):

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.landing import day_folder, layout_reuters
-from pipeline.data.news import ingest_news_day, load_news, news_partition, news_quarantine
+from pipeline.data.news import ingest_news_day, load_news, news_partition, news_quarantine, news_report
 from pipeline.data.tabular import ColumnMapping, SourceError, read_table
+from pipeline.data.validate import DataValidationError
 from tests.conftest import make_settings
 
 
@@ -45,6 +46,19 @@ def test_a_day_replaces_its_own_partition(news_settings, reuters_subset):
     assert len(load_news(news_settings)) == first["clean"]
 
 
+def test_a_range_report_sums_the_days_and_reconciles(news_settings, reuters_subset):
+    counts = layout_reuters(reuters_subset, news_settings.landing_zone)
+    days = [date(1987, 2, 26), date(1987, 2, 27), date(1987, 3, 1)]
+    results = [ingest_news_day(news_settings, day) for day in days]
+    report = news_report(news_settings, days[0], days[-1])
+    assert report["days_ingested"] == 2 == sum(day.isoformat() in counts for day in days)
+    assert report["days_without_partition"] == ["1987-02-27", "1987-02-28"]
+    for key in ("rows_in", "clean", "quarantined", "duplicates"):
+        assert report[key] == sum(r[key] for r in results)
+    assert report["rows_in"] == sum(counts.get(day.isoformat(), 0) for day in days)
+    assert report["reconciled"]
+
+
 def test_a_day_without_files_is_a_no_op(news_settings):
     result = ingest_news_day(news_settings, date(1987, 1, 1))
     assert result["status"] == "no files" and result["rows_in"] == 0
@@ -66,15 +80,25 @@ def test_bad_rows_and_bad_files_are_quarantined_and_good_rows_kept(news_settings
         json.dumps({"id": "g", "text": 42}).encode(),
         json.dumps(["not", "an", "object"]).encode(),
         json.dumps({"id": "h", "text": "Profit fell ."}).encode(),
+        json.dumps({"id": "i", "text": "Sales rose \ufffd ."}).encode(),
     ]
     (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (folder / "empty.jsonl").write_bytes(b"")
     (folder / "no_text.csv").write_text("id,body\n1,hello\n")
     (folder / "truncated.parquet").write_bytes(b"PAR1\x00\x00garbage")
     pq.write_table(pa.table({"id": ["p1", "p2"], "text": ["Good parquet row .", None]}), folder / "typed.parquet")
+    pq.write_table(pa.table({"id": ["w1"], "text": pa.array([7], pa.int64())}), folder / "wrong_types.parquet")
 
-    result = ingest_news_day(news_settings, day)
-    assert result["rows_in"] == 12
+    # 3 of 14 rows are clean: below the threshold the day fails, naming the quarantine it wrote.
+    with pytest.raises(DataValidationError, match=r"only 21.4% of 14 rows are clean \(threshold 50%\); 10 quarantined"):
+        ingest_news_day(news_settings, day)
+    assert len(pd.read_parquet(news_quarantine(news_settings, day))) == 10
+    assert not news_partition(news_settings, day).exists()
+
+    lenient_ingest = news_settings.ingest.model_copy(update={"min_clean_share": 0.2, "max_garbled_share": 0.5})
+    lenient = news_settings.model_copy(update={"ingest": lenient_ingest})
+    result = ingest_news_day(lenient, day)
+    assert result["rows_in"] == 14
     assert result["rows_in"] == result["clean"] + result["quarantined"] + result["duplicates"]
     assert result["duplicates"] == 1
     clean = pd.read_parquet(news_partition(news_settings, day) / "news.parquet")
@@ -84,9 +108,10 @@ def test_bad_rows_and_bad_files_are_quarantined_and_good_rows_kept(news_settings
     assert "empty text" in reasons and "control characters in text" in reasons
     assert any("not valid utf-8" in r for r in reasons)
     assert any(r.startswith("text length 1000001") for r in reasons)
-    assert any("int, not a string" in r for r in reasons)
+    assert sum("int, not a string" in r for r in reasons) == 2  # a JSON number and a Parquet int64 column
     assert any("list, not an object" in r for r in reasons)
     assert "missing text" in reasons
+    assert "non-printable or garbled characters (expect_column_values_to_not_match_regex)" in reasons
     bad_files = {e["file"].rsplit("/", 1)[-1]: e["reason"] for e in result["file_errors"]}
     assert set(bad_files) == {"no_text.csv", "truncated.parquet"}
     assert "no column 'text'" in bad_files["no_text.csv"]
