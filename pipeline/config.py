@@ -48,18 +48,42 @@ class TrainConfig(BaseModel):
     base_model: str = Field(OFFLINE_MINILM, description="hub id or local folder")
     max_length: int = 128
     seed: int = 0
+    # Masked-LM adaptation / pretraining
     mlm_steps: int = Field(40, description="0 skips masked-LM adaptation")
+    mlm_from_scratch: bool = Field(False, description="pretrain a new BERT with a WordPiece vocab trained on the corpus")
+    scratch_vocab_size: int = 8000
+    scratch_hidden_size: int = 256
+    scratch_layers: int = 4
+    scratch_heads: int = 4
+    mlm_objective: Literal["mlm", "mlm+nsp"] = Field("mlm", description="mlm+nsp: BERT's original next-sentence objective too")
+    mlm_whole_word: bool = Field(False, description="mask whole words instead of WordPiece tokens")
     mlm_block_size: int = 128
     mlm_batch_size: int = 16
     mlm_learning_rate: float = 5e-5
-    mlm_probability: float = 0.15
+    mlm_probability: float = Field(0.15, description="share of tokens selected; of those 80% [MASK], 10% random, 10% kept")
     mlm_max_corpus_texts: int = 2000
     mlm_margin: float = Field(0.0, description="adapted model is used only if its perplexity beats the base by this")
+    checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
+    # Fine-tuning
     epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 8e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
+    finetune_method: Literal["full", "lora"] = Field("full", description="lora: peft adapters, merged into the base for export")
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="loss weight per label (negative, neutral, positive), or balanced by inverse frequency")
+    layer_lr_decay: float = Field(1.0, description="layer-wise learning-rate decay; 1.0 is off")
+    early_stopping_patience: int = Field(0, description="epochs without a better validation macro-F1 before stopping; 0 is off")
+    # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.
+    sweep_learning_rates: list[float] = Field(default_factory=list)
+    sweep_seeds: list[int] = Field(default_factory=list)
+    # GPU nodes: None means on when CUDA is there.
+    bf16: bool | None = None
+    torch_compile: bool = False
 
 
 class ReleaseConfig(BaseModel):
@@ -74,6 +98,11 @@ class ServingConfig(BaseModel):
     model_dir: Path | None = Field(None, description="serve a local ONNX folder instead of the registry")
     max_batch: int = 256
     max_text_chars: int = 10_000
+
+
+class OrchestrationConfig(BaseModel):
+    gpu_pool: str = Field("gpu", description="Airflow pool for training tasks; give it as many slots as GPUs")
+    gpu_queue: str = Field("gpu", description="Celery queue of the GPU workers (CeleryExecutor only)")
 
 
 class Settings(BaseSettings):
@@ -96,6 +125,7 @@ class Settings(BaseSettings):
     ingest: IngestConfig = IngestConfig()
     train: TrainConfig = TrainConfig()
     release: ReleaseConfig = ReleaseConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     serving: ServingConfig = ServingConfig()
 
     @property
