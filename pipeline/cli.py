@@ -69,7 +69,13 @@ def cmd_mlm_adapt(settings: Settings, args) -> dict:
 def cmd_finetune(settings: Settings, args) -> dict:
     from pipeline.train.jobs import finetune
 
-    return finetune(settings, args.run_id, args.model)
+    return finetune(settings, args.run_id, args.model, json.loads(args.trial) if args.trial else None)
+
+
+def cmd_sweep_trials(settings: Settings, args) -> list[dict]:
+    from pipeline.train.sweep import sweep_trials
+
+    return sweep_trials(settings.train)
 
 
 def cmd_evaluate(settings: Settings, args) -> dict:
@@ -88,9 +94,15 @@ def cmd_train(settings: Settings, args) -> dict:
     """All train steps in one process: start_run → mlm_adapt → finetune → evaluate → register."""
     from pipeline.train import jobs
 
+    from pipeline.train.sweep import best_trial, log_sweep, sweep_trials
+
     run = jobs.start_run(settings)
     adapted = jobs.mlm_adapt(settings, run["run_id"])
-    tuned = jobs.finetune(settings, run["run_id"], adapted["model_dir"])
+    trials = sweep_trials(settings.train)
+    results = [jobs.finetune(settings, run["run_id"], adapted["model_dir"], trial) for trial in trials]
+    tuned = best_trial(results)
+    if len(trials) > 1:
+        log_sweep(settings, run["run_id"], results, tuned)
     evaluation = jobs.evaluate(settings, run["run_id"], tuned["model_dir"])
     return {**jobs.register(settings, run["run_id"], tuned["model_dir"]), "test_metrics": evaluation["metrics"]}
 
@@ -172,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = add(name, func, help_text)
         command.add_argument("--run-id", required=True)
         command.add_argument("--model", required=True, help="transformers model folder")
+        if name == "finetune":
+            command.add_argument("--trial", default=None, help='sweep trial overrides as JSON, e.g. {"trial": 1, "learning_rate": 5e-5}')
+    add("sweep-trials", cmd_sweep_trials, "the fine-tuning sweep's trials (FINSENT_TRAIN__SWEEP_*)")
     add("train", cmd_train, "every train step in one process")
     for name, func, help_text in (
         ("export-onnx", cmd_export, "export a registered version to ONNX and check parity"),

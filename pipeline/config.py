@@ -103,6 +103,7 @@ class ServingConfig(BaseModel):
 class OrchestrationConfig(BaseModel):
     gpu_pool: str = Field("gpu", description="Airflow pool for training tasks; give it as many slots as GPUs")
     gpu_queue: str = Field("gpu", description="Celery queue of the GPU workers (CeleryExecutor only)")
+    gpu_pool_slots: int = Field(1, description="slots of the GPU pool: the number of GPUs (1 on a CPU-only machine)")
 
 
 class Settings(BaseSettings):

@@ -46,6 +46,7 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         env = services.airflow_env(state / "airflow", dags_folder, {**os.environ, "FINSENT_TRACKING_URI": tracking_uri})
         _stage(f"MLflow at {tracking_uri}; preparing the Airflow home {state / 'airflow'}", started)
         services.migrate_airflow_db(env, logs / "airflow-db.log")
+        services.create_gpu_pool(env, logs / "airflow-cli.log", settings.orchestration)
         if settings.reuters_dir is not None:
             days = layout_reuters(settings.reuters_dir, settings.landing_zone)
             _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders under {settings.landing_zone.resolve()}", started)

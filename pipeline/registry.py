@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tempfile
@@ -12,11 +13,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import LABELS, Settings
+from pipeline.config import LABELS, Settings, TrainConfig
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ONNX_ARTIFACT_PATH = "onnx"
+MODEL_CARD = "model_card.md"
+LINEAGE_TAGS = ("data_digest", "test_digest", "git_commit", "config_hash")
 
 
 def connect(settings: Settings) -> MlflowClient:
@@ -26,8 +29,17 @@ def connect(settings: Settings) -> MlflowClient:
 
 
 def git_commit(cwd: Path) -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True)
+    """``git rev-parse HEAD`` in ``cwd``; "unknown" outside a repository, before its first commit or without git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
     return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def train_config_hash(cfg: TrainConfig) -> str:
+    """First 12 hex digits of the sha256 of the resolved training config's JSON."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _flatten(prefix: str, value) -> dict[str, str]:
@@ -53,7 +65,8 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
             "data_digest": data_digest,
             "test_digest": test_digest,
             "git_commit": git_commit(settings.project_dir),
-            "config_hash": settings.config_hash(),
+            "config_hash": train_config_hash(settings.train),
+            "settings_hash": settings.config_hash(),
         })
         for split in ("train", "validation", "test"):
             # float agreement: MLflow's schema warns on integer columns that could hold missing values.
@@ -68,32 +81,52 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
         return run.info.run_id
 
 
-def register_classifier(settings: Settings, run_id: str, model_dir: Path) -> ModelVersion:
-    """Logs the fine-tuned model as a pyfunc into ``run_id``, registers it and points ``candidate`` at it."""
+def register_classifier(
+    settings: Settings, run_id: str, model_dir: Path, model_card: Path | None = None, tags: dict[str, str] | None = None,
+) -> ModelVersion:
+    """Logs the fine-tuned model as a pyfunc into ``run_id`` (transformers folder
+    with its tokenizer, label map and max length, signature, input example and
+    model card), registers it, tags the version with its lineage and points
+    ``candidate`` at it. ``tags`` override the lineage tags copied from the run."""
     import pandas as pd
 
     client = connect(settings)
+    run = client.get_run(run_id)
+    lineage = {key: run.data.tags.get(key, "") for key in LINEAGE_TAGS}
+    lineage["git_commit"] = lineage["git_commit"] or git_commit(settings.project_dir)
+    lineage["config_hash"] = lineage["config_hash"] or train_config_hash(settings.train)
+    lineage.update(tags or {})
     with tempfile.TemporaryDirectory() as tmp:
         label_map = Path(tmp) / "label_map.json"
         label_map.write_text(json.dumps({"labels": list(LABELS), "max_length": settings.train.max_length}))
-        example = pd.DataFrame({"text": ["Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."]})
-        output = pd.DataFrame({"label": ["positive"], **{name: [1.0 / len(LABELS)] for name in LABELS}})
+        artifacts = {"hf_model": str(model_dir), "label_map": str(label_map)}
+        if model_card is not None:
+            artifacts["model_card"] = str(model_card)
+        # One unnamed string column: predict() takes a list of texts as well as a DataFrame with a text column.
+        example = ["Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.", "Net sales fell by 5 %."]
+        output = pd.DataFrame({"label": ["positive", "negative"], **{name: [1.0 / len(LABELS)] * 2 for name in LABELS}})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(Path(__file__).with_name("sentiment_pyfunc.py")),
-                artifacts={"hf_model": str(model_dir), "label_map": str(label_map)},
+                artifacts=artifacts,
                 signature=mlflow.models.infer_signature(example, output),
                 input_example=example,
                 pip_requirements=["torch", "transformers", "pandas", f"mlflow=={mlflow.__version__}"],
+                metadata={"labels": list(LABELS), "max_length": settings.train.max_length, **lineage},
                 registered_model_name=settings.model_name,
             )
-    version = client.get_model_version(settings.model_name, str(info.registered_model_version))
-    run = client.get_run(run_id)
-    for key in ("data_digest", "test_digest", "git_commit", "config_hash"):
-        client.set_model_version_tag(settings.model_name, version.version, key, run.data.tags.get(key, ""))
-    client.set_registered_model_alias(settings.model_name, CANDIDATE, version.version)
-    return client.get_model_version(settings.model_name, version.version)
+            if model_card is not None:
+                mlflow.log_artifact(str(model_card))
+    name, number = settings.model_name, str(info.registered_model_version)
+    for key, value in lineage.items():
+        client.set_model_version_tag(name, number, key, value)
+    if model_card is not None:
+        from pipeline.train.model_card import card_summary
+
+        client.update_model_version(name, number, description=card_summary(model_card.read_text(encoding="utf-8")))
+    client.set_registered_model_alias(name, CANDIDATE, number)
+    return client.get_model_version(name, number)
 
 
 def version_by_alias(settings: Settings, alias: str) -> ModelVersion | None:

@@ -8,7 +8,21 @@ import mlflow
 import pandas as pd
 
 
+def _texts(model_input) -> list[str]:
+    """A DataFrame's ``text`` column (or its only column), a dict of ``text``, one string, or any sequence of strings."""
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return model_input[column].astype(str).tolist()
+    if isinstance(model_input, dict):
+        model_input = model_input["text"]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(t) for t in model_input]
+
+
 class SentimentClassifier(mlflow.pyfunc.PythonModel):
+    """Returns one row per text: ``label`` and the softmax score of each label."""
+
     def load_context(self, context):
         import json
 
@@ -25,10 +39,7 @@ class SentimentClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        if isinstance(model_input, pd.DataFrame):
-            texts = model_input["text"].astype(str).tolist()
-        else:
-            texts = [str(t) for t in model_input]
+        texts = _texts(model_input)
         rows = []
         with torch.no_grad():
             for start in range(0, len(texts), 64):

@@ -17,6 +17,8 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from pipeline.config import OrchestrationConfig
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -161,6 +163,12 @@ def migrate_airflow_db(env: dict[str, str], log_path: Path) -> None:
         database = url.removeprefix("sqlite:///").split("?", 1)[0]
         with sqlite3.connect(database, timeout=60) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
+
+
+def create_gpu_pool(env: dict[str, str], log_path: Path, orchestration: OrchestrationConfig) -> None:
+    """The pool that training tasks run in: one slot per GPU, so no two jobs share a device."""
+    airflow(["pools", "set", orchestration.gpu_pool, str(orchestration.gpu_pool_slots), "finsent training (one slot per GPU)"],
+            env, log_path)
 
 
 def start_airflow_services(env: dict[str, str], logs: Path) -> tuple[list[subprocess.Popen], str]:

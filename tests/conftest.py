@@ -13,8 +13,8 @@ from pipeline.config import IngestConfig, ReleaseConfig, Settings, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-FPB_DIR = Path(os.environ.get("FINSENT_FPB_DIR", SHARED_DATA / "financial_phrasebank"))
-REUTERS_DIR = Path(os.environ.get("FINSENT_REUTERS_DIR", SHARED_DATA / "reuters21578"))
+FPB_DIR = Path(os.environ.get("FINSENT_FPB_DIR", SHARED_DATA / "financial_phrasebank")).resolve()
+REUTERS_DIR = Path(os.environ.get("FINSENT_REUTERS_DIR", SHARED_DATA / "reuters21578")).resolve()
 LEVEL_FILES = ["Sentences_50Agree.txt", "Sentences_66Agree.txt", "Sentences_75Agree.txt", "Sentences_AllAgree.txt"]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -1,8 +1,14 @@
-"""Fine-tuning a sequence classifier, best epoch picked on validation macro-F1."""
+"""Fine-tuning a sequence classifier, best epoch picked on validation macro-F1.
+
+Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
+back into the base, class-weighted loss, layer-wise learning-rate decay,
+warm-up, early stopping, length-grouped dynamic padding, bf16 + fused AdamW on
+CUDA."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,6 +16,12 @@ import torch
 
 from pipeline.config import LABELS, TrainConfig
 from pipeline.train.evaluate import classification_metrics, label_ids, softmax
+
+if TYPE_CHECKING:
+    from pipeline.train.trainer import FinetuneTrainer
+
+# Attention projections LoRA adapts, per architecture family (BERT/RoBERTa, DistilBERT, Llama-style).
+LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
 
 
 def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int):
@@ -39,37 +51,100 @@ def _eval_metrics(prediction) -> dict[str, float]:
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
-    """Trains, keeps the epoch with the best validation macro-F1, saves it to ``out_dir/model``."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+def apply_lora(model, cfg: TrainConfig):
+    """Wraps ``model`` in LoRA adapters on the attention query/value projections;
+    the classifier head is trained in full (modules_to_save)."""
+    from peft import LoraConfig, TaskType, get_peft_model
 
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_classifier(model_dir)
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = next((list(pair) for pair in LORA_TARGETS if set(pair) <= leaf_names), None)
+    head = next((name for name in ("classifier", "score") if name in leaf_names), None)
+    if targets is None or head is None:
+        raise ValueError(f"no known attention projections or classifier head for LoRA in {type(model).__name__}")
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=targets, modules_to_save=[head],
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> FinetuneTrainer:
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, TrainingArguments
+
+    from pipeline.train.trainer import FinetuneTrainer, class_weight_vector
+
+    cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"), num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=64,
+        # A float below 1 is read as the warm-up share of all steps.
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=1,
         save_only_model=True, load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
-        train_sampling_strategy="group_by_length", report_to="none", seed=cfg.seed,
+        train_sampling_strategy="group_by_length", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        bf16=use_bf16(cfg), optim="adamw_torch_fused" if cuda else "adamw_torch", torch_compile=cfg.torch_compile and cuda,
     )
-    trainer = Trainer(
-        model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+    train_labels = label_ids(train["label"])
+    callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience > 0 else []
+    return FinetuneTrainer(
+        model=model, args=args,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if cuda else None),
         train_dataset=_tokenized(train, tokenizer, cfg.max_length),
         eval_dataset=_tokenized(validation, tokenizer, cfg.max_length),
-        compute_metrics=_eval_metrics,
+        compute_metrics=_eval_metrics, callbacks=callbacks,
+        class_weights=class_weight_vector(train_labels, cfg.class_weights), layer_lr_decay=cfg.layer_lr_decay,
     )
+
+
+def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
+    """Trains, keeps the epoch with the best validation macro-F1, saves it to
+    ``out_dir/model`` as a plain transformers model (LoRA adapters merged in;
+    the adapter alone goes to ``out_dir/adapter``)."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model, tokenizer = load_classifier(model_dir)
+    if cfg.finetune_method == "lora":
+        model = apply_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    trainer = build_trainer(model, tokenizer, train, validation, out_dir, cfg)
     trainer.train()
     final_dir = out_dir / "model"
-    trainer.save_model(str(final_dir))
+    result: dict = {}
+    if cfg.finetune_method == "lora":
+        trainer.model.save_pretrained(str(out_dir / "adapter"))
+        result["adapter_dir"] = str(out_dir / "adapter")
+        trainer.model.merge_and_unload().save_pretrained(str(final_dir))
+    else:
+        trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(final_dir)
     evals = [h for h in trainer.state.log_history if "eval_macro_f1" in h]
     best = max(evals, key=lambda h: h["eval_macro_f1"])
+    weights = trainer.class_weights
     return {
         "model_dir": str(final_dir),
         "best_epoch": int(round(best["epoch"])),
         "best_val_macro_f1": float(best["eval_macro_f1"]),
         "best_val_accuracy": float(best["eval_accuracy"]),
+        "epochs_run": len(evals),
+        "stopped_early": len(evals) < cfg.epochs,
+        "finetune_method": cfg.finetune_method,
+        "trainable_params": trainable,
+        "total_params": total,
+        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
+        **result,
         "history": trainer.state.log_history,
     }
 

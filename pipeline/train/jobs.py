@@ -11,12 +11,13 @@ import mlflow
 import pandas as pd
 
 from pipeline import registry
-from pipeline.config import Settings
+from pipeline.config import Settings, TrainConfig
 from pipeline.data.frozen import require_frozen_test_set
 from pipeline.data.ingest import load_split
 from pipeline.data.version import read_digest
 
 log = logging.getLogger(__name__)
+TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def _run_dir(settings: Settings, run_id: str, step: str) -> Path:
@@ -47,24 +48,46 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
         resolve_base_model(cfg.base_model), corpus + train["text"].tolist(), validation["text"].tolist(),
         _run_dir(settings, run_id, "mlm"), cfg,
     )
-    log.info("masked-LM adaptation: %s", result.reason)
+    log.info("masked-LM adaptation (%s start, %s objective, resumed from step %s): %s",
+             result.start, result.objective, result.resumed_from_step, result.reason)
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("mlm_perplexity_base", result.perplexity_base)
         if result.perplexity_adapted is not None:
             mlflow.log_metric("mlm_perplexity_adapted", result.perplexity_adapted)
-        mlflow.log_params({"mlm_used": result.used, "mlm_blocks": result.blocks, "mlm_corpus_texts": len(corpus)})
+        for entry in result.history:
+            if "loss" in entry:
+                mlflow.log_metric("mlm_train_loss", float(entry["loss"]), step=int(entry["step"]))
+        # A retried task logs into the same run: values that may differ between tries are metrics, not params.
+        mlflow.log_metrics({"mlm_resumed_from_step": result.resumed_from_step or 0, "mlm_steps_run": result.steps_run})
+        mlflow.log_params({"mlm_used": result.used, "mlm_blocks": result.blocks, "mlm_corpus_texts": len(corpus),
+                           "mlm_start": result.start, "mlm_objective": result.objective, "mlm_whole_word": result.whole_word})
         mlflow.set_tag("mlm_decision", result.reason)
-    return result.to_dict()
+    return {key: value for key, value in result.to_dict().items() if key != "history"}
 
 
-def finetune(settings: Settings, run_id: str, model_dir: str) -> dict:
+def _trial_suffix(settings: Settings, trial: int | str) -> str:
+    """Metric and plot name suffix of a sweep trial, so the trials' curves stay apart in one run."""
+    from pipeline.train.sweep import sweep_trials
+
+    return f"_trial{trial}" if len(sweep_trials(settings.train)) > 1 else ""
+
+
+def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None = None) -> dict:
+    """Fine-tunes with ``settings.train``, or with a sweep trial's overrides of
+    it; each trial writes to its own folder and logs its curves under its number."""
     from pipeline.train.classify import finetune as finetune_classifier
     from pipeline.train.evaluate import plot_training_curves
+    from pipeline.train.sweep import sweep_trials, trial_config
 
-    out = _run_dir(settings, run_id, "finetune")
+    trial = trial or sweep_trials(settings.train)[0]
+    cfg = trial_config(settings.train, trial)
+    config_hash = registry.train_config_hash(cfg)
+    suffix = _trial_suffix(settings, trial["trial"])
+    out = _run_dir(settings, run_id, f"finetune/trial-{trial['trial']}")
+    (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
     result = finetune_classifier(
-        model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, settings.train
+        model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg
     )
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
@@ -73,15 +96,22 @@ def finetune(settings: Settings, run_id: str, model_dir: str) -> dict:
             for key in ("loss", "eval_loss", "eval_macro_f1", "eval_accuracy"):
                 if key in entry:
                     name = key.replace("eval_", "val_") if key.startswith("eval_") else "train_loss"
-                    mlflow.log_metric(name, float(entry[key]), step=step)
-        mlflow.log_metrics({"best_epoch": result["best_epoch"], "best_val_macro_f1": result["best_val_macro_f1"]})
-        mlflow.log_artifact(str(plot_training_curves(result["history"], out / "training_curves.png")), "plots")
-    return {key: value for key, value in result.items() if key != "history"}
+                    mlflow.log_metric(name + suffix, float(entry[key]), step=step)
+        mlflow.log_metrics({
+            f"best_epoch{suffix}": result["best_epoch"], f"best_val_macro_f1{suffix}": result["best_val_macro_f1"],
+            f"epochs_run{suffix}": result["epochs_run"], f"trainable_params{suffix}": result["trainable_params"],
+        })
+        mlflow.log_artifact(str(plot_training_curves(result["history"], out / f"training_curves{suffix}.png")), "plots")
+    summary = {key: value for key, value in result.items() if key != "history"}
+    return {**summary, "config_hash": config_hash, "trial": trial}
 
 
 def evaluate(settings: Settings, run_id: str, model_dir: str) -> dict:
+    """Test-split metrics (with agreement slices and calibration error) and plots."""
     from pipeline.train.classify import load_classifier, predict_logits
-    from pipeline.train.evaluate import classification_metrics, label_ids, plot_confusion_matrix, softmax
+    from pipeline.train.evaluate import (
+        classification_metrics, label_ids, plot_confusion_matrix, plot_reliability_diagram, softmax,
+    )
 
     out = _run_dir(settings, run_id, "evaluate")
     test = load_split(settings.labeled_dir, "test")
@@ -89,21 +119,67 @@ def evaluate(settings: Settings, run_id: str, model_dir: str) -> dict:
     probs = softmax(predict_logits(model, tokenizer, test["text"].tolist(), settings.train.max_length))
     y_true = label_ids(test["label"])
     metrics = classification_metrics(y_true, probs, test["agreement"].to_numpy())
-    plot = plot_confusion_matrix(y_true, probs.argmax(axis=1), out / "confusion_matrix.png")
+    plots = [
+        plot_confusion_matrix(y_true, probs.argmax(axis=1), out / "confusion_matrix.png"),
+        plot_reliability_diagram(y_true, probs, out / "reliability_diagram.png"),
+    ]
     (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
-        mlflow.log_artifact(str(plot), "plots")
+        for plot in plots:
+            mlflow.log_artifact(str(plot), "plots")
         mlflow.log_artifact(str(out / "test_metrics.json"), "metrics")
-    return {"metrics": metrics, "confusion_matrix": str(plot)}
+    return {"metrics": metrics, "confusion_matrix": str(plots[0]), "reliability_diagram": str(plots[1])}
+
+
+def _trained_config(settings: Settings, model_dir: Path) -> TrainConfig:
+    """The config the model was trained with (a sweep trial's, not necessarily ``settings.train``)."""
+    saved = model_dir.parent / TRAIN_CONFIG_FILE
+    return TrainConfig.model_validate_json(saved.read_text()) if saved.is_file() else settings.train
+
+
+def build_model_card(settings: Settings, run_id: str, model_dir: Path) -> Path:
+    """Writes the model card of ``run_id``'s model from what the run recorded."""
+    from pipeline.train.model_card import ModelCardInputs, labeled_source, write_model_card
+
+    cfg = _trained_config(settings, model_dir)
+    config_hash = registry.train_config_hash(cfg)
+    client = registry.connect(settings)
+    run = client.get_run(run_id)
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    suffix = _trial_suffix(settings, model_dir.parent.name.removeprefix("trial-"))
+    source, is_fpb = labeled_source(settings)
+    # The corpus shaped the model only if the adapted masked-LM was kept.
+    adapted = params.get("mlm_used") == "adapted" and params.get("mlm_corpus_texts", "0") != "0"
+    corpus = str(settings.reuters_dir or settings.corpus_path) if adapted else None
+    card = ModelCardInputs(
+        model_name=settings.model_name, run_id=run_id, base_model=cfg.base_model,
+        mlm_decision=f"{params.get('mlm_used', 'not run')} ({tags.get('mlm_decision', 'no decision recorded')})",
+        data_digest=tags.get("data_digest", "unknown"), test_digest=tags.get("test_digest", "unknown"),
+        git_commit=tags.get("git_commit") or registry.git_commit(settings.project_dir),
+        config_hash=config_hash, train_config=cfg.model_dump(mode="json"),
+        test_metrics={key.removeprefix("test_"): value for key, value in metrics.items() if key.startswith("test_")},
+        labeled_source=source, phrasebank=is_fpb, corpus_source=corpus,
+        finetune={
+            key: cast(metrics[key + suffix])
+            for key, cast in (("best_epoch", int), ("best_val_macro_f1", float), ("trainable_params", int))
+            if key + suffix in metrics
+        },
+    )
+    return write_model_card(card, _run_dir(settings, run_id, "register") / registry.MODEL_CARD)
 
 
 def register(settings: Settings, run_id: str, model_dir: str) -> dict:
-    version = registry.register_classifier(settings, run_id, Path(model_dir))
+    model_path = Path(model_dir)
+    card = build_model_card(settings, run_id, model_path)
+    config_hash = registry.train_config_hash(_trained_config(settings, model_path))
+    version = registry.register_classifier(settings, run_id, model_path, model_card=card, tags={"config_hash": config_hash})
     return {
         "model_uri": f"models:/{version.name}@{registry.CANDIDATE}",
         "name": version.name,
         "version": version.version,
         "run_id": run_id,
+        "config_hash": config_hash,
+        "model_card": str(card),
     }

@@ -1,14 +1,55 @@
-"""Masked-LM domain adaptation, measured by held-out perplexity."""
+"""Masked-LM domain adaptation (or BERT pretraining from scratch), measured by
+held-out perplexity and kept only when it beats the starting point.
+
+Options (all from :class:`~pipeline.config.TrainConfig`):
+
+* start: continue from ``base_model`` (a folder or hub id), or with
+  ``mlm_from_scratch`` a new BERT (``scratch_*`` sizes) with a WordPiece
+  vocabulary trained on the corpus texts; its "base" perplexity is that of the
+  random initialisation.
+* objective: ``mlm`` (texts packed into full ``mlm_block_size`` blocks) or
+  ``mlm+nsp`` (BERT's original pretraining: sentence pairs, half of them the
+  actual next segment, half a random segment of another text).
+* masking: BERT's 80/10/10 scheme at ``mlm_probability`` on WordPiece tokens,
+  or with ``mlm_whole_word`` on whole words (a token plus its ``##`` pieces).
+* checkpoints every ``checkpoint_steps`` steps under ``out_dir/checkpoints``;
+  a second call with the same ``out_dir`` and settings resumes from the last
+  complete one.
+* GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``;
+  SDPA attention everywhere.
+
+Validation perplexity uses the MLM loss only, with token-level masks from a
+fixed seed, for both objectives: base and adapted model see the same masks.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import math
-from dataclasses import asdict, dataclass
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
+from pipeline.train.masking import (
+    build_nsp_pairs,
+    continuation_table,
+    encode_pair,
+    group_texts,
+    make_mlm_collator,
+    split_documents,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+SCRATCH_INIT = "scratch-init"
 
 
 @dataclass
@@ -19,77 +60,224 @@ class MlmResult:
     reason: str
     model_dir: str
     steps: int
-    blocks: int
+    blocks: int  # training examples: packed blocks (mlm) or sentence pairs (mlm+nsp)
+    start: str = "continue"  # "continue" from base_model, or "scratch"
+    objective: str = "mlm"  # "mlm" or "mlm+nsp"
+    whole_word: bool = False
+    resumed_from_step: int = 0  # 0: trained from step 0
+    steps_run: int = 0  # optimizer steps taken by this call (steps - resumed_from_step when it finishes)
+    checkpoint_dir: str | None = None
+    history: list[dict] = field(default_factory=list)  # the Trainer's log_history, across resumes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def group_texts(token_lists: list[list[int]], block_size: int) -> list[list[int]]:
-    """Concatenates tokenised texts and cuts them into full blocks: no padding."""
-    flat = [token for tokens in token_lists for token in tokens]
-    usable = len(flat) // block_size * block_size
-    return [flat[i : i + block_size] for i in range(0, usable, block_size)]
+# ---------------------------------------------------------------- perplexity
 
 
 @torch.no_grad()
 def mlm_perplexity(model, tokenizer, texts: list[str], cfg: TrainConfig, batch_size: int = 32) -> float:
-    """exp(mean masked-token loss) with a fixed masking seed, so two models see the same masks."""
-    from transformers import DataCollatorForLanguageModeling
-
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability, seed=cfg.seed)
+    """exp(mean masked-token loss) with a fixed masking seed, so two models see the
+    same masks. MLM loss only, also for ``BertForPreTraining`` (NSP head unused)."""
+    collator = make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=False, seed=cfg.seed)
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start : start + batch_size], truncation=True, max_length=cfg.max_length)
-        features = [{"input_ids": ids} for ids in encoded["input_ids"]]
-        batch = collator(features)
-        masked = int((batch["labels"] != -100).sum())
+        batch = collator([{"input_ids": ids} for ids in encoded["input_ids"]])
+        labels = batch["labels"].to(device)
+        masked = int((labels != -100).sum())
         if masked == 0:
             continue
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        total_loss += float(output.loss) * masked
+        output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        logits = output.prediction_logits if hasattr(output, "prediction_logits") else output.logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total_loss += float(loss)
         total_tokens += masked
+    model.train(was_training)
     return math.exp(total_loss / max(total_tokens, 1))
 
 
+# ---------------------------------------------------------------- models
+
+
+def _load_model(cls, path: str):
+    """fp32 master weights (transformers 5 loads a checkpoint's own dtype by
+    default) with PyTorch's fused scaled-dot-product attention."""
+    try:
+        return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    except (ValueError, ImportError) as error:  # an architecture without SDPA support
+        log.info("SDPA attention not available for %s (%s); using the default", path, error)
+        return cls.from_pretrained(path, dtype=torch.float32)
+
+
+def _scratch_base(out_dir: Path, corpus_texts: list[str], cfg: TrainConfig) -> Path:
+    """The random BERT and WordPiece tokenizer to pretrain, built once per run
+    (a resumed run must reuse the same vocabulary); written to a temporary
+    folder and renamed, so a kill never leaves half a base."""
+    from pipeline.train.base import build_bert_from_scratch
+
+    final = out_dir / SCRATCH_INIT
+    if (final / "config.json").is_file():
+        return final
+    partial = out_dir / f"{SCRATCH_INIT}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    build_bert_from_scratch(
+        partial, corpus_texts, vocab_size=cfg.scratch_vocab_size, hidden_size=cfg.scratch_hidden_size,
+        num_layers=cfg.scratch_layers, num_heads=cfg.scratch_heads,
+        max_length=max(cfg.max_length, cfg.mlm_block_size), seed=cfg.seed,
+    )
+    partial.rename(final)
+    return final
+
+
+def _device_options(cfg: TrainConfig) -> dict:
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and (cfg.bf16 is None or cfg.bf16) and torch.cuda.is_bf16_supported()
+    if cfg.bf16 and not bf16:
+        log.info("bf16 asked for but no CUDA device with bf16: training in fp32")
+    if cfg.torch_compile and not cuda:
+        log.info("torch_compile is a GPU switch: off on CPU")
+    return {
+        "bf16": bf16, "optim": "adamw_torch_fused" if cuda else "adamw_torch",
+        "torch_compile": cfg.torch_compile and cuda, "dataloader_pin_memory": cuda,
+    }
+
+
+@functools.cache
+def _step_counter_class():
+    from transformers import TrainerCallback
+
+    class StepCounter(TrainerCallback):
+        """Counts the optimizer steps this process actually takes."""
+
+        def __init__(self):
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    return StepCounter
+
+
+# ---------------------------------------------------------------- entry point
+
+
 def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], out_dir: Path, cfg: TrainConfig) -> MlmResult:
-    """Continues masked-LM training of ``base_model`` on ``corpus_texts``; keeps
-    the adapted weights only if validation perplexity improves by ``cfg.mlm_margin``."""
+    """Continues masked-LM training of ``base_model`` on ``corpus_texts`` (or
+    pretrains a new BERT with ``cfg.mlm_from_scratch``); keeps the trained
+    weights only if validation perplexity on ``eval_texts`` improves by
+    ``cfg.mlm_margin``. Resumes from ``out_dir/checkpoints`` when a previous
+    call with the same settings was cut off."""
     from datasets import Dataset
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import (
+        AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertForPreTraining, Trainer, TrainingArguments,
+    )
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = "scratch" if cfg.mlm_from_scratch else "continue"
+    nsp = cfg.mlm_objective == "mlm+nsp"
+    common = {"start": start, "objective": cfg.mlm_objective, "whole_word": cfg.mlm_whole_word}
+
+    checkpoint_dir = out_dir / CHECKPOINTS
+    resumed_step, checkpoint = prepare_checkpoint_dir(
+        checkpoint_dir, fingerprint(base_model, corpus_texts, cfg), out_dir / SCRATCH_INIT
+    )
     torch.manual_seed(cfg.seed)
+    if cfg.mlm_from_scratch:
+        base_model = str(_scratch_base(out_dir, corpus_texts, cfg))
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForMaskedLM.from_pretrained(base_model)
+    if nsp:
+        model_type = AutoConfig.from_pretrained(base_model).model_type
+        if model_type != "bert":
+            raise ValueError(f"mlm+nsp needs a BERT base model (NSP head); {base_model} is {model_type!r}")
+        model = _load_model(BertForPreTraining, base_model)
+    else:
+        model = _load_model(AutoModelForMaskedLM, base_model)
     perplexity_base = mlm_perplexity(model, tokenizer, eval_texts, cfg)
+    base_what = "random init" if cfg.mlm_from_scratch else "base"
     if cfg.mlm_steps <= 0:
-        return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0)
+        return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0, **common)
 
-    # Whole texts on purpose: group_texts cuts them into blocks afterwards.
-    encoded = tokenizer(corpus_texts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
-    blocks = group_texts(encoded, cfg.mlm_block_size)
+    block_size = cfg.mlm_block_size
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and block_size > max_positions:
+        log.warning("mlm_block_size %d exceeds the model's %d positions: using %d", block_size, max_positions, max_positions)
+        block_size = max_positions
+    if nsp:
+        documents = split_documents(corpus_texts, tokenizer, block_size - 3)
+        pairs = build_nsp_pairs(documents, block_size - 3, random.Random(cfg.seed), continuation_table(tokenizer))
+        encoded = [encode_pair(a, b, tokenizer.cls_token_id, tokenizer.sep_token_id) for a, b, _ in pairs]
+        columns = {
+            "input_ids": [e["input_ids"] for e in encoded],
+            "token_type_ids": [e["token_type_ids"] for e in encoded],
+            "next_sentence_label": [label for _, _, label in pairs],
+        }
+    else:
+        # Whole texts on purpose: group_texts cuts them into full blocks afterwards.
+        ids = tokenizer(corpus_texts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"] if corpus_texts else []
+        columns = {"input_ids": group_texts(ids, block_size)}
+    examples = len(columns["input_ids"])
+    if examples == 0:
+        reason = f"corpus too small for one {'pair' if nsp else f'{block_size}-token block'}; fine-tuning the {base_what}"
+        return MlmResult(perplexity_base, None, "base", reason, base_model, 0, 0, **common)
+
+    device = _device_options(cfg)
+    save = cfg.checkpoint_steps > 0
     args = TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"), max_steps=cfg.mlm_steps, per_device_train_batch_size=cfg.mlm_batch_size,
+        output_dir=str(checkpoint_dir), max_steps=cfg.mlm_steps, per_device_train_batch_size=cfg.mlm_batch_size,
         learning_rate=cfg.mlm_learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        save_strategy="no", logging_steps=max(cfg.mlm_steps // 5, 1), report_to="none", seed=cfg.seed,
+        save_strategy="steps" if save else "no", save_steps=max(cfg.checkpoint_steps, 1), save_total_limit=2,
+        logging_steps=max(1, min(cfg.mlm_steps // 20, 100)), report_to="none", seed=cfg.seed, disable_tqdm=False,
+        **device,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability, seed=cfg.seed),
-    )
-    trainer.train()
+    if not save:
+        resumed_step, checkpoint = 0, None
+    if checkpoint is not None and resumed_step >= cfg.mlm_steps:
+        # Trainer would take one step more when resumed at max_steps: take the
+        # finished weights and history from the last checkpoint instead.
+        log.info("masked-LM training already finished at %s (step %d): nothing to resume", checkpoint, resumed_step)
+        model = _load_model(type(model), str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        history, global_step, steps_run = state["log_history"], state["global_step"], 0
+        save_model = model.save_pretrained
+    else:
+        counter = _step_counter_class()()
+        trainer = Trainer(
+            model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter],
+            # No collator seed: masks then come from torch's global RNG, which each
+            # checkpoint saves and a resume restores (a collator generator would restart).
+            data_collator=make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=cfg.mlm_whole_word),
+        )
+        if checkpoint is not None:
+            log.info("resuming masked-LM training from %s (step %d of %d)", checkpoint, resumed_step, cfg.mlm_steps)
+        else:
+            log.info("masked-LM training from step 0: %s start, objective %s, %d examples", start, cfg.mlm_objective, examples)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        model, save_model = trainer.model, trainer.save_model
+        history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps
     perplexity_adapted = mlm_perplexity(model, tokenizer, eval_texts, cfg)
+    common |= {
+        "resumed_from_step": resumed_step, "steps_run": steps_run,
+        "history": json.loads(json.dumps(history, default=float)), "checkpoint_dir": str(checkpoint_dir) if save else None,
+    }
     adapted_dir = out_dir / "model"
+    shutil.rmtree(adapted_dir, ignore_errors=True)  # a retried call writes it afresh, or not at all
     if perplexity_adapted < perplexity_base * (1 - cfg.mlm_margin):
-        trainer.save_model(str(adapted_dir))
+        save_model(str(adapted_dir))
         tokenizer.save_pretrained(adapted_dir)
         used, model_dir = "adapted", str(adapted_dir)
-        reason = f"validation perplexity {perplexity_base:.2f} -> {perplexity_adapted:.2f}"
+        reason = f"validation perplexity {perplexity_base:.2f} ({base_what}) -> {perplexity_adapted:.2f}"
     else:
         used, model_dir = "base", base_model
         reason = (
-            f"adapted perplexity {perplexity_adapted:.2f} does not beat base {perplexity_base:.2f} "
-            f"by the margin {cfg.mlm_margin:.0%}; fine-tuning the base"
+            f"adapted perplexity {perplexity_adapted:.2f} does not beat the {base_what}'s {perplexity_base:.2f} "
+            f"by the margin {cfg.mlm_margin:.0%}; fine-tuning the {base_what}"
         )
-    return MlmResult(perplexity_base, perplexity_adapted, used, reason, model_dir, cfg.mlm_steps, len(blocks))
+    return MlmResult(perplexity_base, perplexity_adapted, used, reason, model_dir, global_step, examples, **common)

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((REPO / "dags").glob("*.py"))
 EXPECTED_TASKS = {
     "ingest": ["ingest_corpus", "ingest_labeled", "ingest_news", "version_data"],
-    "train": ["evaluate", "finetune", "mlm_adapt", "register", "start_run"],
+    "train": ["evaluate", "finetune", "mlm_adapt", "pick_best", "register", "start_run", "sweep_trials"],
     "release": ["export_onnx", "gate", "promote"],
 }
 HEAVY = ["torch", "transformers", "mlflow", "onnxruntime", "great_expectations", "dvc", "pipeline.train", "sklearn"]
@@ -33,28 +33,42 @@ sys.modules["dag_under_test"] = module
 DagContext.current_autoregister_module_name = "dag_under_test"  # as the DAG processor does
 spec.loader.exec_module(module)
 found = {dag.dag_id: sorted(dag.task_ids) for dag, _ in DagContext.autoregistered_dags}
+placement = {t.task_id: [t.pool, t.queue] for dag, _ in DagContext.autoregistered_dags for t in dag.tasks}
 heavy = [name for name in json.loads(sys.argv[2]) if name in sys.modules]
-print(json.dumps({"dags": found, "heavy": heavy}))
+print(json.dumps({"dags": found, "heavy": heavy, "placement": placement}))
 """
 
 
-@pytest.mark.parametrize("path", DAG_FILES, ids=[p.stem for p in DAG_FILES])
-def test_dag_file_imports_without_db_network_or_heavy_modules(path, tmp_path):
+def _probe(path: Path, tmp_path: Path, **extra_env: str) -> dict:
     env = {
         "PATH": "/usr/bin:/bin",
         "AIRFLOW_HOME": str(tmp_path),
         # Any database access would fail: the folder does not exist.
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        **extra_env,
     }
     done = subprocess.run(
         [sys.executable, "-c", PROBE, str(path), json.dumps(HEAVY)], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=[p.stem for p in DAG_FILES])
+def test_dag_file_imports_without_db_network_or_heavy_modules(path, tmp_path):
+    result = _probe(path, tmp_path)
     assert result["heavy"] == [], f"{path.name} imports {result['heavy']} at parse time"
     assert list(result["dags"]) == [path.stem], "dag_id must be the file name, one DAG per file"
     assert result["dags"][path.stem] == EXPECTED_TASKS[path.stem]
+
+
+def test_training_tasks_go_to_the_configured_gpu_pool_and_queue(tmp_path):
+    placement = _probe(REPO / "dags" / "train.py", tmp_path, FINSENT_ORCHESTRATION__GPU_POOL="h100",
+                       FINSENT_ORCHESTRATION__GPU_QUEUE="cuda")["placement"]
+    heavy_steps = {"mlm_adapt", "finetune", "evaluate"}
+    assert {task: placement[task] for task in heavy_steps} == dict.fromkeys(heavy_steps, ["h100", "cuda"])
+    assert all(placement[task][0] != "h100" for task in set(placement) - heavy_steps)
 
 
 @pytest.mark.parametrize("package", ["pipeline", "serving"])

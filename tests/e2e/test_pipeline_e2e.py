@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import services
+from pipeline.config import OrchestrationConfig
 from tests.conftest import REPO, TEST_INGEST_ENV
 
 pytestmark = pytest.mark.e2e
@@ -54,6 +55,7 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, ti
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FINSENT_", "AIRFLOW"))}
     env = services.airflow_env(project / ".finsent" / "airflow", REPO / "dags", {**base, **finsent})
     services.migrate_airflow_db(env, project / "airflow-db.log")
+    services.create_gpu_pool(env, project / "airflow-cli.log", OrchestrationConfig())
     return env
 
 
@@ -75,10 +77,14 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert champion.tags["gate_decision"] == "promote"
     assert champion.tags["data_digest"].endswith(".dir")
     run = client.get_run(champion.run_id)
-    for metric in ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_accuracy_allagree", "mlm_perplexity_base"):
+    for metric in ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_accuracy_allagree", "test_ece",
+                   "test_macro_f1_allagree", "mlm_perplexity_base"):
         assert metric in run.data.metrics, metric
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "plots")}
-    assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= artifacts
+    assert {"plots/confusion_matrix.png", "plots/training_curves.png", "plots/reliability_diagram.png"} <= artifacts
+    assert {"git_commit", "config_hash", "test_digest"} <= set(champion.tags)
+    card = client.download_artifacts(champion.run_id, "model_card.md")
+    assert "CC BY-NC-SA 3.0" in Path(card).read_text()
     assert client.list_artifacts(champion.run_id, "data_docs"), "Great Expectations Data Docs not logged"
 
     # The registered model is usable on its own through MLflow's pyfunc interface.
@@ -102,12 +108,18 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert server.poll() is not None
 
 
-def test_second_run_registers_a_new_version_and_the_gate_decides(pipeline_env):
-    env = pipeline_env
+def test_second_run_sweeps_registers_the_best_and_the_gate_decides(pipeline_env):
+    # Two seeds: the train DAG maps fine-tuning over both trials and registers the better one.
+    env = {**pipeline_env, "FINSENT_TRAIN__SWEEP_SEEDS": "[0, 1]"}
     for dag_id in ("train", "release"):
         _dags_test(dag_id, env)
     client = MlflowClient(env["FINSENT_TRACKING_URI"])
     second = client.get_model_version("finsent-sentiment", "2")
+    sweep = json.loads(Path(client.download_artifacts(second.run_id, "sweep/sweep_results.json")).read_text())
+    scores = {t["trial"]: t["best_val_macro_f1"] for t in sweep["trials"]}
+    assert sorted(scores) == [0, 1] and scores[sweep["best"]["trial"]] == max(scores.values())
+    metrics = client.get_run(second.run_id).data.metrics
+    assert {"best_val_macro_f1_trial0", "best_val_macro_f1_trial1"} <= set(metrics)
     assert second.tags["gate_decision"] in {"promote", "reject"}
     assert "champion" in second.tags["gate_reason"]
     champion = client.get_model_version_by_alias("finsent-sentiment", "champion")

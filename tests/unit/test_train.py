@@ -7,7 +7,8 @@ from pipeline.config import LABELS
 from pipeline.data.ingest import load_split
 from pipeline.train.classify import load_classifier, predict_logits
 from pipeline.train.evaluate import classification_metrics, plot_confusion_matrix, softmax
-from pipeline.train.mlm import adapt_mlm, group_texts
+from pipeline.train.masking import group_texts
+from pipeline.train.mlm import adapt_mlm
 
 
 def test_group_texts_packs_full_blocks_without_padding():

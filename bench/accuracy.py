@@ -1,0 +1,149 @@
+"""Test accuracy on the canonical Financial PhraseBank split, over seeds.
+
+The canonical split of published results: 50Agree, deduplicated (conflicting
+labels dropped), stratified 72/8/20 with seed 0. For each seed and each
+variant ("base": fine-tune the base; "mlm": masked-LM adaptation on Reuters
+plus the train sentences first, kept only if validation perplexity improves)
+the project's own ``adapt_mlm`` / ``finetune`` / ``predict_logits`` run with
+the configured TrainConfig, and test accuracy, macro-F1 and AllAgree-slice
+accuracy are recorded. Prints one line per run, the mean and spread per
+variant, and as its last line one JSON object; appends that object to
+``--out``.
+
+    python bench/accuracy.py --seeds 3 --device cuda
+    python bench/accuracy.py --seeds 1 --device cpu --variants base --set epochs=1   # a CPU smoke run
+
+Training settings come from TrainConfig (FINSENT_TRAIN__* or ``--set key=value``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLOORS = {"accuracy": 0.845, "macro_f1": 0.82}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--variants", default="base,mlm", help="comma-separated: base, mlm")
+    parser.add_argument("--fpb-dir", type=Path, default=REPO.parent / "shared/data/financial_phrasebank")
+    parser.add_argument("--reuters-dir", type=Path, default=REPO.parent / "shared/data/reuters21578")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/accuracy.jsonl")
+    return parser.parse_args(argv)
+
+
+def canonical_split(fpb_dir: Path) -> dict:
+    from pipeline.config import IngestConfig
+    from pipeline.data.clean import clean_labeled
+    from pipeline.data.sources import read_phrasebank
+    from pipeline.data.split import split_labeled
+
+    raw, agreement = read_phrasebank(fpb_dir)
+    cfg = IngestConfig(split_method="stratified", seed=0)
+    return split_labeled(clean_labeled(raw, agreement, cfg).clean, cfg)
+
+
+def train_config(overrides: list[str]):
+    from pipeline.config import Settings
+
+    cfg = Settings().train
+    updates = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        updates[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+    return cfg.model_validate({**cfg.model_dump(), **updates})
+
+
+def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path) -> dict:
+    from pipeline.train.base import resolve_base_model
+    from pipeline.train.classify import finetune, load_classifier, predict_logits
+    from pipeline.train.evaluate import classification_metrics, label_ids, softmax
+    from pipeline.train.mlm import adapt_mlm
+
+    cfg = cfg.model_copy(update={"seed": seed})
+    started = time.perf_counter()
+    model_dir, mlm = resolve_base_model(cfg.base_model), None
+    if variant == "mlm":
+        result = adapt_mlm(model_dir, corpus + splits["train"]["text"].tolist(), splits["validation"]["text"].tolist(),
+                           work / "mlm", cfg)
+        model_dir, mlm = result.model_dir, {"used": result.used, "perplexity_base": result.perplexity_base,
+                                            "perplexity_adapted": result.perplexity_adapted}
+    tuned = finetune(model_dir, splits["train"], splits["validation"], work / "finetune", cfg)
+    model, tokenizer = load_classifier(tuned["model_dir"])
+    test = splits["test"]
+    probs = softmax(predict_logits(model, tokenizer, test["text"].tolist(), cfg.max_length))
+    metrics = classification_metrics(label_ids(test["label"]), probs, test["agreement"].to_numpy())
+    return {
+        "variant": variant, "seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+        "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    summary = {}
+    for variant in sorted({r["variant"] for r in runs}):
+        chosen = [r for r in runs if r["variant"] == variant]
+        summary[variant] = {
+            key: {"mean": round(statistics.mean(r[key] for r in chosen), 4),
+                  "std": round(statistics.stdev(r[key] for r in chosen), 4) if len(chosen) > 1 else 0.0}
+            for key in ("accuracy", "macro_f1", "accuracy_allagree")
+        }
+        summary[variant]["meets_floors"] = all(summary[variant][k]["mean"] >= v for k, v in FLOORS.items())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import pandas as pd
+
+    from pipeline.data.sources import read_reuters
+
+    cfg = train_config(args.set)
+    splits = canonical_split(args.fpb_dir)
+    print("canonical split:", {name: len(frame) for name, frame in splits.items()}, flush=True)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    corpus: list[str] = []
+    if "mlm" in variants:
+        corpus = read_reuters(args.reuters_dir)["text"].head(cfg.mlm_max_corpus_texts).tolist()
+    runs = []
+    for variant in variants:
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as work:
+                runs.append(run_once(splits, corpus, cfg, variant, seed, Path(work)))
+            print("run:", json.dumps(runs[-1]), flush=True)
+    import torch
+
+    result = {
+        "benchmark": "accuracy", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "command": " ".join(["python", "bench/accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": cfg.model_dump(), "floors": FLOORS, "summary": summarise(runs), "runs": runs,
+    }
+    print(pd.DataFrame(runs).drop(columns=["mlm"]).to_string(index=False), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Masked-LM training throughput: the project's step against a plain Hugging Face loop.
+
+In one process and on the same batches it times
+
+* ``baseline``: what a user would write: ``BertForMaskedLM(input_ids, attention_mask,
+  labels=labels).loss.backward()`` then ``torch.optim.AdamW.step()``, under autocast, in eager
+  mode (Hugging Face's default SDPA attention, vocabulary head over every position);
+* ``fast``: ``pipeline.train.fast_mlm``: packed full blocks with no attention mask, exactly
+  ``k = round(0.15 * seq)`` predictions per row with the MLM head on those rows only, fused
+  AdamW, autocast, and torch.compile of forward + loss.
+
+Both start from the same initial weights and see the same masked positions (the baseline gets
+them as ``labels`` = -100 everywhere else). With ``--real`` the blocks are Reuters-21578 bodies
+and Financial PhraseBank sentences tokenised by a WordPiece vocabulary trained on the fly, and
+a third run, ``baseline_padded``, is the naive user: one text per row padded to ``--seq``, Hugging
+Face's ``DataCollatorForLanguageModeling``. Throughput there counts useful (non-pad) tokens.
+
+Figures
+-------
+tokens/s        input tokens of the timed steps (non-pad tokens for padded rows) over wall time,
+                device synchronised before and after; batches are staged on the device first
+                and the loop never reads the loss back.
+ratio           fast tokens/s over baseline tokens/s (same batches); with --real also
+                ``ratio_vs_padded``: fast on packed blocks over the naive padded loop.
+peak memory     CUDA: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer state,
+                activations). CPU: the highest resident set size of the process sampled every
+                5 ms during the run (so it includes the Python process itself).
+MFU             model FLOPs per token  F = 6 * N + 12 * L * H * S, where N counts every
+                parameter once (the tied decoder/embedding matrix included), L layers, H hidden
+                size, S the sequence length: 6N for forward + backward through the weights, 12LHS
+                for the attention score and value matmuls. MFU = F * tokens/s / (peak_tflops * 1e12).
+                The same nominal F is used for every run, so the head rows the fast step skips
+                are not credited to it; MFU ratios equal throughput ratios. ``--peak-tflops``
+                defaults to 989 (H100 SXM bf16 dense); on a CPU the figure is only a placeholder.
+
+GPU figures come from running this script on a GPU node, e.g.
+``python bench/train_throughput.py --device cuda --size base --batch 256 --seq 128``.
+The last line printed is one JSON object with all figures; it is also appended to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import html
+import json
+import os
+import platform
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.train.fast_mlm import StaticMaskCollator, fused_adamw, make_train_step  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SIZES = {
+    "base": {},  # BertConfig defaults: 12 layers, hidden 768, 12 heads, vocab 30522
+    "mini": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024},
+    "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512},
+}
+Batch = tuple[torch.Tensor, ...]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=list(SIZES), help="default: base on cuda, tiny on cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype; default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--batch", type=int, help="rows per step; default: 256 on cuda, 8 on cpu")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--real", action="store_true", help="Reuters + PhraseBank texts, packed vs padded")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the fast step, or 'none'; default: "
+                             "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense FLOPs for MFU (H100 bf16: 989)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.jsonl")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.size = args.size or ("base" if cuda else "tiny")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or (256 if cuda else 8)
+    if args.compile_mode is None:
+        args.compile_mode = "max-autotune-no-cudagraphs" if cuda else "default"
+    return args
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_texts() -> list[str]:
+    """Reuters-21578 <BODY> texts and Financial PhraseBank (50Agree) sentences."""
+    texts = []
+    for path in sorted((DATA / "reuters21578").glob("reut2-*.sgm")):
+        sgml = path.read_bytes().decode("latin-1")
+        for body in re.findall(r"<BODY>(.*?)</BODY>", sgml, re.S):
+            text = " ".join(html.unescape(body).replace("\x03", " ").split())
+            if text:
+                texts.append(text)
+    lines = (DATA / "financial_phrasebank" / "Sentences_50Agree.txt").read_bytes().decode("latin-1").splitlines()
+    texts += [line.rsplit("@", 1)[0].strip() for line in lines if "@" in line]
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import BertWordPieceTokenizer
+    from tokenizers.processors import BertProcessing
+
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    # Built before training, the wrapper has no [CLS] ... [SEP] post-processor yet.
+    tokenizer.post_processor = BertProcessing(("[SEP]", SPECIAL_TOKENS.index("[SEP]")), ("[CLS]", SPECIAL_TOKENS.index("[CLS]")))
+    return tokenizer
+
+
+def synthetic_blocks(rows: int, seq: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    blocks = torch.randint(len(SPECIAL_TOKENS), vocab_size, (rows, seq), generator=generator)
+    blocks[:, 0] = SPECIAL_TOKENS.index("[CLS]")
+    return blocks
+
+
+def packed_blocks(token_lists: list[list[int]], rows: int, seq: int) -> torch.Tensor:
+    """Concatenated texts cut into full blocks (as pipeline.train.mlm.group_texts); wraps around if short."""
+    flat = torch.tensor([token for tokens in token_lists for token in tokens], dtype=torch.long)
+    blocks = flat[: len(flat) // seq * seq].view(-1, seq)
+    return blocks[torch.arange(rows) % len(blocks)]
+
+
+def static_batches(blocks: torch.Tensor, batch: int, collator: StaticMaskCollator, device: str) -> list[dict]:
+    out = []
+    for start in range(0, len(blocks), batch):
+        masked = collator(blocks[start : start + batch])
+        out.append({name: tensor.to(device) for name, tensor in masked.items()})
+    return out
+
+
+def baseline_batches(fast: list[dict]) -> list[Batch]:
+    """The same masked blocks in Hugging Face form: all-ones attention mask, labels -100 off the masked positions."""
+    out = []
+    for b in fast:
+        labels = torch.full_like(b["input_ids"], -100).scatter_(1, b["masked_positions"], b["masked_labels"])
+        out.append((b["input_ids"], torch.ones_like(b["input_ids"]), labels))
+    return out
+
+
+def padded_batches(texts: list[str], tokenizer, batch: int, seq: int, seed: int, device: str) -> list[Batch]:
+    """A naive user's batches: one text per row, truncated and padded to ``seq``, HF's MLM collator."""
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+    collator = DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.15, seed=seed)
+    out = []
+    for start in range(0, len(texts), batch):
+        encoded = hf_tokenizer(texts[start : start + batch], padding="max_length", truncation=True, max_length=seq)
+        features = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+        masked = collator(features)
+        out.append((masked["input_ids"].to(device), masked["attention_mask"].to(device), masked["labels"].to(device)))
+    return out
+
+
+# ---------------------------------------------------------------- measurement
+
+
+class PeakMemory:
+    """CUDA: max_memory_allocated. CPU: the process RSS high-water mark, sampled in a thread."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as statm:
+                self.peak = max(self.peak, int(statm.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(config: BertConfig, seed: int, device: str) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config).to(device).train()
+
+
+def eager_step(model: BertForMaskedLM, optimizer: torch.optim.Optimizer, autocast: torch.dtype | None) -> Callable:
+    device_type = next(model.parameters()).device.type
+
+    def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def time_run(name: str, make_step: Callable[[], Callable], batches: list[Batch], useful_tokens: list[int],
+             args: argparse.Namespace, flops_per_token: float) -> dict:
+    """Warm-up steps, then ``args.steps`` timed steps; the loss is read once, after the clock stops."""
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory(args.device) as memory:
+        step = make_step()
+        started = time.perf_counter()
+        for batch in batches[: args.warmup]:
+            step(*batch)
+        synchronize(args.device)
+        warmup_s = time.perf_counter() - started
+        timed = batches[args.warmup : args.warmup + args.steps]
+        started = time.perf_counter()
+        for batch in timed:
+            loss = step(*batch)
+        synchronize(args.device)
+        elapsed = time.perf_counter() - started
+    tokens = sum(useful_tokens[args.warmup : args.warmup + args.steps])
+    tokens_per_s = tokens / elapsed
+    result = {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_ms": round(1000 * elapsed / len(timed), 2),
+        "peak_mem_mib": round(memory.peak / 2**20, 1),
+        "mfu": round(flops_per_token * tokens_per_s / (args.peak_tflops * 1e12), 6),
+        "warmup_s": round(warmup_s, 1),
+        "final_loss": round(float(loss), 4),
+    }
+    print(f"{name:16s} {result['tokens_per_s']:>12,.0f} tok/s  {result['step_ms']:>9.1f} ms/step  "
+          f"peak {result['peak_mem_mib']:>9,.0f} MiB  MFU {100 * result['mfu']:.3f}%  "
+          f"(warm-up {warmup_s:.1f} s, loss {result['final_loss']})", flush=True)
+    return result
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no GPU")
+    config = BertConfig(**SIZES[args.size], max_position_embeddings=max(512, args.seq))
+    autocast = torch.bfloat16 if args.dtype == "bf16" else None
+    compile_fast = args.compile_mode != "none"
+    rows = (args.warmup + args.steps) * args.batch
+    generator = torch.Generator().manual_seed(args.seed)
+    collator = StaticMaskCollator(SPECIAL_TOKENS.index("[MASK]"), config.vocab_size, range(len(SPECIAL_TOKENS)),
+                                  generator=generator)
+
+    texts = []
+    if args.real:
+        texts = load_texts()
+        random.Random(args.seed).shuffle(texts)
+        started = time.perf_counter()
+        tokenizer = train_tokenizer(texts, config.vocab_size)
+        token_lists = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+        print(f"{len(texts):,} texts, {sum(map(len, token_lists)):,} tokens, WordPiece vocabulary "
+              f"{tokenizer.get_vocab_size():,} trained in {time.perf_counter() - started:.1f} s", flush=True)
+        blocks = packed_blocks(token_lists, rows, args.seq)
+    else:
+        blocks = synthetic_blocks(rows, args.seq, config.vocab_size, generator)
+    fast_data = static_batches(blocks, args.batch, collator, args.device)
+    fast_batches = [(b["input_ids"], b["masked_positions"], b["masked_labels"]) for b in fast_data]
+    block_tokens = [args.batch * args.seq] * len(fast_batches)
+
+    params = sum(p.numel() for p in BertForMaskedLM(config).parameters())
+    flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    print(f"size {args.size} ({params / 1e6:.1f} M parameters), seq {args.seq}, batch {args.batch}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps, {args.dtype}, device {device_name(args.device)}, "
+          f"fast step compile mode {args.compile_mode}", flush=True)
+
+    def baseline() -> Callable:
+        model = build_model(config, args.seed, args.device)
+        return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
+
+    def fast() -> Callable:
+        model = build_model(config, args.seed, args.device)
+        mode = None if args.compile_mode == "none" else args.compile_mode
+        return make_train_step(model, fused_adamw(model, lr=args.lr), compile=compile_fast,
+                               autocast_dtype=autocast, mode=mode)
+
+    runs = {}
+    if args.real:
+        padded = padded_batches(texts[:rows], tokenizer, args.batch, args.seq, args.seed, args.device)
+        padded_tokens = [int(mask.sum()) for _, mask, _ in padded]
+        runs["baseline_padded"] = time_run("baseline_padded", baseline, padded, padded_tokens, args, flops_per_token)
+        runs["baseline_padded"]["useful_fraction"] = round(sum(padded_tokens) / (len(padded) * args.batch * args.seq), 4)
+    runs["baseline"] = time_run("baseline", baseline, baseline_batches(fast_data), block_tokens, args, flops_per_token)
+    runs["fast"] = time_run("fast", fast, fast_batches, block_tokens, args, flops_per_token)
+
+    ratio = runs["fast"]["tokens_per_s"] / runs["baseline"]["tokens_per_s"]
+    print(f"ratio fast / baseline (same batches): {ratio:.2f}x")
+    report = {
+        "bench": "train_throughput",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": args.device, "device_name": device_name(args.device),
+        "torch": torch.__version__, "loadavg_1m": round(os.getloadavg()[0], 2), "size": args.size, "params": params,
+        "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
+        "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
+        "compile_mode": args.compile_mode, "real": args.real, "peak_tflops": args.peak_tflops,
+        "flops_per_token": flops_per_token, "runs": runs, "ratio": round(ratio, 3),
+    }
+    if args.real:
+        report["ratio_vs_padded"] = round(runs["fast"]["tokens_per_s"] / runs["baseline_padded"]["tokens_per_s"], 3)
+        print(f"ratio fast packed / naive padded (useful tokens): {report['ratio_vs_padded']:.2f}x")
+    line = json.dumps(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as out:
+        out.write(line + "\n")
+    print(line)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Masked-LM checkpoints: which ones were written to the end, and whether
+they belong to a run with the same settings and corpus (then it resumes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from pipeline.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "fingerprint.json"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# What HF Trainer writes into a checkpoint; trainer_state.json comes last.
+_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints that were written to the end, oldest first.
+    Trainer writes trainer_state.json last, so a folder whose state file is
+    missing, unreadable or of another step was cut off while saving."""
+    found = []
+    if not folder.is_dir():
+        return found
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        step = int(match.group(1))
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        files_ok = all((path / name).is_file() and (path / name).stat().st_size > 0 for name in _CHECKPOINT_FILES)
+        weights_ok = any((path / name).is_file() and (path / name).stat().st_size > 0 for name in _WEIGHT_FILES)
+        if files_ok and weights_ok and state.get("global_step") == step:
+            found.append((step, path))
+    return sorted(found)
+
+
+def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path) -> tuple[int, Path | None]:
+    """The last complete checkpoint of a run with the same settings, if any;
+    drops checkpoints of other settings and half-written checkpoint folders."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / FINGERPRINT
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != fingerprint:
+        stale = [p for p in folder.iterdir() if p.name != FINGERPRINT]
+        if stale or scratch_dir.exists():
+            log.warning("masked-LM settings or corpus changed since the checkpoints in %s were written: starting over", folder)
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        return 0, None
+    complete = complete_checkpoints(folder)
+    good = {path for _, path in complete}
+    for path in folder.iterdir():
+        if path.is_dir() and _CHECKPOINT_NAME.match(path.name) and path not in good:
+            log.warning("ignoring and removing the incomplete checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+    if not complete:
+        return 0, None
+    return complete[-1]
+
+
+def fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> dict:
+    keys = [
+        "mlm_steps", "mlm_from_scratch", "mlm_objective", "mlm_whole_word", "mlm_block_size", "mlm_batch_size",
+        "mlm_learning_rate", "mlm_probability", "seed", "warmup_ratio", "weight_decay", "max_length",
+    ]
+    if cfg.mlm_from_scratch:
+        keys += ["scratch_vocab_size", "scratch_hidden_size", "scratch_layers", "scratch_heads"]
+    digest = hashlib.sha256()
+    for text in corpus_texts:
+        digest.update(text.encode("utf-8", "replace") + b"\x00")
+    values = {key: getattr(cfg, key) for key in keys}
+    return {"base_model": None if cfg.mlm_from_scratch else str(base_model), "corpus_sha256": digest.hexdigest(), **values}

@@ -1,0 +1,97 @@
+"""The Trainer used for fine-tuning: class-weighted cross-entropy and
+layer-wise learning-rate decay. Kept apart from ``classify`` because importing
+``transformers.Trainer`` takes seconds that inference callers should not pay."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from pipeline.config import LABELS
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def class_weight_vector(labels: np.ndarray, spec: str | list[float]) -> torch.Tensor | None:
+    """Loss weight per label id: None for "none"; "balanced" is the inverse
+    label frequency of ``labels``, normalised to mean 1; a list is used as given."""
+    if spec == "none":
+        return None
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise ValueError(f"class_weights must be 'none', 'balanced' or {len(LABELS)} floats, not {spec!r}")
+        counts = np.bincount(labels, minlength=len(LABELS)).astype(np.float64)
+        inverse = 1.0 / np.maximum(counts, 1.0)
+        weights = inverse / inverse.mean()
+    else:
+        if len(spec) != len(LABELS) or any(w < 0 for w in spec):
+            raise ValueError(f"class_weights needs {len(LABELS)} non-negative floats ({', '.join(LABELS)}), got {spec}")
+        weights = np.asarray(spec, dtype=np.float64)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def layer_lr_scale(name: str, num_layers: int, decay: float) -> float:
+    """ELECTRA-style decay: the head (pooler, classifier) and the top encoder
+    layer train at the full rate, layer i at decay^(L-1-i), embeddings at decay^L."""
+    if "embeddings" in name:
+        return decay**num_layers
+    match = _LAYER_INDEX.search(name)
+    if match:
+        return decay ** (num_layers - 1 - int(match.group(1)))
+    return 1.0
+
+
+def llrd_param_groups(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float, decay: float, decay_names: set[str]
+) -> list[dict]:
+    """Optimizer parameter groups, one per (learning rate, weight decay); only
+    parameters in ``decay_names`` get weight decay (not biases or LayerNorm)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    indices = [int(m.group(1)) for n, _ in named if (m := _LAYER_INDEX.search(n)) and "embeddings" not in n]
+    num_layers = max(indices) + 1 if indices else 0
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in named:
+        scale = layer_lr_scale(name, num_layers, decay)
+        wd = weight_decay if name in decay_names else 0.0
+        group = groups.setdefault((scale, wd), {"params": [], "lr": learning_rate * scale, "weight_decay": wd, "names": []})
+        group["params"].append(param)
+        group["names"].append(name)
+    return sorted(groups.values(), key=lambda g: (g["lr"], g["weight_decay"]))
+
+
+class FinetuneTrainer(Trainer):
+    """Trainer with an optional class-weighted cross-entropy and layer-wise learning-rate decay."""
+
+    def __init__(self, *args, class_weights: torch.Tensor | None = None, layer_lr_decay: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weights = class_weights
+        self.layer_lr_decay = layer_lr_decay
+        if class_weights is not None:
+            # Our loss is a per-batch mean, so the Trainer must still divide it for gradient accumulation.
+            self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.class_weights is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.view(-1), weight=self.class_weights.to(logits.device)
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.layer_lr_decay == 1.0:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = llrd_param_groups(
+            opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_lr_decay,
+            set(self.get_decay_parameter_names(opt_model)),
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer

@@ -1,0 +1,146 @@
+"""Fine-tuning options on the tiny BERT: LoRA merged for export, class-weighted
+loss, layer-wise learning-rate decay, early stopping."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.ingest import load_split
+from pipeline.train.classify import apply_lora, build_trainer, count_parameters, finetune, load_classifier
+from pipeline.train.trainer import class_weight_vector
+
+
+@pytest.fixture(scope="module")
+def splits(ingested):
+    # A slice of the train split keeps each fine-tuning run to a few seconds on 2 CPU cores.
+    train = load_split(ingested.labeled_dir, "train").sample(n=96, random_state=0).reset_index(drop=True)
+    return train, load_split(ingested.labeled_dir, "validation")
+
+
+def _config(settings, **overrides):
+    return settings.train.model_copy(update={"epochs": 1, **overrides})
+
+
+def _lora_param_count(config, r: int) -> int:
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    # query and value of each layer get A (r x hidden) and B (hidden x r); the head is a full copy.
+    return layers * 2 * (r * hidden + hidden * r) + hidden * 3 + 3
+
+
+def test_lora_wraps_only_query_value_and_the_head(ingested):
+    cfg = _config(ingested, finetune_method="lora", lora_r=4, lora_alpha=8)
+    model, _ = load_classifier(cfg.base_model)
+    total_before = count_parameters(model)[1]
+    peft_model = apply_lora(model, cfg)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "classifier.modules_to_save" in name for name in trainable)
+    assert {name.split(".")[-4] for name in trainable if "lora_" in name} == {"query", "value"}
+    assert count_parameters(peft_model)[0] == _lora_param_count(peft_model.config, 4)
+    assert count_parameters(peft_model)[0] < total_before / 5
+
+
+def test_merged_lora_model_gives_the_peft_models_logits(tmp_path, ingested, splits):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = _config(ingested, finetune_method="lora", lora_r=4, lora_alpha=8)
+    model, tokenizer = load_classifier(cfg.base_model)
+    peft_model = apply_lora(model, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        # B starts at zero; random B makes the merge change the weights.
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.normal_(std=0.3)
+    batch = tokenizer(splits[1]["text"].head(16).tolist(), truncation=True, max_length=64, padding=True, return_tensors="pt")
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(**batch).logits
+        peft_model.merge_and_unload().save_pretrained(tmp_path)
+        tokenizer.save_pretrained(tmp_path)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+        after = reloaded(**batch).logits
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_finetune_saves_a_plain_transformers_model(tmp_path, ingested, splits):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    cfg = _config(ingested, finetune_method="lora", lora_r=4, lora_alpha=8)
+    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
+    merged = AutoModelForSequenceClassification.from_pretrained(result["model_dir"]).eval()
+    assert result["trainable_params"] == _lora_param_count(merged.config, 4)
+    assert not (Path(result["model_dir"]) / "adapter_config.json").exists()
+    # The saved adapter on its (identically seeded) base gives the merged model's logits.
+    set_seed(cfg.seed)
+    base, tokenizer = load_classifier(cfg.base_model)
+    adapted = PeftModel.from_pretrained(base, result["adapter_dir"]).eval()
+    batch = tokenizer(splits[1]["text"].head(16).tolist(), truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_balanced_class_weights_are_inverse_frequencies_with_mean_one():
+    labels = np.array([0] * 1 + [1] * 6 + [2] * 3)
+    weights = class_weight_vector(labels, "balanced").numpy()
+    inverse = np.array([1.0, 1 / 6, 1 / 3])
+    np.testing.assert_allclose(weights, inverse / inverse.mean(), rtol=1e-6)
+    assert weights.mean() == pytest.approx(1.0)
+    assert class_weight_vector(labels, "none") is None
+    np.testing.assert_allclose(class_weight_vector(labels, [0.5, 1.0, 2.0]).numpy(), [0.5, 1.0, 2.0])
+    with pytest.raises(ValueError):
+        class_weight_vector(labels, [1.0, 2.0])
+
+
+def test_class_weights_change_the_loss_of_a_batch(tmp_path, ingested, splits):
+    model, tokenizer = load_classifier(ingested.train.base_model)
+    weights = [0.2, 1.0, 5.0]
+    plain = build_trainer(model, tokenizer, *splits, tmp_path / "plain", _config(ingested))
+    weighted = build_trainer(model, tokenizer, *splits, tmp_path / "weighted", _config(ingested, class_weights=weights))
+    batch = next(iter(plain.get_eval_dataloader()))
+    labels = batch["labels"]
+    assert len(labels.unique()) > 1
+    model.eval()
+    with torch.no_grad():
+        loss_plain = plain.compute_loss(model, dict(batch))
+        loss_weighted = weighted.compute_loss(model, dict(batch))
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    nll = -torch.log_softmax(logits, dim=-1)[torch.arange(len(labels)), labels]
+    per_item = torch.tensor(weights)[labels]
+    torch.testing.assert_close(loss_plain, nll.mean())
+    torch.testing.assert_close(loss_weighted, (per_item * nll).sum() / per_item.sum())
+    assert abs(loss_weighted.item() - loss_plain.item()) > 1e-3
+
+
+def test_layer_wise_lr_decay_param_groups(tmp_path, ingested, splits):
+    cfg = _config(ingested, layer_lr_decay=0.5, learning_rate=1e-3, weight_decay=0.01)
+    model, tokenizer = load_classifier(cfg.base_model)
+    optimizer = build_trainer(model, tokenizer, *splits, tmp_path, cfg).create_optimizer()
+    lr = {name: group["lr"] for group in optimizer.param_groups for name in group["names"]}
+    wd = {name: group["weight_decay"] for group in optimizer.param_groups for name in group["names"]}
+    assert sorted(lr) == sorted(name for name, _ in model.named_parameters())
+    layers = model.config.num_hidden_layers
+    assert lr["classifier.weight"] == lr["bert.pooler.dense.weight"] == pytest.approx(1e-3)
+    for i in range(layers):
+        for part in ("attention.self.query.weight", "output.dense.bias", "output.LayerNorm.weight"):
+            assert lr[f"bert.encoder.layer.{i}.{part}"] == pytest.approx(1e-3 * 0.5 ** (layers - 1 - i))
+    assert lr[f"bert.encoder.layer.{layers - 1}.attention.self.query.weight"] == pytest.approx(1e-3)
+    assert lr["bert.embeddings.word_embeddings.weight"] == pytest.approx(1e-3 * 0.5**layers)
+    assert wd["bert.encoder.layer.0.attention.self.query.weight"] == 0.01
+    assert wd["bert.encoder.layer.0.attention.self.query.bias"] == 0.0
+    assert wd["bert.encoder.layer.0.output.LayerNorm.weight"] == 0.0
+    assert wd["bert.embeddings.LayerNorm.weight"] == 0.0
+
+
+def test_early_stopping_stops_when_validation_macro_f1_does_not_improve(tmp_path, ingested, splits):
+    # A learning rate of 0 keeps the validation metric flat; the weighted loss and LLRD paths run along.
+    cfg = _config(ingested, epochs=4, learning_rate=0.0, early_stopping_patience=1, class_weights="balanced",
+                  layer_lr_decay=0.8)
+    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
+    assert result["stopped_early"] and result["epochs_run"] == 2
+    assert result["best_epoch"] == 1
+    assert len(result["class_weights"]) == 3 and np.mean(result["class_weights"]) == pytest.approx(1.0, abs=1e-5)
+    assert (Path(result["model_dir"]) / "config.json").is_file()
