@@ -78,6 +78,8 @@ class TrainConfig(BaseModel):
         "none", description="loss weight per label (negative, neutral, positive), or balanced by inverse frequency")
     layer_lr_decay: float = Field(1.0, description="layer-wise learning-rate decay; 1.0 is off")
     early_stopping_patience: int = Field(0, description="epochs without a better validation macro-F1 before stopping; 0 is off")
+    train_sampling: Literal["group_by_length", "random", "sequential"] = Field(
+        "group_by_length", description="group_by_length: length-bucketed shuffled batches, little padding")
     # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.
     sweep_learning_rates: list[float] = Field(default_factory=list)
     sweep_seeds: list[int] = Field(default_factory=list)

@@ -93,8 +93,10 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=1,
         save_only_model=True, load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
-        train_sampling_strategy="group_by_length", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        train_sampling_strategy=cfg.train_sampling, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         bf16=use_bf16(cfg), optim="adamw_torch_fused" if cuda else "adamw_torch", torch_compile=cfg.torch_compile and cuda,
+        # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
+        use_cpu=not cuda,
     )
     train_labels = label_ids(train["label"])
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience > 0 else []
@@ -124,12 +126,15 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     final_dir = out_dir / "model"
     result: dict = {}
     if cfg.finetune_method == "lora":
-        trainer.model.save_pretrained(str(out_dir / "adapter"))
         result["adapter_dir"] = str(out_dir / "adapter")
-        trainer.model.merge_and_unload().save_pretrained(str(final_dir))
-    else:
-        trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(final_dir)
+    # Under torchrun every process trains; one writes the model.
+    if trainer.is_world_process_zero():
+        if cfg.finetune_method == "lora":
+            trainer.model.save_pretrained(str(out_dir / "adapter"))
+            trainer.model.merge_and_unload().save_pretrained(str(final_dir))
+        else:
+            trainer.save_model(str(final_dir))
+        tokenizer.save_pretrained(final_dir)
     evals = [h for h in trainer.state.log_history if "eval_macro_f1" in h]
     best = max(evals, key=lambda h: h["eval_macro_f1"])
     weights = trainer.class_weights

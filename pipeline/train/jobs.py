@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import mlflow
@@ -89,6 +90,9 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
     result = finetune_classifier(
         model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg
     )
+    summary = {key: value for key, value in result.items() if key != "history"}
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 logs for all
+        return {**summary, "config_hash": config_hash, "trial": trial}
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
         for entry in result["history"]:
@@ -102,7 +106,6 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
             f"epochs_run{suffix}": result["epochs_run"], f"trainable_params{suffix}": result["trainable_params"],
         })
         mlflow.log_artifact(str(plot_training_curves(result["history"], out / f"training_curves{suffix}.png")), "plots")
-    summary = {key: value for key, value in result.items() if key != "history"}
     return {**summary, "config_hash": config_hash, "trial": trial}
 
 

@@ -146,6 +146,8 @@ def _device_options(cfg: TrainConfig) -> dict:
     return {
         "bf16": bf16, "optim": "adamw_torch_fused" if cuda else "adamw_torch",
         "torch_compile": cfg.torch_compile and cuda, "dataloader_pin_memory": cuda,
+        # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
+        "use_cpu": not cuda,
     }
 
 

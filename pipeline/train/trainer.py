@@ -69,9 +69,9 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.class_weights = class_weights
         self.layer_lr_decay = layer_lr_decay
-        if class_weights is not None:
-            # Our loss is a per-batch mean, so the Trainer must still divide it for gradient accumulation.
-            self.loss_is_scaled_for_ga = False
+        # Sequence classifiers take **kwargs but their loss is a per-batch mean that ignores
+        # num_items_in_batch; left True, the Trainer multiplies it by the number of DDP processes.
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.class_weights is None:

@@ -193,12 +193,12 @@ def test_gpu_switches_are_off_on_cpu_and_on_with_cuda(monkeypatch, tiny_base):
     cfg = tiny_train_config(tiny_base).model_copy(update={"bf16": True, "torch_compile": True})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert mlm._device_options(cfg) == {
-        "bf16": False, "optim": "adamw_torch", "torch_compile": False, "dataloader_pin_memory": False,
+        "bf16": False, "optim": "adamw_torch", "torch_compile": False, "dataloader_pin_memory": False, "use_cpu": True,
     }
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert mlm._device_options(cfg) == {
-        "bf16": True, "optim": "adamw_torch_fused", "torch_compile": True, "dataloader_pin_memory": True,
+        "bf16": True, "optim": "adamw_torch_fused", "torch_compile": True, "dataloader_pin_memory": True, "use_cpu": False,
     }
     auto = cfg.model_copy(update={"bf16": None, "torch_compile": False})
     assert mlm._device_options(auto)["bf16"] is True and mlm._device_options(auto)["torch_compile"] is False

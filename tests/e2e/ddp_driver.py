@@ -1,0 +1,35 @@
+"""Fine-tunes with the project's ``finetune`` under whatever launched it (plain
+python, or torchrun with several processes) and, on rank 0, writes the
+Trainer's log history to the JSON file named on the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import TrainConfig
+from pipeline.train.classify import finetune
+
+
+def main(model_dir: str, data_dir: str, out: str, batch_size: int) -> None:
+    cfg = TrainConfig(
+        base_model=model_dir, max_length=64, epochs=3, batch_size=batch_size, learning_rate=2e-3,
+        train_sampling="sequential", seed=0,
+    )
+    train = pd.read_parquet(Path(data_dir) / "train.parquet")
+    # Whole batches only: torch's DistributedSampler would pad a last partial batch with repeated rows.
+    train = train.head(len(train) // 16 * 16)
+    validation = pd.read_parquet(Path(data_dir) / "validation.parquet")
+    # An even count: each process evaluates an equal half, so the mean of their losses is the overall mean.
+    validation = validation.head(len(validation) // 2 * 2)
+    result = finetune(model_dir, train, validation, Path(out).parent / f"work-{batch_size}", cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps({"history": result["history"], "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

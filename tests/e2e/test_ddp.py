@@ -1,0 +1,56 @@
+"""DistributedDataParallel on CPU: two gloo processes under torchrun, each with
+half the batch, follow the same loss curve as one process with the whole
+batch (same global batch, same order, no dropout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig
+
+from pipeline import services
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def no_dropout_base(tmp_path_factory, tiny_base):
+    """The tiny BERT with dropout off: the two runs differ only in how the batch is split."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("no-dropout")
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    AutoModelForMaskedLM.from_pretrained(tiny_base, config=config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(folder)
+    return folder
+
+
+def _run(command: list[str], out, tmp_path) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINSENT_")}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, no_dropout_base, ingested):
+    driver = str(REPO / "tests" / "e2e" / "ddp_driver.py")
+    data = str(ingested.labeled_dir)
+    single = _run([sys.executable, driver, str(no_dropout_base), data, str(tmp_path / "one.json"), "16"],
+                  tmp_path / "one.json", tmp_path)
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(services.free_port()), driver, str(no_dropout_base), data,
+                str(tmp_path / "two.json"), "8"], tmp_path / "two.json", tmp_path)
+    assert single["world_size"] == 1 and ddp["world_size"] == 2
+    curve = lambda run, key: [h[key] for h in run["history"] if key in h]  # noqa: E731
+    # The training loss curve, and validation scores of the gathered predictions (the validation loss
+    # is left out: the Trainer averages it over per-process batches padded with repeated rows).
+    for key in ("loss", "eval_macro_f1", "eval_accuracy"):
+        assert len(curve(single, key)) == len(curve(ddp, key)) == 3, key
+        assert curve(ddp, key) == pytest.approx(curve(single, key), rel=1e-3, abs=1e-4), key
