@@ -34,7 +34,11 @@ class IngestConfig(BaseModel):
     max_chars: int = 2000
     max_news_chars: int = 100_000
     min_clean_share: float = Field(0.95, description="a batch whose clean share is below this fails")
-    id_column: str | None = Field(None, description="id column of CSV/JSONL/Parquet/hub labeled sources (else a hash of the text)")
+    id_column: str | None = Field(
+        None, description="id column of CSV/JSONL/Parquet/hub sources (labeled: else a hash of the text; news: else 'id')")
+    timestamp_column: str | None = Field("timestamp", description="timestamp column of news landing files")
+    entity_column: str | None = Field(None, description="ticker/entity column of news landing files")
+    source_column: str | None = Field("source", description="source (publisher) column of news landing files")
     max_garbled_share: float = Field(0.01, description="a batch with more rows of non-printable/garbled characters fails")
     max_truncated_share: float = Field(
         0.02, description="a labeled batch with more sentences longer than the model's max length fails")

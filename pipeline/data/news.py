@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Settings
+from pipeline.config import IngestConfig, Settings
 from pipeline.data.clean import CleanResult, require_clean_share, text_problem
 from pipeline.data.landing import day_files
 from pipeline.data.sources import normalize_value
@@ -23,8 +23,7 @@ from pipeline.data.validate import truncated_share, validate_corpus
 
 log = logging.getLogger(__name__)
 
-NEWS_MAPPING = ColumnMapping(text="text", id="id", timestamp="timestamp", source="source")
-NEWS_COLUMNS = ["id", "timestamp", "text", "source"]
+NEWS_COLUMNS = ["id", "timestamp", "text", "entity", "source"]
 QUARANTINE_COLUMNS = ["file", "line", "id", "text", "reason"]
 COUNTS_FILE = "_counts.json"
 
@@ -63,7 +62,13 @@ def _clean_day(raw: pd.DataFrame, max_chars: int) -> CleanResult:
     )
 
 
-def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS_MAPPING, tokenizer=None) -> dict:
+def news_mapping(cfg: IngestConfig) -> ColumnMapping:
+    """Landing-file columns → the standard ones (``FINSENT_INGEST__*_COLUMN``)."""
+    return ColumnMapping(text=cfg.text_column, id=cfg.id_column or "id", timestamp=cfg.timestamp_column,
+                         entity=cfg.entity_column, source=cfg.source_column)
+
+
+def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping | None = None, tokenizer=None) -> dict:
     """Reads the day's landing files, cleans, validates and writes its
     partition with a ``_counts.json`` beside it (Parquet readers skip it)."""
     files = day_files(settings.landing_zone, day)
@@ -72,7 +77,7 @@ def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping = NEWS
         log.info("no landing files for %s in %s: nothing to do", day, settings.landing_zone)
         return {**summary, "status": "no files"}
 
-    raw, file_errors = _read_day(files, mapping)
+    raw, file_errors = _read_day(files, mapping or news_mapping(settings.ingest))
     cleaned = _clean_day(raw, settings.ingest.max_news_chars)
     report = None
     if len(cleaned.clean):

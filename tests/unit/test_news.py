@@ -125,3 +125,22 @@ def test_column_mapping_reads_other_names(tmp_path):
     assert frame[["text", "label", "entity"]].values.tolist() == [["Profit rose", "positive", "NOK"]]
     with pytest.raises(SourceError, match="no column 'label'"):
         read_table(str(path), ColumnMapping(text="headline", label="label"))
+
+
+def test_news_columns_are_mapped_from_the_settings(news_settings):
+    day = date(1987, 3, 3)
+    folder = day_folder(news_settings.landing_zone, day)
+    folder.mkdir(parents=True)
+    (folder / "feed.csv").write_text(
+        'story_id,published,headline,ticker,publisher\n'
+        'n1,1987-03-03T09:00:00,"Nokia profit rose,\nsales grew",NOK,wire\n'
+        'n2,1987-03-03T10:00:00,Elcoteq cut jobs,ELQ,wire\n'
+    )
+    mapped = news_settings.ingest.model_copy(update={
+        "text_column": "headline", "id_column": "story_id", "timestamp_column": "published",
+        "entity_column": "ticker", "source_column": "publisher"})
+    result = ingest_news_day(news_settings.model_copy(update={"ingest": mapped}), day)
+    assert result["clean"] == 2
+    clean = pd.read_parquet(news_partition(news_settings, day) / "news.parquet")
+    assert clean[["id", "entity", "source"]].values.tolist() == [["n1", "NOK", "wire"], ["n2", "ELQ", "wire"]]
+    assert clean["text"].tolist()[0] == "Nokia profit rose, sales grew"  # one record over two lines, normalised
