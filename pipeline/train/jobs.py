@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
+def _main_process() -> bool:
+    """False on the other ranks under torchrun: rank 0 logs to MLflow for all of them."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _run_dir(settings: Settings, run_id: str, step: str) -> Path:
     # Keyed by run: a retried step overwrites its own output and nothing else.
     path = settings.runs_dir / run_id / step
@@ -51,6 +56,9 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
     )
     log.info("masked-LM adaptation (%s start, %s objective, resumed from step %s): %s",
              result.start, result.objective, result.resumed_from_step, result.reason)
+    summary = {key: value for key, value in result.to_dict().items() if key != "history"}
+    if not _main_process():
+        return summary
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("mlm_perplexity_base", result.perplexity_base)
@@ -64,7 +72,7 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
         mlflow.log_params({"mlm_used": result.used, "mlm_blocks": result.blocks, "mlm_corpus_texts": len(corpus),
                            "mlm_start": result.start, "mlm_objective": result.objective, "mlm_whole_word": result.whole_word})
         mlflow.set_tag("mlm_decision", result.reason)
-    return {key: value for key, value in result.to_dict().items() if key != "history"}
+    return summary
 
 
 def _trial_suffix(settings: Settings, trial: int | str) -> str:
@@ -91,7 +99,7 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
         model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg
     )
     summary = {key: value for key, value in result.items() if key != "history"}
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 logs for all
+    if not _main_process():
         return {**summary, "config_hash": config_hash, "trial": trial}
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
