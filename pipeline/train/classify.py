@@ -74,15 +74,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> FinetuneTrainer:
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, TrainingArguments
 
+    from pipeline.train.device import training_device_args
     from pipeline.train.trainer import FinetuneTrainer, class_weight_vector
 
     cuda = torch.cuda.is_available()
@@ -94,9 +89,7 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
         eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=1,
         save_only_model=True, load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
         train_sampling_strategy=cfg.train_sampling, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        bf16=use_bf16(cfg), optim="adamw_torch_fused" if cuda else "adamw_torch", torch_compile=cfg.torch_compile and cuda,
-        # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
-        use_cpu=not cuda,
+        **training_device_args(cfg),
     )
     train_labels = label_ids(train["label"])
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience > 0 else []

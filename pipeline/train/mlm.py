@@ -37,6 +37,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
+from pipeline.train.device import training_device_args
 from pipeline.train.masking import (
     build_nsp_pairs,
     continuation_table,
@@ -136,21 +137,6 @@ def _scratch_base(out_dir: Path, corpus_texts: list[str], cfg: TrainConfig) -> P
     return final
 
 
-def _device_options(cfg: TrainConfig) -> dict:
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and (cfg.bf16 is None or cfg.bf16) and torch.cuda.is_bf16_supported()
-    if cfg.bf16 and not bf16:
-        log.info("bf16 asked for but no CUDA device with bf16: training in fp32")
-    if cfg.torch_compile and not cuda:
-        log.info("torch_compile is a GPU switch: off on CPU")
-    return {
-        "bf16": bf16, "optim": "adamw_torch_fused" if cuda else "adamw_torch",
-        "torch_compile": cfg.torch_compile and cuda, "dataloader_pin_memory": cuda,
-        # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
-        "use_cpu": not cuda,
-    }
-
-
 @functools.cache
 def _step_counter_class():
     from transformers import TrainerCallback
@@ -178,7 +164,12 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     call with the same settings was cut off."""
     from datasets import Dataset
     from transformers import (
-        AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertForPreTraining, Trainer, TrainingArguments,
+        AutoConfig,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+        BertForPreTraining,
+        Trainer,
+        TrainingArguments,
     )
 
     out_dir = Path(out_dir)
@@ -230,7 +221,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         reason = f"corpus too small for one {'pair' if nsp else f'{block_size}-token block'}; fine-tuning the {base_what}"
         return MlmResult(perplexity_base, None, "base", reason, base_model, 0, 0, **common)
 
-    device = _device_options(cfg)
+    device = training_device_args(cfg)
     save = cfg.checkpoint_steps > 0
     args = TrainingArguments(
         output_dir=str(checkpoint_dir), max_steps=cfg.mlm_steps, per_device_train_batch_size=cfg.mlm_batch_size,

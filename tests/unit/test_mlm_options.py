@@ -188,19 +188,19 @@ def test_margin_gate_keeps_the_base_and_says_why(tmp_path, tiny_base, texts):
 
 
 def test_gpu_switches_are_off_on_cpu_and_on_with_cuda(monkeypatch, tiny_base):
-    from pipeline.train import mlm
+    from pipeline.train.device import training_device_args
 
     cfg = tiny_train_config(tiny_base).model_copy(update={"bf16": True, "torch_compile": True})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert mlm._device_options(cfg) == {
+    assert training_device_args(cfg) == {
         "bf16": False, "optim": "adamw_torch", "torch_compile": False, "dataloader_pin_memory": False, "use_cpu": True,
     }
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert mlm._device_options(cfg) == {
+    assert training_device_args(cfg) == {
         "bf16": True, "optim": "adamw_torch_fused", "torch_compile": True, "dataloader_pin_memory": True, "use_cpu": False,
     }
     auto = cfg.model_copy(update={"bf16": None, "torch_compile": False})
-    assert mlm._device_options(auto)["bf16"] is True and mlm._device_options(auto)["torch_compile"] is False
+    assert training_device_args(auto)["bf16"] is True and training_device_args(auto)["torch_compile"] is False
     off = cfg.model_copy(update={"bf16": False})
-    assert mlm._device_options(off)["bf16"] is False
+    assert training_device_args(off)["bf16"] is False

@@ -1,0 +1,28 @@
+"""The TrainingArguments that depend on the machine, shared by masked-LM
+adaptation and fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pipeline.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def training_device_args(cfg: TrainConfig) -> dict:
+    """TrainingArguments for the machine: the GPU switches are on only with CUDA."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and (cfg.bf16 is None or cfg.bf16) and torch.cuda.is_bf16_supported()
+    if cfg.bf16 and not bf16:
+        log.info("bf16 asked for but no CUDA device with bf16: training in fp32")
+    if cfg.torch_compile and not cuda:
+        log.info("torch_compile is a GPU switch: off on CPU")
+    return {
+        "bf16": bf16, "optim": "adamw_torch_fused" if cuda else "adamw_torch",
+        "torch_compile": cfg.torch_compile and cuda, "dataloader_pin_memory": cuda,
+        # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
+        "use_cpu": not cuda,
+    }
