@@ -1,9 +1,10 @@
 """Fine-tuning a sequence classifier, best epoch picked on validation macro-F1.
 
 Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
-back into the base, class-weighted loss, layer-wise learning-rate decay,
-warm-up, early stopping, length-grouped dynamic padding, bf16 + fused AdamW on
-CUDA."""
+back into the base, class-weighted loss, label smoothing or soft targets from
+annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
+length-grouped dynamic padding, a greedy weight soup of several members, bf16 +
+fused AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -24,13 +25,22 @@ if TYPE_CHECKING:
 LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
 
 
-def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int):
+def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: bool = False):
+    """Tokenised rows with label ids, or with ``soft_labels`` target
+    distributions built from the ``agreement`` column."""
     from datasets import Dataset
 
+    from pipeline.train.trainer import soft_targets
+
     encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
+    labels = label_ids(frame["label"])
+    if soft_labels:
+        if "agreement" not in frame:
+            raise ValueError("agreement_soft_labels needs an 'agreement' column in the training split")
+        labels = soft_targets(labels, frame["agreement"].to_numpy())
     return Dataset.from_dict({
         **encoded,
-        "labels": label_ids(frame["label"]).tolist(),
+        "labels": labels.tolist(),
         "length": [len(ids) for ids in encoded["input_ids"]],
     })
 
@@ -96,26 +106,47 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
     return FinetuneTrainer(
         model=model, args=args,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if cuda else None),
-        train_dataset=_tokenized(train, tokenizer, cfg.max_length),
+        train_dataset=_tokenized(train, tokenizer, cfg.max_length, soft_labels=cfg.agreement_soft_labels),
         eval_dataset=_tokenized(validation, tokenizer, cfg.max_length),
         compute_metrics=_eval_metrics, callbacks=callbacks,
         class_weights=class_weight_vector(train_labels, cfg.class_weights), layer_lr_decay=cfg.layer_lr_decay,
+        label_smoothing=cfg.label_smoothing,
     )
 
 
-def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
-    """Trains, keeps the epoch with the best validation macro-F1, saves it to
-    ``out_dir/model`` as a plain transformers model (LoRA adapters merged in;
-    the adapter alone goes to ``out_dir/adapter``)."""
+def _train_member(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig,
+                  init_seed: int) -> tuple[FinetuneTrainer, object, int, int]:
+    """One fine-tuning run; the classifier head is initialised from ``init_seed``,
+    data order and dropout follow ``cfg.seed``. The trainer ends on its best epoch."""
     from transformers import set_seed
 
-    set_seed(cfg.seed)
+    set_seed(init_seed)
     model, tokenizer = load_classifier(model_dir)
     if cfg.finetune_method == "lora":
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
     trainer = build_trainer(model, tokenizer, train, validation, out_dir, cfg)
     trainer.train()
+    return trainer, tokenizer, trainable, total
+
+
+def _best_eval(history: list[dict]) -> dict:
+    return max((h for h in history if "eval_macro_f1" in h), key=lambda h: h["eval_macro_f1"])
+
+
+def _save(model, tokenizer, final_dir: Path) -> None:
+    model.save_pretrained(str(final_dir))
+    tokenizer.save_pretrained(final_dir)
+
+
+def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
+    """Trains, keeps the epoch with the best validation macro-F1, saves it to
+    ``out_dir/model`` as a plain transformers model (LoRA adapters merged in;
+    the adapter alone goes to ``out_dir/adapter``). With ``soup_size`` > 1 the
+    saved model is the greedy weight soup of that many members."""
+    if cfg.soup_size > 1:
+        return _finetune_soup(model_dir, train, validation, out_dir, cfg)
+    trainer, tokenizer, trainable, total = _train_member(model_dir, train, validation, out_dir, cfg, cfg.seed)
     final_dir = out_dir / "model"
     result: dict = {}
     if cfg.finetune_method == "lora":
@@ -124,12 +155,11 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     if trainer.is_world_process_zero():
         if cfg.finetune_method == "lora":
             trainer.model.save_pretrained(str(out_dir / "adapter"))
-            trainer.model.merge_and_unload().save_pretrained(str(final_dir))
+            _save(trainer.model.merge_and_unload(), tokenizer, final_dir)
         else:
-            trainer.save_model(str(final_dir))
-        tokenizer.save_pretrained(final_dir)
+            _save(trainer.model, tokenizer, final_dir)
     evals = [h for h in trainer.state.log_history if "eval_macro_f1" in h]
-    best = max(evals, key=lambda h: h["eval_macro_f1"])
+    best = _best_eval(evals)
     weights = trainer.class_weights
     return {
         "model_dir": str(final_dir),
@@ -144,6 +174,78 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
         "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
         **result,
         "history": trainer.state.log_history,
+    }
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point tensors; other tensors (index buffers) from the first."""
+    return {
+        name: torch.stack([state[name].float() for state in states]).mean(dim=0).to(tensor.dtype)
+        if tensor.is_floating_point() else tensor.clone()
+        for name, tensor in states[0].items()
+    }
+
+
+def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
+    """Greedy model soup (Wortsman et al., 2022): ``soup_size`` members share the
+    initialisation (base and classifier head) and differ in data order and dropout;
+    ranked by validation macro-F1, each member joins the average only if the
+    averaged model's validation macro-F1 does not drop. One model comes out, so
+    export and serving cost what a single model costs; training costs the members."""
+    import shutil
+
+    members = []
+    for index in range(cfg.soup_size):
+        member_cfg = cfg.model_copy(update={"seed": cfg.seed + 1000 * index, "soup_size": 1})
+        member_dir = out_dir / f"member-{index}"
+        trainer, tokenizer, trainable, total = _train_member(model_dir, train, validation, member_dir, member_cfg, cfg.seed)
+        model = trainer.model.merge_and_unload() if cfg.finetune_method == "lora" else trainer.model
+        best = _best_eval(trainer.state.log_history)
+        members.append({
+            "seed": member_cfg.seed, "val_macro_f1": float(best["eval_macro_f1"]), "best_epoch": int(round(best["epoch"])),
+            "state": {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
+            "history": trainer.state.log_history,
+        })
+        shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
+        del trainer, model
+
+    ranked = sorted(members, key=lambda m: m["val_macro_f1"], reverse=True)
+    soup_model, tokenizer = load_classifier(model_dir)
+    evaluator = build_trainer(soup_model, tokenizer, train, validation, out_dir / "soup",
+                              cfg.model_copy(update={"finetune_method": "full"}))
+
+    def validation_scores(states: list[dict]) -> dict:
+        soup_model.load_state_dict(average_state_dicts(states))
+        return evaluator.evaluate()
+
+    kept = [ranked[0]]
+    scores = validation_scores([ranked[0]["state"]])
+    for candidate in ranked[1:]:
+        trial = validation_scores([m["state"] for m in [*kept, candidate]])
+        if trial["eval_macro_f1"] >= scores["eval_macro_f1"]:
+            kept, scores = [*kept, candidate], trial
+    soup_model.load_state_dict(average_state_dicts([m["state"] for m in kept]))
+    final_dir = out_dir / "model"
+    if evaluator.is_world_process_zero():
+        _save(soup_model, tokenizer, final_dir)
+    shutil.rmtree(out_dir / "soup", ignore_errors=True)
+    best = ranked[0]
+    return {
+        "model_dir": str(final_dir),
+        "best_epoch": best["best_epoch"],
+        "best_val_macro_f1": float(scores["eval_macro_f1"]),
+        "best_val_accuracy": float(scores["eval_accuracy"]),
+        "epochs_run": len(best_evals := [h for h in best["history"] if "eval_macro_f1" in h]),
+        "stopped_early": len(best_evals) < cfg.epochs,
+        "finetune_method": cfg.finetune_method,
+        "trainable_params": trainable,
+        "total_params": total,
+        "class_weights": None if evaluator.class_weights is None else [round(float(w), 6) for w in evaluator.class_weights],
+        "soup": {
+            "members": [{"seed": m["seed"], "val_macro_f1": m["val_macro_f1"], "best_epoch": m["best_epoch"]} for m in members],
+            "kept_seeds": [m["seed"] for m in kept],
+        },
+        "history": best["history"],
     }
 
 

@@ -113,6 +113,9 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
             f"best_epoch{suffix}": result["best_epoch"], f"best_val_macro_f1{suffix}": result["best_val_macro_f1"],
             f"epochs_run{suffix}": result["epochs_run"], f"trainable_params{suffix}": result["trainable_params"],
         })
+        if "soup" in result:
+            mlflow.log_metric(f"soup_members_kept{suffix}", len(result["soup"]["kept_seeds"]))
+            mlflow.log_dict(result["soup"], f"soup{suffix}.json")
         mlflow.log_artifact(str(plot_training_curves(result["history"], out / f"training_curves{suffix}.png")), "plots")
     return {**summary, "config_hash": config_hash, "trial": trial}
 

@@ -1,5 +1,5 @@
-"""The Trainer used for fine-tuning: class-weighted cross-entropy and
-layer-wise learning-rate decay. Kept apart from ``classify`` because importing
+"""The Trainer used for fine-tuning: cross-entropy with class weights, label
+smoothing or soft targets, and layer-wise learning-rate decay. Kept apart from ``classify`` because importing
 ``transformers.Trainer`` takes seconds that inference callers should not pay."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from pipeline.config import LABELS
@@ -62,26 +63,56 @@ def llrd_param_groups(
     return sorted(groups.values(), key=lambda g: (g["lr"], g["weight_decay"]))
 
 
-class FinetuneTrainer(Trainer):
-    """Trainer with an optional class-weighted cross-entropy and layer-wise learning-rate decay."""
+def soft_targets(labels: np.ndarray, agreement: np.ndarray) -> np.ndarray:
+    """One target distribution per row: the label gets the row's annotator
+    agreement (percent, at least 1/num_labels), the other labels share the rest evenly."""
+    num_labels = len(LABELS)
+    share = np.clip(np.asarray(agreement, dtype=np.float64) / 100.0, 1.0 / num_labels, 1.0)
+    targets = np.repeat(((1.0 - share) / (num_labels - 1))[:, None], num_labels, axis=1)
+    targets[np.arange(len(labels)), labels] = share
+    return targets.astype(np.float32)
 
-    def __init__(self, *args, class_weights: torch.Tensor | None = None, layer_lr_decay: float = 1.0, **kwargs):
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy against label ids, or against target distributions
+    when ``labels`` is a float [batch, num_labels] tensor; class weights scale each row's term."""
+    logits = logits.float().view(-1, logits.shape[-1])
+    weights = None if class_weights is None else class_weights.to(logits.device)
+    if not labels.dtype.is_floating_point:
+        return F.cross_entropy(logits, labels.view(-1), weight=weights, label_smoothing=label_smoothing)
+    targets = labels.view(logits.shape)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    per_row = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    if weights is None:
+        return per_row.mean()
+    row_weights = targets @ weights
+    return (per_row * row_weights).sum() / row_weights.sum()
+
+
+class FinetuneTrainer(Trainer):
+    """Trainer with class weights, label smoothing or soft targets in the loss,
+    and layer-wise learning-rate decay."""
+
+    def __init__(
+        self, *args, class_weights: torch.Tensor | None = None, layer_lr_decay: float = 1.0,
+        label_smoothing: float = 0.0, **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.class_weights = class_weights
         self.layer_lr_decay = layer_lr_decay
+        self.label_smoothing = label_smoothing
         # Sequence classifiers take **kwargs but their loss is a per-batch mean that ignores
         # num_items_in_batch; left True, the Trainer multiplies it by the number of DDP processes.
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.class_weights is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.view(-1), weight=self.class_weights.to(logits.device)
-        )
+        loss = classification_loss(logits, labels, self.class_weights, self.label_smoothing)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):

@@ -1,5 +1,6 @@
 """Fine-tuning options on the tiny BERT: LoRA merged for export, class-weighted
-loss, layer-wise learning-rate decay, early stopping."""
+loss, label smoothing and soft targets, layer-wise learning-rate decay, early
+stopping, greedy weight soups."""
 
 from pathlib import Path
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from pipeline.data.ingest import load_split
-from pipeline.train.classify import apply_lora, build_trainer, count_parameters, finetune, load_classifier
-from pipeline.train.trainer import class_weight_vector
+from pipeline.train.classify import (
+    apply_lora, average_state_dicts, build_trainer, count_parameters, finetune, load_classifier,
+)
+from pipeline.train.trainer import class_weight_vector, classification_loss, soft_targets
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +147,69 @@ def test_early_stopping_stops_when_validation_macro_f1_does_not_improve(tmp_path
     assert result["best_epoch"] == 1
     assert len(result["class_weights"]) == 3 and np.mean(result["class_weights"]) == pytest.approx(1.0, abs=1e-5)
     assert (Path(result["model_dir"]) / "config.json").is_file()
+
+
+def test_soft_targets_give_the_label_its_agreement_share():
+    targets = soft_targets(np.array([0, 1, 2, 1]), np.array([100, 75, 66, 50]))
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(targets[0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(targets[1], [0.125, 0.75, 0.125])
+    np.testing.assert_allclose(targets[2], [0.17, 0.17, 0.66], rtol=1e-6)
+    np.testing.assert_allclose(targets[3], [0.25, 0.5, 0.25])
+
+
+def test_classification_loss_with_smoothing_and_soft_targets():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    # One-hot targets as floats give the hard-label loss, with or without class weights and smoothing.
+    torch.testing.assert_close(classification_loss(logits, one_hot), classification_loss(logits, labels))
+    weights = torch.tensor([0.5, 1.0, 3.0])
+    torch.testing.assert_close(classification_loss(logits, one_hot, weights), classification_loss(logits, labels, weights))
+    smoothed = one_hot * 0.9 + 0.1 / 3
+    torch.testing.assert_close(classification_loss(logits, labels, label_smoothing=0.1),
+                               -(smoothed * log_probs).sum(-1).mean())
+    soft = torch.tensor(soft_targets(labels.numpy(), np.array([100, 75, 66, 50, 50, 75])))
+    torch.testing.assert_close(classification_loss(logits, soft), -(soft * log_probs).sum(-1).mean())
+    assert abs(classification_loss(logits, soft).item() - classification_loss(logits, labels).item()) > 1e-3
+
+
+def test_agreement_soft_labels_reach_the_loss(tmp_path, ingested, splits):
+    train = splits[0]
+    assert set(train["agreement"]) > {100}
+    model, tokenizer = load_classifier(ingested.train.base_model)
+    trainer = build_trainer(model, tokenizer, train, splits[1], tmp_path, _config(ingested, agreement_soft_labels=True))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (len(batch["input_ids"]), 3)
+    torch.testing.assert_close(batch["labels"].sum(-1), torch.ones(len(batch["labels"])))
+    assert (batch["labels"].max(-1).values < 1).any()
+    # Validation keeps hard labels, so its metrics score the majority label.
+    assert not next(iter(trainer.get_eval_dataloader()))["labels"].dtype.is_floating_point
+
+
+def test_average_state_dicts_means_floats_and_keeps_index_buffers():
+    first = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([0, 1])}
+    second = {"w": torch.tensor([3.0, 6.0]), "ids": torch.tensor([0, 1])}
+    averaged = average_state_dicts([first, second])
+    torch.testing.assert_close(averaged["w"], torch.tensor([2.0, 4.0]))
+    assert averaged["ids"].dtype == torch.long and averaged["ids"].tolist() == [0, 1]
+
+
+def test_soup_averages_members_that_share_the_initialisation(tmp_path, ingested, splits):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = _config(ingested, soup_size=3)
+    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
+    members = result["soup"]["members"]
+    assert [m["seed"] for m in members] == [cfg.seed, cfg.seed + 1000, cfg.seed + 2000]
+    kept = result["soup"]["kept_seeds"]
+    best_member = max(members, key=lambda m: m["val_macro_f1"])
+    # Greedy: the best member comes first and the soup is never worse than it on validation.
+    assert kept[0] == best_member["seed"]
+    assert result["best_val_macro_f1"] >= best_member["val_macro_f1"]
+    soup = AutoModelForSequenceClassification.from_pretrained(result["model_dir"])
+    base, _ = load_classifier(cfg.base_model)
+    moved = [name for name, p in soup.state_dict().items() if p.is_floating_point() and not torch.equal(p, base.state_dict()[name])]
+    assert moved, "the soup's weights are the base's: no member trained"
+    assert not list(tmp_path.glob("member-*/checkpoints"))
