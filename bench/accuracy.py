@@ -14,6 +14,12 @@ variant, and as its last line one JSON object; appends that object to
     python bench/accuracy.py --seeds 1 --device cpu --variants base --set epochs=1   # a CPU smoke run
 
 Training settings come from TrainConfig (FINSENT_TRAIN__* or ``--set key=value``).
+
+On a machine without the data folders, ``--export-inputs DIR`` (run where the
+data is) writes the canonical split and the Reuters texts to DIR, and
+``--inputs DIR`` reads them there. Seeds of one recipe can run as separate
+processes (``--seed-list 1 --label NAME``); ``--combine FILE...`` then
+summarises every result line of each label and variant across those files.
 """
 
 from __future__ import annotations
@@ -44,7 +50,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuters-dir", type=Path, default=REPO.parent / "shared/data/reuters21578")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/accuracy.jsonl")
+    parser.add_argument("--seed-list", help="comma-separated seeds; overrides --seeds")
+    parser.add_argument("--limit-rows", type=int, help="first N rows of each split only (smoke tests; not a result)")
+    parser.add_argument("--label", default="", help="a name for this recipe in the results")
+    parser.add_argument("--inputs", type=Path, help="a folder written by --export-inputs, instead of the data folders")
+    parser.add_argument("--export-inputs", type=Path, metavar="DIR", help="write the split and corpus to DIR and exit")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSONL", help="summarise result lines and exit")
     return parser.parse_args(argv)
+
+
+SPLITS = ("train", "validation", "test")
+CORPUS_FILE = "reuters_texts.json.gz"
+
+
+def export_inputs(args: argparse.Namespace, out: Path) -> None:
+    import gzip
+
+    from pipeline.data.sources import read_reuters
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in canonical_split(args.fpb_dir).items():
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+    with gzip.open(out / CORPUS_FILE, "wt", encoding="utf-8") as handle:
+        json.dump(read_reuters(args.reuters_dir)["text"].tolist(), handle)
+    print("inputs written to", out)
+
+
+def load_inputs(folder: Path) -> tuple[dict, list[str]]:
+    import gzip
+
+    import pandas as pd
+
+    splits = {name: pd.read_parquet(folder / f"{name}.parquet") for name in SPLITS}
+    with gzip.open(folder / CORPUS_FILE, "rt", encoding="utf-8") as handle:
+        return splits, json.load(handle)
+
+
+def combine(files: list[Path]) -> dict:
+    """One summary per (label, variant) over the runs of every result line in ``files``."""
+    results = [json.loads(line) for path in files for line in path.read_text().splitlines() if line.strip()]
+    combined = {}
+    for label in sorted({r.get("label", "") for r in results}):
+        runs = [run for r in results if r.get("label", "") == label for run in r["runs"]]
+        combined[label] = summarise(runs)
+        combined[label]["seeds"] = sorted({run["seed"] for run in runs})
+    print(json.dumps(combined))
+    return combined
 
 
 def canonical_split(fpb_dir: Path) -> dict:
@@ -91,6 +142,7 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
     return {
         "variant": variant, "seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
+        "val_macro_f1": tuned["best_val_macro_f1"], "soup_kept": len(tuned["soup"]["kept_seeds"]) if "soup" in tuned else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -114,25 +166,36 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import pandas as pd
 
-    from pipeline.data.sources import read_reuters
-
+    if args.combine:
+        return combine(args.combine)
+    if args.export_inputs:
+        export_inputs(args, args.export_inputs)
+        return {}
     cfg = train_config(args.set)
-    splits = canonical_split(args.fpb_dir)
-    print("canonical split:", {name: len(frame) for name, frame in splits.items()}, flush=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    corpus: list[str] = []
-    if "mlm" in variants:
-        corpus = read_reuters(args.reuters_dir)["text"].head(cfg.mlm_max_corpus_texts).tolist()
+    if args.inputs:
+        splits, corpus = load_inputs(args.inputs)
+    else:
+        from pipeline.data.sources import read_reuters
+
+        splits, corpus = canonical_split(args.fpb_dir), []
+        if "mlm" in variants:
+            corpus = read_reuters(args.reuters_dir)["text"].tolist()
+    corpus = corpus[: cfg.mlm_max_corpus_texts]
+    if args.limit_rows:
+        splits = {name: frame.head(args.limit_rows) for name, frame in splits.items()}
+    print("canonical split:", {name: len(frame) for name, frame in splits.items()}, flush=True)
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     runs = []
     for variant in variants:
-        for seed in range(args.seeds):
+        for seed in seeds:
             with tempfile.TemporaryDirectory() as work:
                 runs.append(run_once(splits, corpus, cfg, variant, seed, Path(work)))
             print("run:", json.dumps(runs[-1]), flush=True)
     import torch
 
     result = {
-        "benchmark": "accuracy", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "accuracy", "label": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "command": " ".join(["python", "bench/accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": cfg.model_dump(), "floors": FLOORS, "summary": summarise(runs), "runs": runs,

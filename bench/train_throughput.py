@@ -61,7 +61,7 @@ from transformers import BertConfig, BertForMaskedLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.train.fast_mlm import StaticMaskCollator, fused_adamw, make_train_step  # noqa: E402
+from pipeline.train.fast_mlm import StaticMaskCollator, fused_adamw, make_train_step, pad_vocabulary  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -85,7 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real", action="store_true", help="Reuters + PhraseBank texts, packed vs padded")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the fast step, or 'none'; default: "
-                             "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs")
+                             "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs. "
+                             "Several, comma-separated, time one fast run each (the first is 'fast', the others "
+                             "'fast_<mode>'); a ':nopad' suffix leaves the vocabulary at its real size")
+    parser.add_argument("--pad-vocab", type=int, default=64,
+                        help="fast runs pad the vocabulary to a multiple of this many rows (0: never)")
+    parser.add_argument("--inputs", type=Path,
+                        help="with --real: a folder written by bench/accuracy.py --export-inputs instead of ../shared/data")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense FLOPs for MFU (H100 bf16: 989)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,8 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- data
 
 
-def load_texts() -> list[str]:
+def load_texts(inputs: Path | None = None) -> list[str]:
     """Reuters-21578 <BODY> texts and Financial PhraseBank (50Agree) sentences."""
+    if inputs is not None:
+        import gzip
+
+        import pandas as pd
+
+        with gzip.open(inputs / "reuters_texts.json.gz", "rt", encoding="utf-8") as handle:
+            texts = json.load(handle)
+        return texts + [t for name in ("train", "validation", "test") for t in pd.read_parquet(inputs / f"{name}.parquet")["text"]]
     texts = []
     for path in sorted((DATA / "reuters21578").glob("reut2-*.sgm")):
         sgml = path.read_bytes().decode("latin-1")
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda asked for, but torch sees no GPU")
     config = BertConfig(**SIZES[args.size], max_position_embeddings=max(512, args.seq))
     autocast = torch.bfloat16 if args.dtype == "bf16" else None
-    compile_fast = args.compile_mode != "none"
+    compile_modes = [mode.strip() for mode in args.compile_mode.split(",") if mode.strip()]
     rows = (args.warmup + args.steps) * args.batch
     generator = torch.Generator().manual_seed(args.seed)
     collator = StaticMaskCollator(SPECIAL_TOKENS.index("[MASK]"), config.vocab_size, range(len(SPECIAL_TOKENS)),
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     texts = []
     if args.real:
-        texts = load_texts()
+        texts = load_texts(args.inputs)
         random.Random(args.seed).shuffle(texts)
         started = time.perf_counter()
         tokenizer = train_tokenizer(texts, config.vocab_size)
@@ -313,11 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast() -> Callable:
-        model = build_model(config, args.seed, args.device)
-        mode = None if args.compile_mode == "none" else args.compile_mode
-        return make_train_step(model, fused_adamw(model, lr=args.lr), compile=compile_fast,
-                               autocast_dtype=autocast, mode=mode)
+    def fast(mode: str, pad: int) -> Callable[[], Callable]:
+        def make() -> Callable:
+            model = build_model(config, args.seed, args.device)
+            vocab_size = pad_vocabulary(model, pad) if pad else None
+            return make_train_step(model, fused_adamw(model, lr=args.lr), compile=mode != "none",
+                                   autocast_dtype=autocast, mode=None if mode == "none" else mode, vocab_size=vocab_size)
+        return make
 
     runs = {}
     if args.real:
@@ -326,10 +342,15 @@ def main(argv: list[str] | None = None) -> dict:
         runs["baseline_padded"] = time_run("baseline_padded", baseline, padded, padded_tokens, args, flops_per_token)
         runs["baseline_padded"]["useful_fraction"] = round(sum(padded_tokens) / (len(padded) * args.batch * args.seq), 4)
     runs["baseline"] = time_run("baseline", baseline, baseline_batches(fast_data), block_tokens, args, flops_per_token)
-    runs["fast"] = time_run("fast", fast, fast_batches, block_tokens, args, flops_per_token)
-
-    ratio = runs["fast"]["tokens_per_s"] / runs["baseline"]["tokens_per_s"]
-    print(f"ratio fast / baseline (same batches): {ratio:.2f}x")
+    for index, spec in enumerate(compile_modes):
+        mode, _, option = spec.partition(":")
+        pad = 0 if option == "nopad" else args.pad_vocab
+        name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
+        runs[name] = time_run(name, fast(mode, pad), fast_batches, block_tokens, args, flops_per_token)
+        runs[name]["compile_mode"], runs[name]["pad_vocab"] = mode, pad
+        runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
+        print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
+    ratio = runs["fast"]["ratio"]
     report = {
         "bench": "train_throughput",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -337,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "loadavg_1m": round(os.getloadavg()[0], 2), "size": args.size, "params": params,
         "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
         "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
-        "compile_mode": args.compile_mode, "real": args.real, "peak_tflops": args.peak_tflops,
+        "compile_mode": args.compile_mode, "pad_vocab": args.pad_vocab, "real": args.real, "peak_tflops": args.peak_tflops,
         "flops_per_token": flops_per_token, "runs": runs, "ratio": round(ratio, 3),
     }
     if args.real:

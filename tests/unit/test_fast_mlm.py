@@ -2,7 +2,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.train.fast_mlm import StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions
+from pipeline.train.fast_mlm import (
+    StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions, pad_vocabulary,
+)
 
 VOCAB = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -75,6 +77,22 @@ def test_mlm_loss_equals_hf_loss_on_the_same_positions():
         ours = mlm_loss(model, batch["input_ids"], batch["masked_positions"], batch["masked_labels"])
         reference = model(input_ids=batch["input_ids"], labels=labels).loss
     assert float(ours) == pytest.approx(float(reference), abs=1e-5)
+
+
+def test_padded_vocabulary_keeps_the_loss_and_the_real_rows():
+    model = tiny_model().eval()
+    batch = collator()(packed_blocks(8, 64))
+    args = (batch["input_ids"], batch["masked_positions"], batch["masked_labels"])
+    with torch.no_grad():
+        before = mlm_loss(model, *args)
+        original = model.get_input_embeddings().weight.clone()
+        assert pad_vocabulary(model, multiple=64) == VOCAB
+        embeddings = model.get_input_embeddings().weight
+        assert embeddings.shape[0] == 1024 and model.get_output_embeddings().weight is embeddings
+        torch.testing.assert_close(embeddings[:VOCAB], original)
+        torch.testing.assert_close(mlm_loss(model, *args, vocab_size=VOCAB), before)
+        # The padding rows' logits would otherwise join the softmax.
+        assert float(mlm_loss(model, *args)) != pytest.approx(float(before), abs=1e-6)
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Both benchmarks on one GPU node, in one go: the training-throughput runs first (alone on the
+# GPU, so their timings are clean), then the accuracy recipes, all seeds at once as parallel
+# processes (MiniLM fine-tuning leaves an H100 mostly idle, so they share it).
+#
+# Inputs live in a folder that travels with the checkout (git-ignored), made where the data is:
+#   python bench/accuracy.py --export-inputs .devcarry/inputs        # canonical split + Reuters texts
+#   .devcarry/minilm-fp16/    the offline all-MiniLM-L6-v2 with its weights stored in float16
+#                             (the fp32 file is 87 MiB, over what one transfer may carry; every
+#                             weight is upcast back to float32 here before training, relative
+#                             rounding error at most 4.5e-4 of each tensor's largest weight)
+#   .devcarry/whl/            wheels of what the node's image lacks (pydantic, pydantic-settings,
+#                             datasets and their small dependencies), for Python 3.12
+# Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
+# A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# Everything ends by BUDGET seconds (the accuracy processes get what the throughput runs leave).
+BUDGET=${BUDGET:-570}
+OUT=${OUT:?set OUT to a results folder}
+DEVICE=${DEVICE:-cuda}
+SMOKE=${SMOKE:-0}
+PY=${PY:-python3}
+CARRY=.devcarry
+mkdir -p "$OUT"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+
+if ! "$PY" -c "import pydantic_settings, datasets" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $CARRY/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+"$PY" - <<'EOF' || exit 1
+import shutil
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = Path(".devcarry/minilm-fp16"), Path("/tmp/minilm")
+dst.mkdir(parents=True, exist_ok=True)
+for item in src.iterdir():
+    if item.name != "model.safetensors":
+        shutil.copy(item, dst / item.name)
+weights = {k: t.float() if t.is_floating_point() else t for k, t in load_file(src / "model.safetensors").items()}
+save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+EOF
+{ nvidia-smi 2>&1; "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } > "$OUT/machine.txt"
+log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' || echo "$DEVICE")"
+
+# ---- training throughput: bert-base, seq 128, batch 256; synthetic blocks, then real text
+if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; fi
+log "throughput, synthetic"
+timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode default,reduce-overhead,default:nopad \
+  --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
+log "throughput synthetic rc=$?"
+log "throughput, real text (packed vs padded)"
+timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
+  --compile-mode default --out "$OUT/train_throughput.jsonl" >> "$OUT/throughput.log" 2>&1
+log "throughput real rc=$?"
+grep -E "tok/s|ratio" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
+
+# ---- accuracy: label | variant | seeds | TrainConfig overrides
+LLRD="layer_lr_decay=0.85 learning_rate=1.5e-4 epochs=5"
+MLM="mlm_steps=1000 mlm_batch_size=64 mlm_learning_rate=1e-4 mlm_max_corpus_texts=25000 checkpoint_steps=0"
+RECIPES=(
+  "default|base|0,1,2|"
+  "llrd|base|0,1,2|$LLRD"
+  "llrd_ls|base|0,1,2|$LLRD label_smoothing=0.1"
+  "llrd_soft|base|0,1,2|$LLRD agreement_soft_labels=true"
+  "llrd_mlm|mlm|0|$LLRD $MLM"
+  "llrd_mlm|mlm|1|$LLRD $MLM"
+  "llrd_mlm|mlm|2|$LLRD $MLM"
+  "llrd_soup4|base|0|$LLRD soup_size=4"
+  "llrd_soup4|base|1|$LLRD soup_size=4"
+  "llrd_soup4|base|2|$LLRD soup_size=4"
+  "llrd_soft_soup4|base|0|$LLRD agreement_soft_labels=true soup_size=4"
+  "llrd_soft_soup4|base|1|$LLRD agreement_soft_labels=true soup_size=4"
+  "llrd_soft_soup4|base|2|$LLRD agreement_soft_labels=true soup_size=4"
+)
+ACC=/tmp/accuracy-runs
+rm -rf $ACC && mkdir -p $ACC
+ACC_TIMEOUT=$((BUDGET - SECONDS - 15))
+log "accuracy: ${#RECIPES[@]} processes, ${ACC_TIMEOUT} s"
+pids=()
+for index in "${!RECIPES[@]}"; do
+  IFS="|" read -r label variant seeds overrides <<< "${RECIPES[$index]}"
+  sets=(--set base_model=/tmp/minilm)
+  for item in $overrides; do sets+=(--set "$item"); done
+  if [ "$SMOKE" = 1 ]; then sets+=(--limit-rows 64 --set epochs=1 --set mlm_steps=2 --set mlm_batch_size=4 --set soup_size=2); fi
+  OMP_NUM_THREADS=1 timeout $ACC_TIMEOUT "$PY" bench/accuracy.py --device "$DEVICE" --inputs $CARRY/inputs --variants "$variant" \
+    --seed-list "$seeds" --label "$label" "${sets[@]}" --out "$ACC/$index.jsonl" > "$ACC/$index.log" 2>&1 &
+  pids+=($!)
+done
+for index in "${!pids[@]}"; do
+  wait "${pids[$index]}"
+  log "accuracy process $index (${RECIPES[$index]%%|*}) rc=$?"
+done
+cat $ACC/*.jsonl > "$OUT/accuracy.jsonl" 2>/dev/null
+for f in $ACC/*.log; do echo "=== $f"; grep -v -E "it/s\]|s/it\]|^\s*$" "$f" | tail -40; done > "$OUT/accuracy_logs.txt"
+grep -h -o "run: {.*}" $ACC/*.log | tee -a "$OUT/summary.txt"
+"$PY" bench/accuracy.py --combine "$OUT/accuracy.jsonl" | tee -a "$OUT/summary.txt"
+log "done"
