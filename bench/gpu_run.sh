@@ -12,11 +12,14 @@
 #   .devcarry/whl/            wheels of what the node's image lacks (pydantic, pydantic-settings,
 #                             datasets and their small dependencies), for Python 3.12
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
+# PHASES picks the parts (throughput, profile, accuracy); RECIPES the accuracy recipe file.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds (the accuracy processes get what the throughput runs leave).
 BUDGET=${BUDGET:-570}
+PHASES=${PHASES:-throughput,accuracy}
+RECIPES_FILE=${RECIPES:-bench/recipes/round1.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
@@ -47,34 +50,31 @@ log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' |
 
 # ---- training throughput: bert-base, seq 128, batch 256; synthetic blocks, then real text
 if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; fi
-log "throughput, synthetic"
-timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode default,reduce-overhead,default:nopad \
-  --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
-log "throughput synthetic rc=$?"
-log "throughput, real text (packed vs padded)"
-timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
-  --compile-mode default --out "$OUT/train_throughput.jsonl" >> "$OUT/throughput.log" 2>&1
-log "throughput real rc=$?"
-grep -E "tok/s|ratio" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
+if [[ $PHASES == *throughput* ]]; then
+  log "throughput, synthetic"
+  timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode default,reduce-overhead,default:nopad \
+    --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
+  log "throughput synthetic rc=$?"
+  log "throughput, real text (packed vs padded)"
+  timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
+    --compile-mode default --out "$OUT/train_throughput.jsonl" >> "$OUT/throughput.log" 2>&1
+  log "throughput real rc=$?"
+  grep -E "tok/s|ratio" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $PHASES == *profile* ]]; then
+  log "profile: the fast step and the baseline, costliest kernels"
+  timeout 120 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode default --profile 3 \
+    --out "$OUT/train_throughput.jsonl" > "$OUT/profile.log" 2>&1
+  log "profile rc=$?"
+fi
+[[ $PHASES == *accuracy* ]] || { log "done"; exit 0; }
 
-# ---- accuracy: label | variant | seeds | TrainConfig overrides
+# ---- accuracy: one process per line of the recipe file (label | variant | seeds | TrainConfig overrides)
 LLRD="layer_lr_decay=0.85 learning_rate=1.5e-4 epochs=5"
 MLM="mlm_steps=1000 mlm_batch_size=64 mlm_learning_rate=1e-4 mlm_max_corpus_texts=25000 checkpoint_steps=0"
-RECIPES=(
-  "default|base|0,1,2|"
-  "llrd|base|0,1,2|$LLRD"
-  "llrd_ls|base|0,1,2|$LLRD label_smoothing=0.1"
-  "llrd_soft|base|0,1,2|$LLRD agreement_soft_labels=true"
-  "llrd_mlm|mlm|0|$LLRD $MLM"
-  "llrd_mlm|mlm|1|$LLRD $MLM"
-  "llrd_mlm|mlm|2|$LLRD $MLM"
-  "llrd_soup4|base|0|$LLRD soup_size=4"
-  "llrd_soup4|base|1|$LLRD soup_size=4"
-  "llrd_soup4|base|2|$LLRD soup_size=4"
-  "llrd_soft_soup4|base|0|$LLRD agreement_soft_labels=true soup_size=4"
-  "llrd_soft_soup4|base|1|$LLRD agreement_soft_labels=true soup_size=4"
-  "llrd_soft_soup4|base|2|$LLRD agreement_soft_labels=true soup_size=4"
-)
+mapfile -t RECIPE_LINES < <(grep -v -E "^\s*(#|$)" "$RECIPES_FILE")
+RECIPES=()
+for line in "${RECIPE_LINES[@]}"; do line=${line//\$LLRD/$LLRD}; RECIPES+=("${line//\$MLM/$MLM}"); done
 ACC=/tmp/accuracy-runs
 rm -rf $ACC && mkdir -p $ACC
 ACC_TIMEOUT=$((BUDGET - SECONDS - 15))

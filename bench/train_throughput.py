@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs. "
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
                              "'fast_<mode>'); a ':nopad' suffix leaves the vocabulary at its real size")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--pad-vocab", type=int, default=64,
                         help="fast runs pad the vocabulary to a multiple of this many rows (0: never)")
     parser.add_argument("--inputs", type=Path,
@@ -246,6 +248,20 @@ def eager_step(model: BertForMaskedLM, optimizer: torch.optim.Optimizer, autocas
     return step
 
 
+def print_profile(name: str, step: Callable, batches: list[Batch], device: str, rows: int = 15) -> None:
+    """The kernels (or CPU ops) that took the most time over ``batches``, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(*batch)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"profile of {name}, {len(batches)} steps, sorted by {sort_by}:")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def time_run(name: str, make_step: Callable[[], Callable], batches: list[Batch], useful_tokens: list[int],
              args: argparse.Namespace, flops_per_token: float) -> dict:
     """Warm-up steps, then ``args.steps`` timed steps; the loss is read once, after the clock stops."""
@@ -265,6 +281,8 @@ def time_run(name: str, make_step: Callable[[], Callable], batches: list[Batch],
             loss = step(*batch)
         synchronize(args.device)
         elapsed = time.perf_counter() - started
+        if args.profile:
+            print_profile(name, step, batches[: args.profile], args.device)
     tokens = sum(useful_tokens[args.warmup : args.warmup + args.steps])
     tokens_per_s = tokens / elapsed
     result = {

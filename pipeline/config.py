@@ -82,13 +82,18 @@ class TrainConfig(BaseModel):
         "none", description="loss weight per label (negative, neutral, positive), or balanced by inverse frequency")
     layer_lr_decay: float = Field(1.0, description="layer-wise learning-rate decay; 1.0 is off")
     early_stopping_patience: int = Field(0, description="epochs without a better validation macro-F1 before stopping; 0 is off")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="classify the [CLS] vector, or the mean of the token vectors (how sentence-transformers "
+        "bases such as all-MiniLM-L6-v2 were trained; BERT-family bases only)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each hard target spread over all labels")
     agreement_soft_labels: bool = Field(
         False, description="train on soft targets from annotator agreement: the label gets the row's agreement "
         "share (Financial PhraseBank levels 100/75/66/50), the rest is split evenly over the other labels")
     soup_size: int = Field(
         1, ge=1, description="fine-tune this many members from one initialisation (data order and dropout differ) "
-        "and average their weights greedily by validation macro-F1; 1 is off")
+        "and average their weights (see soup_method); 1 is off")
+    soup_method: Literal["greedy", "uniform"] = Field(
+        "greedy", description="greedy: members join by validation macro-F1 rank while it does not drop; uniform: all")
     train_sampling: Literal["group_by_length", "random", "sequential"] = Field(
         "group_by_length", description="group_by_length: length-bucketed shuffled batches, little padding")
     # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.

@@ -45,11 +45,18 @@ def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: boo
     })
 
 
-def load_classifier(model_dir: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_classifier(model_dir: str, pooling: str = "cls"):
+    """A sequence classifier with the project's labels and its tokenizer. A saved
+    classifier keeps its own head; ``pooling="mean"`` puts a mean-pooling head on a BERT base."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.train.pooling import MeanPoolBertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model_class = AutoModelForSequenceClassification
+    if pooling == "mean" and AutoConfig.from_pretrained(model_dir).model_type == "bert":
+        model_class = MeanPoolBertForSequenceClassification
+    model = model_class.from_pretrained(
         model_dir, num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
     )
@@ -121,7 +128,7 @@ def _train_member(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame,
     from transformers import set_seed
 
     set_seed(init_seed)
-    model, tokenizer = load_classifier(model_dir)
+    model, tokenizer = load_classifier(model_dir, cfg.pooling)
     if cfg.finetune_method == "lora":
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
@@ -187,10 +194,10 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
-    """Greedy model soup (Wortsman et al., 2022): ``soup_size`` members share the
-    initialisation (base and classifier head) and differ in data order and dropout;
-    ranked by validation macro-F1, each member joins the average only if the
-    averaged model's validation macro-F1 does not drop. One model comes out, so
+    """Model soup (Wortsman et al., 2022): ``soup_size`` members share the
+    initialisation (base and classifier head) and differ in data order and dropout.
+    Greedy: ranked by validation macro-F1, each member joins the average only if the
+    averaged model's validation macro-F1 does not drop; uniform: all are averaged. One model comes out, so
     export and serving cost what a single model costs; training costs the members."""
     import shutil
 
@@ -210,7 +217,7 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
         del trainer, model
 
     ranked = sorted(members, key=lambda m: m["val_macro_f1"], reverse=True)
-    soup_model, tokenizer = load_classifier(model_dir)
+    soup_model, tokenizer = load_classifier(model_dir, cfg.pooling)
     evaluator = build_trainer(soup_model, tokenizer, train, validation, out_dir / "soup",
                               cfg.model_copy(update={"finetune_method": "full"}))
 
@@ -218,12 +225,16 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
         soup_model.load_state_dict(average_state_dicts(states))
         return evaluator.evaluate()
 
-    kept = [ranked[0]]
-    scores = validation_scores([ranked[0]["state"]])
-    for candidate in ranked[1:]:
-        trial = validation_scores([m["state"] for m in [*kept, candidate]])
-        if trial["eval_macro_f1"] >= scores["eval_macro_f1"]:
-            kept, scores = [*kept, candidate], trial
+    if cfg.soup_method == "uniform":
+        kept = ranked
+        scores = validation_scores([m["state"] for m in kept])
+    else:
+        kept = [ranked[0]]
+        scores = validation_scores([ranked[0]["state"]])
+        for candidate in ranked[1:]:
+            trial = validation_scores([m["state"] for m in [*kept, candidate]])
+            if trial["eval_macro_f1"] >= scores["eval_macro_f1"]:
+                kept, scores = [*kept, candidate], trial
     soup_model.load_state_dict(average_state_dicts([m["state"] for m in kept]))
     final_dir = out_dir / "model"
     if evaluator.is_world_process_zero():

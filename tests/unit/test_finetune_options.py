@@ -213,3 +213,29 @@ def test_soup_averages_members_that_share_the_initialisation(tmp_path, ingested,
     moved = [name for name, p in soup.state_dict().items() if p.is_floating_point() and not torch.equal(p, base.state_dict()[name])]
     assert moved, "the soup's weights are the base's: no member trained"
     assert not list(tmp_path.glob("member-*/checkpoints"))
+
+
+def test_uniform_soup_keeps_every_member(tmp_path, ingested, splits):
+    cfg = _config(ingested, soup_size=2, soup_method="uniform")
+    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
+    assert sorted(result["soup"]["kept_seeds"]) == [cfg.seed, cfg.seed + 1000]
+
+
+def test_mean_pooling_head_trains_saves_and_reloads_with_the_auto_class(tmp_path, ingested, splits):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.train.pooling import MeanPoolBertForSequenceClassification
+
+    cfg = _config(ingested, pooling="mean")
+    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(result["model_dir"]).eval()
+    assert isinstance(reloaded, MeanPoolBertForSequenceClassification)
+    tokenizer = load_classifier(result["model_dir"])[1]
+    texts = splits[1]["text"].head(4).tolist()
+    batch = tokenizer(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = reloaded(**batch).logits
+        # Padding does not move the mean: each text alone gives its row of the padded batch.
+        for i, text in enumerate(texts):
+            alone = reloaded(**tokenizer([text], truncation=True, max_length=64, return_tensors="pt")).logits
+            torch.testing.assert_close(alone[0], logits[i], atol=1e-5, rtol=1e-4)
