@@ -69,9 +69,10 @@ class TrainConfig(BaseModel):
     mlm_margin: float = Field(0.0, description="adapted model is used only if its perplexity beats the base by this")
     checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
     # Fine-tuning
-    epochs: int = 3
+    # Defaults: the best recipe of bench/accuracy.py on the canonical Financial PhraseBank split (bench/RESULTS.md).
+    epochs: int = 5
     batch_size: int = 32
-    learning_rate: float = 8e-5
+    learning_rate: float = 1.5e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     finetune_method: Literal["full", "lora"] = Field("full", description="lora: peft adapters, merged into the base for export")
@@ -80,15 +81,16 @@ class TrainConfig(BaseModel):
     lora_dropout: float = 0.1
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none", description="loss weight per label (negative, neutral, positive), or balanced by inverse frequency")
-    layer_lr_decay: float = Field(1.0, description="layer-wise learning-rate decay; 1.0 is off")
+    layer_lr_decay: float = Field(0.85, description="layer-wise learning-rate decay; 1.0 is off")
     early_stopping_patience: int = Field(0, description="epochs without a better validation macro-F1 before stopping; 0 is off")
     pooling: Literal["cls", "mean"] = Field(
-        "cls", description="classify the [CLS] vector, or the mean of the token vectors (how sentence-transformers "
+        "mean", description="classify the [CLS] vector, or the mean of the token vectors (how sentence-transformers "
         "bases such as all-MiniLM-L6-v2 were trained; BERT-family bases only)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each hard target spread over all labels")
     agreement_soft_labels: bool = Field(
-        False, description="train on soft targets from annotator agreement: the label gets the row's agreement "
-        "share (Financial PhraseBank levels 100/75/66/50), the rest is split evenly over the other labels")
+        True, description="train on soft targets from annotator agreement: the label gets the row's agreement "
+        "share (Financial PhraseBank levels 100/75/66/50), the rest is split evenly over the other labels; rows "
+        "from sources without agreement data are recorded at 100 and keep hard labels")
     soup_size: int = Field(
         1, ge=1, description="fine-tune this many members from one initialisation (data order and dropout differ) "
         "and average their weights (see soup_method); 1 is off")

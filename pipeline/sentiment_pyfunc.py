@@ -30,7 +30,8 @@ class SentimentClassifier(mlflow.pyfunc.PythonModel):
 
         model_dir = context.artifacts["hf_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        # The folder is the project's own fine-tuned model; a mean-pooling head ships its code in it.
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
         with open(context.artifacts["label_map"]) as handle:
             meta = json.load(handle)
         self.labels = meta["labels"]

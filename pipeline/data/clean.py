@@ -101,7 +101,9 @@ def clean_labeled(raw: pd.DataFrame, agreement: dict[str, int], cfg: IngestConfi
     deduplicated = good.drop_duplicates(subset=["text", "label"], keep="first")
     clean = deduplicated.assign(
         id=[str(i) if pd.notna(i) else text_id(t) for i, t in zip(deduplicated["id"], deduplicated["text"])],
-        agreement=deduplicated["text"].map(agreement).fillna(50).astype("int64"),
+        # Agreement comes from the source (Financial PhraseBank levels); a source without it
+        # records no disagreement (100), so soft targets leave its labels hard.
+        agreement=deduplicated["text"].map(agreement).fillna(50 if agreement else 100).astype("int64"),
     )
     quarantine = pd.concat([bad, conflicts])[QUARANTINE_COLUMNS]
     return CleanResult(

@@ -19,6 +19,8 @@ def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = 
     """Writes ``model.onnx`` (weights inline), ``tokenizer.json`` and the serving manifest to ``out_dir``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import pipeline.train.pooling  # noqa: F401  (registers the mean-pooling head with the Auto classes)
+
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)

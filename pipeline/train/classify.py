@@ -8,6 +8,7 @@ fused AdamW on CUDA."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ from pipeline.train.evaluate import classification_metrics, label_ids, softmax
 
 if TYPE_CHECKING:
     from pipeline.train.trainer import FinetuneTrainer
+
+log = logging.getLogger(__name__)
 
 # Attention projections LoRA adapts, per architecture family (BERT/RoBERTa, DistilBERT, Llama-style).
 LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
@@ -50,17 +53,18 @@ def load_classifier(model_dir: str, pooling: str = "cls"):
     classifier keeps its own head; ``pooling="mean"`` puts a mean-pooling head on a BERT base."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.train.pooling import MeanPoolBertForSequenceClassification
+    from pipeline.train.pooling import MEAN_POOL_MODEL_TYPE, MeanPoolBertConfig, MeanPoolBertForSequenceClassification
 
+    labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)), "label2id": {name: i for i, name in enumerate(LABELS)}}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model_class = AutoModelForSequenceClassification
-    if pooling == "mean" and AutoConfig.from_pretrained(model_dir).model_type == "bert":
-        model_class = MeanPoolBertForSequenceClassification
-    model = model_class.from_pretrained(
-        model_dir, num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-    )
-    return model, tokenizer
+    config = AutoConfig.from_pretrained(model_dir)
+    if pooling == "mean" and config.model_type == "bert":
+        settings = {key: value for key, value in config.to_dict().items() if key not in ("model_type", "architectures")}
+        config = MeanPoolBertConfig(**{**settings, **labels})
+        return MeanPoolBertForSequenceClassification.from_pretrained(model_dir, config=config), tokenizer
+    if pooling == "mean" and config.model_type != MEAN_POOL_MODEL_TYPE:
+        log.warning("mean pooling is for BERT bases; %s keeps its own classification head", config.model_type)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, **labels), tokenizer
 
 
 def _eval_metrics(prediction) -> dict[str, float]:

@@ -4,7 +4,10 @@ Sentence-transformers bases (the offline all-MiniLM-L6-v2 among them) were train
 to put a text's meaning in the mean of its token vectors; their [CLS] vector and
 pooler were never trained for that. transformers has no mean-pooling head for
 BERT, hence this small class. Importing this module registers it with the Auto
-classes, so a saved model loads with ``AutoModelForSequenceClassification``."""
+classes, so a saved model loads with ``AutoModelForSequenceClassification``; a
+saved model also carries this file and an ``auto_map``, so where the finsent
+package is not installed ``from_pretrained(folder, trust_remote_code=True)``
+loads it with transformers alone (the registered MLflow model does that)."""
 
 from __future__ import annotations
 
@@ -52,5 +55,7 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+MeanPoolBertConfig.register_for_auto_class()
+MeanPoolBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 AutoConfig.register(MEAN_POOL_MODEL_TYPE, MeanPoolBertConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(MeanPoolBertConfig, MeanPoolBertForSequenceClassification, exist_ok=True)

@@ -79,7 +79,7 @@ def test_lora_finetune_saves_a_plain_transformers_model(tmp_path, ingested, spli
     assert not (Path(result["model_dir"]) / "adapter_config.json").exists()
     # The saved adapter on its (identically seeded) base gives the merged model's logits.
     set_seed(cfg.seed)
-    base, tokenizer = load_classifier(cfg.base_model)
+    base, tokenizer = load_classifier(cfg.base_model, cfg.pooling)
     adapted = PeftModel.from_pretrained(base, result["adapter_dir"]).eval()
     batch = tokenizer(splits[1]["text"].head(16).tolist(), truncation=True, max_length=64, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_class_weights_change_the_loss_of_a_batch(tmp_path, ingested, splits):
 
 
 def test_layer_wise_lr_decay_param_groups(tmp_path, ingested, splits):
-    cfg = _config(ingested, layer_lr_decay=0.5, learning_rate=1e-3, weight_decay=0.01)
+    cfg = _config(ingested, layer_lr_decay=0.5, learning_rate=1e-3, weight_decay=0.01, pooling="cls")
     model, tokenizer = load_classifier(cfg.base_model)
     optimizer = build_trainer(model, tokenizer, *splits, tmp_path, cfg).create_optimizer()
     lr = {name: group["lr"] for group in optimizer.param_groups for name in group["names"]}
