@@ -3,14 +3,8 @@
 # GPU, so their timings are clean), then the accuracy recipes, all seeds at once as parallel
 # processes (MiniLM fine-tuning leaves an H100 mostly idle, so they share it).
 #
-# Inputs live in a folder that travels with the checkout (git-ignored), made where the data is:
-#   python bench/accuracy.py --export-inputs .devcarry/inputs        # canonical split + Reuters texts
-#   .devcarry/minilm-fp16/    the offline all-MiniLM-L6-v2 with its weights stored in float16
-#                             (the fp32 file is 87 MiB, over what one transfer may carry; every
-#                             weight is upcast back to float32 here before training, relative
-#                             rounding error at most 4.5e-4 of each tensor's largest weight)
-#   .devcarry/whl/            wheels of what the node's image lacks (pydantic, pydantic-settings,
-#                             datasets and their small dependencies), for Python 3.12
+# What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
+#   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
 # PHASES picks the parts (throughput, profile, accuracy); RECIPES the accuracy recipe file.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh

@@ -101,6 +101,18 @@ def fused_adamw(model: torch.nn.Module, lr: float = 5e-5, weight_decay: float = 
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def keep_attention_in_bf16() -> None:
+    """Lets attention that falls back to SDPA's math path stay in bf16 (process-wide).
+
+    A profile of the compiled step on an H200 (bench/RESULTS.md) showed attention with
+    dropout lowered to SDPA's math path, which by default upcasts bf16 inputs to float32:
+    its batched matmuls ran as float32 kernels and were 22 % of the step's GPU time.
+    TF32 covers any float32 matmul that remains."""
+    if hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp"):
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def make_train_step(
     model: BertForMaskedLM,
     optimizer: torch.optim.Optimizer,
@@ -116,6 +128,8 @@ def make_train_step(
     ``mode`` is the torch.compile mode; by default "max-autotune-no-cudagraphs" on CUDA and
     torch's default elsewhere. "reduce-overhead" / "max-autotune" add CUDA graphs."""
     device_type = next(model.parameters()).device.type
+    if device_type == "cuda":
+        keep_attention_in_bf16()
     if mode is None:
         mode = "max-autotune-no-cudagraphs" if device_type == "cuda" else "default"
     use_cudagraphs = compile and device_type == "cuda" and mode in CUDAGRAPH_MODES
