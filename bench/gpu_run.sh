@@ -64,11 +64,15 @@ fi
 [[ $PHASES == *accuracy* ]] || { log "done"; exit 0; }
 
 # ---- accuracy: one process per line of the recipe file (label | variant | seeds | TrainConfig overrides)
+# The fine-tuning defaults before 2026-11-26 (rounds 1 and 2 ran with them), then the changes recipes make.
+LEGACY="epochs=3 learning_rate=8e-5 layer_lr_decay=1.0 pooling=cls agreement_soft_labels=false"
 LLRD="layer_lr_decay=0.85 learning_rate=1.5e-4 epochs=5"
 MLM="mlm_steps=1000 mlm_batch_size=64 mlm_learning_rate=1e-4 mlm_max_corpus_texts=25000 checkpoint_steps=0"
 mapfile -t RECIPE_LINES < <(grep -v -E "^\s*(#|$)" "$RECIPES_FILE")
 RECIPES=()
-for line in "${RECIPE_LINES[@]}"; do line=${line//\$LLRD/$LLRD}; RECIPES+=("${line//\$MLM/$MLM}"); done
+for line in "${RECIPE_LINES[@]}"; do
+  line=${line//\$LEGACY/$LEGACY}; line=${line//\$LLRD/$LLRD}; RECIPES+=("${line//\$MLM/$MLM}")
+done
 ACC=/tmp/accuracy-runs
 rm -rf $ACC && mkdir -p $ACC
 ACC_TIMEOUT=$((BUDGET - SECONDS - 15))
