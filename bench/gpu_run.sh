@@ -6,7 +6,8 @@
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (throughput, profile, accuracy); RECIPES the accuracy recipe file.
+# PHASES picks the parts (throughput, profile, accuracy); RECIPES the accuracy recipe file;
+# THROUGHPUT_MODES the fast runs (round 1 ran default,reduce-overhead,default:nopad).
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,7 @@ log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' |
 if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
-  timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode default,reduce-overhead,default:nopad \
+  timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,reduce-overhead,default:noattndrop} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   log "throughput, real text (packed vs padded)"

@@ -41,6 +41,7 @@ The last line printed is one JSON object with all figures; it is also appended t
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import gc
 import html
@@ -87,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile mode of the fast step, or 'none'; default: "
                              "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs. "
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
-                             "'fast_<mode>'); a ':nopad' suffix leaves the vocabulary at its real size")
+                             "'fast_<mode>'); suffixes: ':nopad' leaves the vocabulary at its real size, "
+                             "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
+                             "keep SDPA's fused kernel)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--pad-vocab", type=int, default=64,
@@ -345,9 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast(mode: str, pad: int) -> Callable[[], Callable]:
+    def fast(mode: str, pad: int, attention_dropout: bool) -> Callable[[], Callable]:
         def make() -> Callable:
-            model = build_model(config, args.seed, args.device)
+            model_config = copy.deepcopy(config)
+            if not attention_dropout:
+                model_config.attention_probs_dropout_prob = 0.0
+            model = build_model(model_config, args.seed, args.device)
             vocab_size = pad_vocabulary(model, pad) if pad else None
             return make_train_step(model, fused_adamw(model, lr=args.lr), compile=mode != "none",
                                    autocast_dtype=autocast, mode=None if mode == "none" else mode, vocab_size=vocab_size)
@@ -361,11 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs["baseline_padded"]["useful_fraction"] = round(sum(padded_tokens) / (len(padded) * args.batch * args.seq), 4)
     runs["baseline"] = time_run("baseline", baseline, baseline_batches(fast_data), block_tokens, args, flops_per_token)
     for index, spec in enumerate(compile_modes):
-        mode, _, option = spec.partition(":")
-        pad = 0 if option == "nopad" else args.pad_vocab
+        mode, *options = spec.split(":")
+        pad = 0 if "nopad" in options else args.pad_vocab
+        attention_dropout = "noattndrop" not in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        runs[name] = time_run(name, fast(mode, pad), fast_batches, block_tokens, args, flops_per_token)
-        runs[name]["compile_mode"], runs[name]["pad_vocab"] = mode, pad
+        runs[name] = time_run(name, fast(mode, pad, attention_dropout), fast_batches, block_tokens, args, flops_per_token)
+        runs[name].update(compile_mode=mode, pad_vocab=pad, attention_dropout=attention_dropout)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
     ratio = runs["fast"]["ratio"]

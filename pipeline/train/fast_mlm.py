@@ -71,7 +71,10 @@ def pad_vocabulary(model: BertForMaskedLM, multiple: int = 64) -> int:
     kernels; the extra rows are never inputs or targets, and ``mlm_loss`` drops their logits."""
     vocab_size = model.config.vocab_size
     if vocab_size % multiple:
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=multiple)
+        weight = model.get_input_embeddings().weight
+        # The new rows' random initialisation must not move the global RNG streams (dropout, masking).
+        with torch.random.fork_rng(devices=[weight.device.index or 0] if weight.is_cuda else []):
+            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=multiple)
     return vocab_size
 
 

@@ -95,6 +95,15 @@ def test_padded_vocabulary_keeps_the_loss_and_the_real_rows():
         assert float(mlm_loss(model, *args)) != pytest.approx(float(before), abs=1e-6)
 
 
+def test_padding_the_vocabulary_leaves_the_random_stream_alone():
+    model = tiny_model()
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    pad_vocabulary(model, multiple=64)
+    torch.testing.assert_close(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_train_step_decreases_loss_on_a_repeated_batch(autocast_dtype):
     model = tiny_model().train()
