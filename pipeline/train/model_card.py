@@ -45,6 +45,17 @@ LIMITATIONS = [
 ]
 
 
+HEADS = {
+    "cls": "the [CLS] vector through the pooler",
+    "mean": "the mean of the token vectors; the head's code ships with the model, so outside finsent load it with "
+    "`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`",
+}
+TARGETS = {
+    False: "hard labels",
+    True: "soft targets from annotator agreement (the label gets the sentence's agreement share)",
+}
+
+
 @dataclass(frozen=True)
 class ModelCardInputs:
     model_name: str
@@ -113,6 +124,8 @@ def render_model_card(card: ModelCardInputs) -> str:
         f"- Base model: `{card.base_model}`",
         f"- Masked-LM adaptation: {card.mlm_decision}",
         f"- Fine-tuning: {cfg.get('finetune_method', 'full')}" + (f" ({tuning})" if tuning else ""),
+        f"- Classification head: {HEADS.get(cfg.get('pooling', 'cls'), HEADS['cls'])}",
+        f"- Training targets: {TARGETS[bool(cfg.get('agreement_soft_labels'))]}",
         f"- Maximum sequence length: {cfg.get('max_length')} tokens",
         f"- MLflow run: `{card.run_id}`; git commit: `{card.git_commit}`; config hash: `{card.config_hash}`",
         "",
