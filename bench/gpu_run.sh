@@ -47,7 +47,7 @@ log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' |
 if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
-  timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,reduce-overhead,default:noattndrop} \
+  timeout 170 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:eagerattn,default:noattndrop,reduce-overhead} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   log "throughput, real text (packed vs padded)"

@@ -62,7 +62,9 @@ from transformers import BertConfig, BertForMaskedLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.train.fast_mlm import StaticMaskCollator, fused_adamw, make_train_step, pad_vocabulary  # noqa: E402
+from pipeline.train.fast_mlm import (  # noqa: E402
+    StaticMaskCollator, fused_adamw, make_train_step, pad_vocabulary, use_eager_attention,
+)
 
 DATA = REPO.parent / "shared" / "data"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
                              "'fast_<mode>'); suffixes: ':nopad' leaves the vocabulary at its real size, "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
-                             "keep SDPA's fused kernel)")
+                             "keep SDPA's fused kernel), ':eagerattn' runs attention outside the compiled graph")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--pad-vocab", type=int, default=64,
@@ -348,12 +350,14 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast(mode: str, pad: int, attention_dropout: bool) -> Callable[[], Callable]:
+    def fast(mode: str, pad: int, attention_dropout: bool, eager_attention: bool) -> Callable[[], Callable]:
         def make() -> Callable:
             model_config = copy.deepcopy(config)
             if not attention_dropout:
                 model_config.attention_probs_dropout_prob = 0.0
             model = build_model(model_config, args.seed, args.device)
+            if eager_attention:
+                use_eager_attention(model)
             vocab_size = pad_vocabulary(model, pad) if pad else None
             return make_train_step(model, fused_adamw(model, lr=args.lr), compile=mode != "none",
                                    autocast_dtype=autocast, mode=None if mode == "none" else mode, vocab_size=vocab_size)
@@ -369,10 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
         pad = 0 if "nopad" in options else args.pad_vocab
-        attention_dropout = "noattndrop" not in options
+        attention_dropout, eager_attention = "noattndrop" not in options, "eagerattn" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        runs[name] = time_run(name, fast(mode, pad, attention_dropout), fast_batches, block_tokens, args, flops_per_token)
-        runs[name].update(compile_mode=mode, pad_vocab=pad, attention_dropout=attention_dropout)
+        step = fast(mode, pad, attention_dropout, eager_attention)
+        runs[name] = time_run(name, step, fast_batches, block_tokens, args, flops_per_token)
+        runs[name].update(compile_mode=mode, pad_vocab=pad, attention_dropout=attention_dropout,
+                          eager_attention=eager_attention)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
     ratio = runs["fast"]["ratio"]

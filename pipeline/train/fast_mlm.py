@@ -116,6 +116,23 @@ def keep_attention_in_bf16() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
 
+EAGER_SDPA = "finsent_eager_sdpa"
+
+
+def use_eager_attention(model: BertForMaskedLM) -> None:
+    """Runs the model's attention outside the compiled graph, as plain SDPA.
+
+    Under ``torch.compile`` attention with dropout takes SDPA's math path (the fused
+    flash / cuDNN kernels draw their dropout masks in ways the compiler does not trace);
+    left eager, SDPA keeps a fused kernel with dropout, at the cost of one graph break per
+    layer. Which wins is measured by ``bench/train_throughput.py`` (``:eagerattn``)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(EAGER_SDPA, torch.compiler.disable(sdpa_attention_forward))
+    model.set_attn_implementation(EAGER_SDPA)
+
+
 def make_train_step(
     model: BertForMaskedLM,
     optimizer: torch.optim.Optimizer,

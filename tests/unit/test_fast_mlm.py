@@ -3,7 +3,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from pipeline.train.fast_mlm import (
-    StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions, pad_vocabulary,
+    StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions, pad_vocabulary, use_eager_attention,
 )
 
 VOCAB = 1000
@@ -113,3 +113,14 @@ def test_train_step_decreases_loss_on_a_repeated_batch(autocast_dtype):
     assert not any(loss.requires_grad for loss in losses)
     values = [float(loss) for loss in losses]
     assert values[-1] < values[0] - 0.1, values
+
+
+def test_eager_attention_computes_the_same_loss():
+    model = tiny_model().eval()
+    batch = collator()(packed_blocks(8, 64))
+    args = (batch["input_ids"], batch["masked_positions"], batch["masked_labels"])
+    with torch.no_grad():
+        before = mlm_loss(model, *args)
+        use_eager_attention(model)
+        assert model.config._attn_implementation == "finsent_eager_sdpa"
+        torch.testing.assert_close(mlm_loss(model, *args), before)
