@@ -79,10 +79,15 @@ def test_mlm_loss_equals_hf_loss_on_the_same_positions():
     assert float(ours) == pytest.approx(float(reference), abs=1e-5)
 
 
+def loss_inputs(rows: int = 8, seq: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, masked_positions, masked_labels) of one masked batch, as mlm_loss takes them."""
+    batch = collator()(packed_blocks(rows, seq))
+    return batch["input_ids"], batch["masked_positions"], batch["masked_labels"]
+
+
 def test_padded_vocabulary_keeps_the_loss_and_the_real_rows():
     model = tiny_model().eval()
-    batch = collator()(packed_blocks(8, 64))
-    args = (batch["input_ids"], batch["masked_positions"], batch["masked_labels"])
+    args = loss_inputs()
     with torch.no_grad():
         before = mlm_loss(model, *args)
         original = model.get_input_embeddings().weight.clone()
@@ -116,9 +121,7 @@ def test_train_step_decreases_loss_on_a_repeated_batch(autocast_dtype):
 
 
 def test_eager_attention_computes_the_same_loss():
-    model = tiny_model().eval()
-    batch = collator()(packed_blocks(8, 64))
-    args = (batch["input_ids"], batch["masked_positions"], batch["masked_labels"])
+    model, args = tiny_model().eval(), loss_inputs()
     with torch.no_grad():
         before = mlm_loss(model, *args)
         use_eager_attention(model)
