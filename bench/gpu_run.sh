@@ -7,7 +7,7 @@
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
 # PHASES picks the parts (throughput, profile, accuracy); RECIPES the accuracy recipe file;
-# THROUGHPUT_MODES the fast runs (round 1 ran default,reduce-overhead,default:nopad).
+# THROUGHPUT_MODES the fast runs.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

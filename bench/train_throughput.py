@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.train.fast_mlm import (  # noqa: E402
-    StaticMaskCollator, fused_adamw, make_train_step, pad_vocabulary, use_eager_attention,
+    StaticMaskCollator, fused_adamw, make_train_step, use_eager_attention,
 )
 
 DATA = REPO.parent / "shared" / "data"
@@ -90,13 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile mode of the fast step, or 'none'; default: "
                              "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs. "
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
-                             "'fast_<mode>'); suffixes: ':nopad' leaves the vocabulary at its real size, "
+                             "'fast_<mode>'); suffixes: "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
                              "keep SDPA's fused kernel), ':eagerattn' runs attention outside the compiled graph")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
-    parser.add_argument("--pad-vocab", type=int, default=64,
-                        help="fast runs pad the vocabulary to a multiple of this many rows (0: never)")
     parser.add_argument("--inputs", type=Path,
                         help="with --real: a folder written by bench/accuracy.py --export-inputs instead of ../shared/data")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense FLOPs for MFU (H100 bf16: 989)")
@@ -350,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast(mode: str, pad: int, attention_dropout: bool, eager_attention: bool) -> Callable[[], Callable]:
+    def fast(mode: str, attention_dropout: bool, eager_attention: bool) -> Callable[[], Callable]:
         def make() -> Callable:
             model_config = copy.deepcopy(config)
             if not attention_dropout:
@@ -358,9 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
             model = build_model(model_config, args.seed, args.device)
             if eager_attention:
                 use_eager_attention(model)
-            vocab_size = pad_vocabulary(model, pad) if pad else None
             return make_train_step(model, fused_adamw(model, lr=args.lr), compile=mode != "none",
-                                   autocast_dtype=autocast, mode=None if mode == "none" else mode, vocab_size=vocab_size)
+                                   autocast_dtype=autocast, mode=None if mode == "none" else mode)
         return make
 
     runs = {}
@@ -372,12 +369,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs["baseline"] = time_run("baseline", baseline, baseline_batches(fast_data), block_tokens, args, flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        pad = 0 if "nopad" in options else args.pad_vocab
+        if unknown := set(options) - {"noattndrop", "eagerattn"}:
+            raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout, eager_attention = "noattndrop" not in options, "eagerattn" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        step = fast(mode, pad, attention_dropout, eager_attention)
+        step = fast(mode, attention_dropout, eager_attention)
         runs[name] = time_run(name, step, fast_batches, block_tokens, args, flops_per_token)
-        runs[name].update(compile_mode=mode, pad_vocab=pad, attention_dropout=attention_dropout,
+        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout,
                           eager_attention=eager_attention)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "loadavg_1m": round(os.getloadavg()[0], 2), "size": args.size, "params": params,
         "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
         "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
-        "compile_mode": args.compile_mode, "pad_vocab": args.pad_vocab, "real": args.real, "peak_tflops": args.peak_tflops,
+        "compile_mode": args.compile_mode, "real": args.real, "peak_tflops": args.peak_tflops,
         "flops_per_token": flops_per_token, "runs": runs, "ratio": round(ratio, 3),
     }
     if args.real:

@@ -3,8 +3,8 @@
 Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
 back into the base, class-weighted loss, label smoothing or soft targets from
 annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
-length-grouped dynamic padding, a greedy weight soup of several members, bf16 +
-fused AdamW on CUDA."""
+length-grouped dynamic padding, a weight soup of several members, bf16 + fused
+AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     """Trains, keeps the epoch with the best validation macro-F1, saves it to
     ``out_dir/model`` as a plain transformers model (LoRA adapters merged in;
     the adapter alone goes to ``out_dir/adapter``). With ``soup_size`` > 1 the
-    saved model is the greedy weight soup of that many members."""
+    saved model is the weight soup of that many members."""
     if cfg.soup_size > 1:
         return _finetune_soup(model_dir, train, validation, out_dir, cfg)
     trainer, tokenizer, trainable, total = _train_member(model_dir, train, validation, out_dir, cfg, cfg.seed)
@@ -201,8 +201,9 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
     """Model soup (Wortsman et al., 2022): ``soup_size`` members share the
     initialisation (base and classifier head) and differ in data order and dropout.
     Greedy: ranked by validation macro-F1, each member joins the average only if the
-    averaged model's validation macro-F1 does not drop; uniform: all are averaged. One model comes out, so
-    export and serving cost what a single model costs; training costs the members."""
+    averaged model's validation macro-F1 does not drop; uniform: all are averaged. One
+    model comes out, so export and serving cost what a single model costs; training
+    costs the members."""
     import shutil
 
     members = []

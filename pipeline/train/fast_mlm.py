@@ -1,7 +1,6 @@
 """Fast masked-LM training step for BERT: packed full blocks with no attention mask,
 a static number of predictions per row, the MLM head applied to those positions only,
-a vocabulary padded to a multiple of 64 rows, bf16 autocast, fused AdamW and
-torch.compile of forward + loss."""
+bf16 autocast, fused AdamW and torch.compile of forward + loss."""
 
 from __future__ import annotations
 
@@ -64,38 +63,19 @@ class StaticMaskCollator:
         return {"input_ids": masked, "masked_positions": positions, "masked_labels": labels}
 
 
-def pad_vocabulary(model: BertForMaskedLM, multiple: int = 64) -> int:
-    """Grows the tied embedding / decoder matrix to a multiple of ``multiple`` rows and
-    returns the real vocabulary size. BERT's 30,522 rows is not a multiple of 8, which
-    keeps the bf16 matrix products of the vocabulary head off the tensor cores' aligned
-    kernels; the extra rows are never inputs or targets, and ``mlm_loss`` drops their logits."""
-    vocab_size = model.config.vocab_size
-    if vocab_size % multiple:
-        weight = model.get_input_embeddings().weight
-        # The new rows' random initialisation must not move the global RNG streams (dropout, masking).
-        with torch.random.fork_rng(devices=[weight.device.index or 0] if weight.is_cuda else []):
-            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=multiple)
-    return vocab_size
-
-
 def mlm_loss(
     model: BertForMaskedLM,
     input_ids: torch.Tensor,
     masked_positions: torch.Tensor,
     masked_labels: torch.Tensor,
-    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over the k masked positions of each row.
 
     Blocks are full (no padding), so no attention mask is passed and SDPA may take its
-    flash kernel; the vocabulary projection runs on ``B * k`` rows instead of ``B * S``.
-    ``vocab_size``: the real vocabulary of a padded model (``pad_vocabulary``); logits
-    of the padding rows are left out of the softmax."""
+    flash kernel; the vocabulary projection runs on ``B * k`` rows instead of ``B * S``."""
     hidden = model.bert(input_ids=input_ids).last_hidden_state
     index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
     logits = model.cls(hidden.gather(1, index))
-    if vocab_size is not None:
-        logits = logits[..., :vocab_size]
     return F.cross_entropy(logits.flatten(0, 1).float(), masked_labels.flatten())
 
 
@@ -139,14 +119,14 @@ def make_train_step(
     compile: bool,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
     mode: str | None = None,
-    vocab_size: int | None = None,
 ) -> TrainStep:
     """Returns ``step(input_ids, masked_positions, masked_labels) -> loss`` that runs forward,
     backward and an optimizer step. The loss comes back as a detached device tensor: reading
     it (``float(loss)``) syncs with the device, so do that outside the hot loop.
 
     ``mode`` is the torch.compile mode; by default "max-autotune-no-cudagraphs" on CUDA and
-    torch's default elsewhere. "reduce-overhead" / "max-autotune" add CUDA graphs."""
+    torch's default elsewhere. "reduce-overhead" / "max-autotune" add CUDA graphs. On CUDA
+    this also calls ``keep_attention_in_bf16``, which changes process-wide backend flags."""
     device_type = next(model.parameters()).device.type
     if device_type == "cuda":
         keep_attention_in_bf16()
@@ -156,7 +136,7 @@ def make_train_step(
 
     def forward_loss(input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return mlm_loss(model, input_ids, masked_positions, masked_labels, vocab_size)
+            return mlm_loss(model, input_ids, masked_positions, masked_labels)
 
     if compile:
         forward_loss = torch.compile(forward_loss, mode=mode)

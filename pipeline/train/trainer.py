@@ -1,6 +1,7 @@
 """The Trainer used for fine-tuning: cross-entropy with class weights, label
-smoothing or soft targets, and layer-wise learning-rate decay. Kept apart from ``classify`` because importing
-``transformers.Trainer`` takes seconds that inference callers should not pay."""
+smoothing or soft targets, and layer-wise learning-rate decay. Kept apart from
+``classify`` because importing ``transformers.Trainer`` takes seconds that
+inference callers should not pay."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from pipeline.train.fast_mlm import (
-    StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions, pad_vocabulary, use_eager_attention,
+    StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions, use_eager_attention,
 )
 
 VOCAB = 1000
@@ -83,30 +83,6 @@ def loss_inputs(rows: int = 8, seq: int = 64) -> tuple[torch.Tensor, torch.Tenso
     """(input_ids, masked_positions, masked_labels) of one masked batch, as mlm_loss takes them."""
     batch = collator()(packed_blocks(rows, seq))
     return batch["input_ids"], batch["masked_positions"], batch["masked_labels"]
-
-
-def test_padded_vocabulary_keeps_the_loss_and_the_real_rows():
-    model = tiny_model().eval()
-    args = loss_inputs()
-    with torch.no_grad():
-        before = mlm_loss(model, *args)
-        original = model.get_input_embeddings().weight.clone()
-        assert pad_vocabulary(model, multiple=64) == VOCAB
-        embeddings = model.get_input_embeddings().weight
-        assert embeddings.shape[0] == 1024 and model.get_output_embeddings().weight is embeddings
-        torch.testing.assert_close(embeddings[:VOCAB], original)
-        torch.testing.assert_close(mlm_loss(model, *args, vocab_size=VOCAB), before)
-        # The padding rows' logits would otherwise join the softmax.
-        assert float(mlm_loss(model, *args)) != pytest.approx(float(before), abs=1e-6)
-
-
-def test_padding_the_vocabulary_leaves_the_random_stream_alone():
-    model = tiny_model()
-    torch.manual_seed(5)
-    expected = torch.rand(4)
-    torch.manual_seed(5)
-    pad_vocabulary(model, multiple=64)
-    torch.testing.assert_close(torch.rand(4), expected)
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])

@@ -91,3 +91,5 @@ def test_null_and_non_string_texts_are_quarantined_not_crashing(tmp_path):
     result = clean_labeled(raw, agreement, IngestConfig())
     assert result.counts == {"rows_in": 3, "clean": 1, "quarantined": 2, "duplicates": 0}
     assert sorted(result.quarantine["reason"]) == ["'headline' is int, not a string", "missing text"]
+    # No annotator agreement in this source: recorded as 100, so soft targets keep the label hard.
+    assert agreement == {} and result.clean["agreement"].tolist() == [100]
