@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
         "mean", description="classify the [CLS] vector, or the mean of the token vectors (how sentence-transformers "
         "bases such as all-MiniLM-L6-v2 were trained; BERT-family bases only)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each hard target spread over all labels")
+    rdrop_alpha: float = Field(
+        0.0, ge=0.0, description="R-Drop: weight of the symmetric KL divergence between two dropout passes of each "
+        "batch (doubles the fine-tuning compute); 0 is off")
     agreement_soft_labels: bool = Field(
         True, description="train on soft targets from annotator agreement: the label gets the row's agreement "
         "share (Financial PhraseBank levels 100/75/66/50), the rest is split evenly over the other labels; rows "

@@ -121,7 +121,7 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
         eval_dataset=_tokenized(validation, tokenizer, cfg.max_length),
         compute_metrics=_eval_metrics, callbacks=callbacks,
         class_weights=class_weight_vector(train_labels, cfg.class_weights), layer_lr_decay=cfg.layer_lr_decay,
-        label_smoothing=cfg.label_smoothing,
+        label_smoothing=cfg.label_smoothing, rdrop_alpha=cfg.rdrop_alpha,
     )
 
 

@@ -1,5 +1,5 @@
 """The Trainer used for fine-tuning: cross-entropy with class weights, label
-smoothing or soft targets, and layer-wise learning-rate decay. Kept apart from
+smoothing or soft targets, R-Drop consistency, and layer-wise learning-rate decay. Kept apart from
 ``classify`` because importing ``transformers.Trainer`` takes seconds that
 inference callers should not pay."""
 
@@ -93,27 +93,50 @@ def classification_loss(
     return (per_row * row_weights).sum() / row_weights.sum()
 
 
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of (KL(p_a || p_b) + KL(p_b || p_a)) / 2: R-Drop's consistency term."""
+    log_a, log_b = F.log_softmax(logits_a.float(), dim=-1), F.log_softmax(logits_b.float(), dim=-1)
+    kl_ab = F.kl_div(log_b, log_a, log_target=True, reduction="batchmean")
+    kl_ba = F.kl_div(log_a, log_b, log_target=True, reduction="batchmean")
+    return (kl_ab + kl_ba) / 2
+
+
 class FinetuneTrainer(Trainer):
     """Trainer with class weights, label smoothing or soft targets in the loss,
-    and layer-wise learning-rate decay."""
+    R-Drop, and layer-wise learning-rate decay."""
 
     def __init__(
         self, *args, class_weights: torch.Tensor | None = None, layer_lr_decay: float = 1.0,
-        label_smoothing: float = 0.0, **kwargs,
+        label_smoothing: float = 0.0, rdrop_alpha: float = 0.0, **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.class_weights = class_weights
         self.layer_lr_decay = layer_lr_decay
         self.label_smoothing = label_smoothing
+        self.rdrop_alpha = rdrop_alpha
         # Sequence classifiers take **kwargs but their loss is a per-batch mean that ignores
         # num_items_in_batch; left True, the Trainer multiplies it by the number of DDP processes.
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        if self.rdrop_alpha and model.training:
+            return self._rdrop_loss(model, features, labels, return_outputs)
+        outputs = model(**features)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = classification_loss(logits, labels, self.class_weights, self.label_smoothing)
+        return (loss, outputs) if return_outputs else loss
+
+    def _rdrop_loss(self, model, features: dict, labels: torch.Tensor, return_outputs: bool):
+        """R-Drop (Liang et al., 2021): the batch runs twice under different dropout
+        masks, in one forward pass over the batch stacked on itself; the loss is both
+        passes' cross-entropy plus ``rdrop_alpha`` times their symmetric KL divergence."""
+        outputs = model(**{key: torch.cat([value, value]) for key, value in features.items()})
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        first, second = logits.chunk(2)
+        loss = classification_loss(logits, torch.cat([labels, labels]), self.class_weights, self.label_smoothing)
+        loss = loss + self.rdrop_alpha * symmetric_kl(first, second)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):

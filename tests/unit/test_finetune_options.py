@@ -1,5 +1,5 @@
 """Fine-tuning options on the tiny BERT: LoRA merged for export, class-weighted
-loss, label smoothing and soft targets, layer-wise learning-rate decay, early
+loss, label smoothing and soft targets, R-Drop, layer-wise learning-rate decay, early
 stopping, greedy weight soups."""
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from pipeline.data.ingest import load_split
 from pipeline.train.classify import (
     apply_lora, average_state_dicts, build_trainer, count_parameters, finetune, load_classifier,
 )
-from pipeline.train.trainer import class_weight_vector, classification_loss, soft_targets
+from pipeline.train.trainer import class_weight_vector, classification_loss, soft_targets, symmetric_kl
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,37 @@ def test_classification_loss_with_smoothing_and_soft_targets():
     soft = torch.tensor(soft_targets(labels.numpy(), np.array([100, 75, 66, 50, 50, 75])))
     torch.testing.assert_close(classification_loss(logits, soft), -(soft * log_probs).sum(-1).mean())
     assert abs(classification_loss(logits, soft).item() - classification_loss(logits, labels).item()) > 1e-3
+
+
+def test_symmetric_kl_is_zero_for_equal_logits_and_symmetric():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    assert symmetric_kl(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(symmetric_kl(a, b), symmetric_kl(b, a))
+    p, q = torch.softmax(a, -1), torch.softmax(b, -1)
+    by_hand = ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1)).mean() / 2
+    torch.testing.assert_close(symmetric_kl(a, b), by_hand)
+
+
+def test_rdrop_loss_is_two_dropout_passes_plus_their_divergence(tmp_path, ingested, splits):
+    model, tokenizer = load_classifier(ingested.train.base_model)
+    alpha = 0.7
+    trainer = build_trainer(model, tokenizer, *splits, tmp_path, _config(ingested, rdrop_alpha=alpha))
+    batch = dict(next(iter(trainer.get_train_dataloader())))
+    features = {k: v for k, v in batch.items() if k != "labels"}
+    model.train()
+    torch.manual_seed(3)
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(3)
+    first, second = model(**{k: torch.cat([v, v]) for k, v in features.items()}).logits.chunk(2)
+    assert (first - second).abs().max() > 1e-4, "dropout gives the two passes different logits"
+    expected = (classification_loss(first, batch["labels"]) + classification_loss(second, batch["labels"])) / 2
+    torch.testing.assert_close(loss, expected + alpha * symmetric_kl(first, second))
+    # Evaluation runs one pass, without the consistency term.
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)),
+                                   classification_loss(model(**features).logits, batch["labels"]))
 
 
 def test_agreement_soft_labels_reach_the_loss(tmp_path, ingested, splits):
