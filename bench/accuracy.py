@@ -3,7 +3,8 @@
 The canonical split of published results: 50Agree, deduplicated (conflicting
 labels dropped), stratified 72/8/20 with seed 0. For each seed and each
 variant ("base": fine-tune the base; "mlm": masked-LM adaptation on Reuters
-plus the train sentences first, kept only if validation perplexity improves)
+plus the train sentences first, kept only if validation perplexity improves;
+with ``--set self_training_texts=N`` the Reuters sentences feed self-training)
 the project's own ``adapt_mlm`` / ``finetune`` / ``predict_logits`` run with
 the configured TrainConfig, and test accuracy, macro-F1 and AllAgree-slice
 accuracy are recorded. Prints one line per run, the mean and spread per
@@ -130,11 +131,11 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
     started = time.perf_counter()
     model_dir, mlm = resolve_base_model(cfg.base_model), None
     if variant == "mlm":
-        result = adapt_mlm(model_dir, corpus + splits["train"]["text"].tolist(), splits["validation"]["text"].tolist(),
-                           work / "mlm", cfg)
+        result = adapt_mlm(model_dir, corpus[: cfg.mlm_max_corpus_texts] + splits["train"]["text"].tolist(),
+                           splits["validation"]["text"].tolist(), work / "mlm", cfg)
         model_dir, mlm = result.model_dir, {"used": result.used, "perplexity_base": result.perplexity_base,
                                             "perplexity_adapted": result.perplexity_adapted}
-    tuned = finetune(model_dir, splits["train"], splits["validation"], work / "finetune", cfg)
+    tuned = finetune(model_dir, splits["train"], splits["validation"], work / "finetune", cfg, corpus=corpus)
     model, tokenizer = load_classifier(tuned["model_dir"])
     test = splits["test"]
     probs = softmax(predict_logits(model, tokenizer, test["text"].tolist(), cfg.max_length))
@@ -143,6 +144,7 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
         "variant": variant, "seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
         "val_macro_f1": tuned["best_val_macro_f1"], "soup_kept": len(tuned["soup"]["kept_seeds"]) if "soup" in tuned else None,
+        "self_training": tuned.get("self_training"),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -179,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         from pipeline.data.sources import read_reuters
 
         splits, corpus = canonical_split(args.fpb_dir), []
-        if "mlm" in variants:
+        if "mlm" in variants or cfg.self_training_texts > 0:
             corpus = read_reuters(args.reuters_dir)["text"].tolist()
-    corpus = corpus[: cfg.mlm_max_corpus_texts]
     if args.limit_rows:
         splits = {name: frame.head(args.limit_rows) for name, frame in splits.items()}
     print("canonical split:", {name: len(frame) for name, frame in splits.items()}, flush=True)

@@ -99,6 +99,12 @@ class TrainConfig(BaseModel):
         "and average their weights (see soup_method); 1 is off")
     soup_method: Literal["greedy", "uniform"] = Field(
         "greedy", description="greedy: members join by validation macro-F1 rank while it does not drop; uniform: all")
+    self_training_texts: int = Field(
+        0, ge=0, description="self-training: a first model labels corpus sentences, and a second trains from the base "
+        "on the labels plus this many of the most confident (the teacher's probabilities as targets, label shares "
+        "kept); about triples the fine-tuning time; 0 is off")
+    self_training_candidates: int = Field(
+        20000, ge=1, description="corpus sentences the first model scores (a seeded sample)")
     train_sampling: Literal["group_by_length", "random", "sequential"] = Field(
         "group_by_length", description="group_by_length: length-bucketed shuffled batches, little padding")
     # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.

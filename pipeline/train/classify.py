@@ -3,8 +3,8 @@
 Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
 back into the base, class-weighted loss, label smoothing or soft targets from
 annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
-length-grouped dynamic padding, a weight soup of several members, bf16 + fused
-AdamW on CUDA."""
+length-grouped dynamic padding, R-Drop, a weight soup of several members,
+self-training on corpus sentences, bf16 + fused AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_li
 
 def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: bool = False):
     """Tokenised rows with label ids, or with ``soft_labels`` target
-    distributions built from the ``agreement`` column."""
+    distributions built from the ``agreement`` column; rows with a ``targets``
+    distribution (pseudo-labels) train on it."""
     from datasets import Dataset
 
     from pipeline.train.trainer import soft_targets
@@ -41,6 +42,13 @@ def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: boo
         if "agreement" not in frame:
             raise ValueError("agreement_soft_labels needs an 'agreement' column in the training split")
         labels = soft_targets(labels, frame["agreement"].to_numpy())
+    if "targets" in frame:
+        # Pseudo-labeled rows carry their teacher's distribution; the others keep theirs.
+        dense = labels if labels.ndim == 2 else np.eye(len(LABELS), dtype=np.float32)[labels]
+        given = frame["targets"].notna().to_numpy()
+        if given.any():
+            dense[given] = np.stack(frame["targets"][given].tolist()).astype(np.float32)
+        labels = dense
     return Dataset.from_dict({
         **encoded,
         "labels": labels.tolist(),
@@ -150,11 +158,16 @@ def _save(model, tokenizer, final_dir: Path) -> None:
     tokenizer.save_pretrained(final_dir)
 
 
-def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig) -> dict:
+def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig,
+             corpus: list[str] | None = None) -> dict:
     """Trains, keeps the epoch with the best validation macro-F1, saves it to
     ``out_dir/model`` as a plain transformers model (LoRA adapters merged in;
     the adapter alone goes to ``out_dir/adapter``). With ``soup_size`` > 1 the
-    saved model is the weight soup of that many members."""
+    saved model is the weight soup of that many members; with
+    ``self_training_texts`` > 0 it is a student trained on the labels plus
+    ``corpus`` sentences a first model labeled."""
+    if cfg.self_training_texts > 0:
+        return _finetune_self_training(model_dir, train, validation, out_dir, cfg, corpus or [])
     if cfg.soup_size > 1:
         return _finetune_soup(model_dir, train, validation, out_dir, cfg)
     trainer, tokenizer, trainable, total = _train_member(model_dir, train, validation, out_dir, cfg, cfg.seed)
@@ -263,6 +276,45 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
         },
         "history": best["history"],
     }
+
+
+def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
+                            cfg: TrainConfig, corpus: list[str]) -> dict:
+    """A teacher fine-tunes on the labels and scores a seeded sample of the corpus
+    sentences; the student trains from ``model_dir`` again on the labels plus the
+    ``self_training_texts`` most confident sentences, their targets the teacher's
+    probabilities. Training costs the teacher, the scoring and a student on the
+    larger set; one model comes out."""
+    import os
+    import shutil
+
+    from pipeline.train.self_training import corpus_sentences, sample_candidates, select_pseudo_labels
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("self-training runs in one process; unset self_training_texts under torchrun")
+    known = set(train["text"]) | set(validation["text"])
+    sentences = [s for s in corpus_sentences(corpus) if s not in known]
+    if not sentences:
+        raise ValueError("self_training_texts needs a corpus of unlabeled text with sentences in it; none was given")
+    single = cfg.model_copy(update={"self_training_texts": 0})
+    teacher = finetune(model_dir, train, validation, out_dir / "teacher", single)
+    model, tokenizer = load_classifier(teacher["model_dir"])
+    candidates = sample_candidates(sentences, cfg.self_training_candidates, cfg.seed)
+    probs = softmax(predict_logits(model, tokenizer, candidates, cfg.max_length))
+    del model
+    shares = np.bincount(label_ids(train["label"]), minlength=len(LABELS)) / len(train)
+    pseudo = select_pseudo_labels(candidates, probs, cfg.self_training_texts, shares)
+    augmented = pd.concat([train.assign(targets=None), pseudo.drop(columns="confidence").assign(agreement=100)],
+                          ignore_index=True)
+    student = finetune(model_dir, augmented, validation, out_dir, single)
+    shutil.rmtree(out_dir / "teacher", ignore_errors=True)
+    student["self_training"] = {
+        "corpus_sentences": len(sentences), "candidates": len(candidates), "pseudo_rows": len(pseudo),
+        "pseudo_labels": {label: int((pseudo["label"] == label).sum()) for label in LABELS},
+        "min_confidence": round(float(pseudo["confidence"].min()), 4) if len(pseudo) else None,
+        "teacher_val_macro_f1": teacher["best_val_macro_f1"],
+    }
+    return student
 
 
 @torch.no_grad()

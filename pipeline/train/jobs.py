@@ -95,8 +95,12 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
     suffix = _trial_suffix(settings, trial["trial"])
     out = _run_dir(settings, run_id, f"finetune/trial-{trial['trial']}")
     (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+    corpus = None
+    if cfg.self_training_texts > 0 and settings.corpus_path.is_file():
+        corpus = pd.read_parquet(settings.corpus_path)["text"].tolist()
     result = finetune_classifier(
-        model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg
+        model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg,
+        corpus=corpus,
     )
     summary = {key: value for key, value in result.items() if key != "history"}
     if not _main_process():
@@ -113,6 +117,9 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
             f"best_epoch{suffix}": result["best_epoch"], f"best_val_macro_f1{suffix}": result["best_val_macro_f1"],
             f"epochs_run{suffix}": result["epochs_run"], f"trainable_params{suffix}": result["trainable_params"],
         })
+        if "self_training" in result:
+            mlflow.log_metric(f"self_training_rows{suffix}", result["self_training"]["pseudo_rows"])
+            mlflow.log_dict(result["self_training"], f"self_training{suffix}.json")
         if "soup" in result:
             mlflow.log_metric(f"soup_members_kept{suffix}", len(result["soup"]["kept_seeds"]))
             mlflow.log_dict(result["soup"], f"soup{suffix}.json")
@@ -164,9 +171,10 @@ def build_model_card(settings: Settings, run_id: str, model_dir: Path) -> Path:
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     suffix = _trial_suffix(settings, model_dir.parent.name.removeprefix("trial-"))
     source, is_fpb = labeled_source(settings)
-    # The corpus shaped the model only if the adapted masked-LM was kept.
+    # The corpus shaped the model if the adapted masked-LM was kept or self-training used its sentences.
     adapted = params.get("mlm_used") == "adapted" and params.get("mlm_corpus_texts", "0") != "0"
-    corpus = str(settings.reuters_dir or settings.corpus_path) if adapted else None
+    corpus_used = adapted or metrics.get(f"self_training_rows{suffix}", 0) > 0
+    corpus = str(settings.reuters_dir or settings.corpus_path) if corpus_used else None
     card = ModelCardInputs(
         model_name=settings.model_name, run_id=run_id, base_model=cfg.base_model,
         mlm_decision=f"{params.get('mlm_used', 'not run')} ({tags.get('mlm_decision', 'no decision recorded')})",

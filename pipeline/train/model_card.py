@@ -35,8 +35,9 @@ INTENDED_USE = [
 LIMITATIONS = [
     "Trained on short sentences (typically under 40 words); paragraphs and documents are truncated at the maximum "
     "sequence length and lose context.",
-    "The labeled data are news about Finnish companies listed on OMX Helsinki, and the masked-LM corpus (when used) is "
-    "1987 Reuters newswire: vocabulary, companies and market conventions of other regions and later years are under-represented.",
+    "The labeled data are news about Finnish companies listed on OMX Helsinki, and the unlabeled corpus (when "
+    "masked-LM adaptation or self-training used it) is 1987 Reuters newswire: vocabulary, companies and market "
+    "conventions of other regions and later years are under-represented.",
     "Not investment advice: the label says how a sentence reads, not what a security will do.",
     "Scores are softmax outputs, not calibrated probabilities unless the expected calibration error above is small; "
     "see the reliability diagram before thresholding on them.",
@@ -126,6 +127,8 @@ def render_model_card(card: ModelCardInputs) -> str:
         f"- Fine-tuning: {cfg.get('finetune_method', 'full')}" + (f" ({tuning})" if tuning else ""),
         f"- Classification head: {HEADS.get(cfg.get('pooling', 'cls'), HEADS['cls'])}",
         f"- Training targets: {TARGETS[bool(cfg.get('agreement_soft_labels'))]}",
+        *([f"- Self-training: up to {cfg['self_training_texts']} unlabeled corpus sentences, labeled by a first "
+           "model, joined the training set with its probabilities as targets"] if cfg.get("self_training_texts") else []),
         f"- Maximum sequence length: {cfg.get('max_length')} tokens",
         f"- MLflow run: `{card.run_id}`; git commit: `{card.git_commit}`; config hash: `{card.config_hash}`",
         "",

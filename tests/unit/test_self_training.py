@@ -1,0 +1,83 @@
+"""Self-training: corpus sentences, pseudo-label selection, their targets in the
+training set, and a teacher-then-student run on the tiny BERT."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import LABELS
+from pipeline.data.ingest import load_split
+from pipeline.train.classify import _tokenized, finetune, load_classifier
+from pipeline.train.self_training import corpus_sentences, sample_candidates, select_pseudo_labels
+
+
+def test_corpus_sentences_keep_prose_and_drop_tables_headlines_and_repeats():
+    texts = [
+        "Nova Corp said the U.S. Congress is weighing a new trade bill. Shr 1.35 dlrs vs 1.28 dlrs Net 12.3 mln vs 11.1 mln. "
+        "Net profit rose to 5.1 mln dlrs from 3.2 mln dlrs a year ago.",
+        "OIL PRICES FALL SHARPLY AFTER THE OPEC MEETING ENDS. Net profit rose to 5.1 mln dlrs from 3.2 mln dlrs a year ago.",
+        "Revs 12,345,678 vs 11,234,567 1,234 5,678 9,012 3,456 7,890.",
+    ]
+    assert corpus_sentences(texts) == [
+        "Nova Corp said the U.S. Congress is weighing a new trade bill.",
+        "Net profit rose to 5.1 mln dlrs from 3.2 mln dlrs a year ago.",
+    ]
+
+
+def test_candidates_are_a_repeatable_sample():
+    sentences = [f"sentence number {i}" for i in range(100)]
+    first = sample_candidates(sentences, 10, seed=1)
+    assert first == sample_candidates(sentences, 10, seed=1) and len(set(first)) == 10
+    assert first != sample_candidates(sentences, 10, seed=2)
+    assert sample_candidates(sentences[:5], 10, seed=1) == sentences[:5]
+
+
+def test_pseudo_labels_take_the_most_confident_per_label_in_the_training_shares():
+    probs = np.array([
+        [0.90, 0.05, 0.05], [0.60, 0.30, 0.10], [0.10, 0.80, 0.10], [0.05, 0.90, 0.05],
+        [0.20, 0.70, 0.10], [0.10, 0.20, 0.70], [0.02, 0.03, 0.95], [0.30, 0.40, 0.30],
+    ])
+    texts = [f"t{i}" for i in range(len(probs))]
+    pseudo = select_pseudo_labels(texts, probs, total=5, label_shares=np.array([0.2, 0.6, 0.2]))
+    assert pseudo["text"].tolist() == ["t0", "t2", "t3", "t4", "t6"]
+    assert pseudo["label"].tolist() == [LABELS[0], LABELS[1], LABELS[1], LABELS[1], LABELS[2]]
+    np.testing.assert_allclose(np.stack(pseudo["targets"]), probs[[0, 2, 3, 4, 6]], rtol=1e-6)
+    assert pseudo["confidence"].min() == pytest.approx(0.7)
+
+
+def test_pseudo_label_targets_reach_the_training_set(ingested):
+    _, tokenizer = load_classifier(ingested.train.base_model)
+    frame = pd.DataFrame({
+        "text": ["profit rose", "sales fell", "a corpus sentence"],
+        "label": [LABELS[2], LABELS[0], LABELS[1]],
+        "agreement": [100, 50, 100],
+        "targets": [None, None, [0.1, 0.7, 0.2]],
+    })
+    hard = np.array(_tokenized(frame, tokenizer, 32)["labels"])
+    np.testing.assert_allclose(hard, [[0, 0, 1], [1, 0, 0], [0.1, 0.7, 0.2]], rtol=1e-6)
+    soft = np.array(_tokenized(frame, tokenizer, 32, soft_labels=True)["labels"])
+    np.testing.assert_allclose(soft, [[0, 0, 1], [0.5, 0.25, 0.25], [0.1, 0.7, 0.2]], rtol=1e-6)
+
+
+def test_self_training_trains_a_student_on_labels_plus_teacher_labeled_sentences(tmp_path, ingested):
+    train = load_split(ingested.labeled_dir, "train").sample(n=96, random_state=0).reset_index(drop=True)
+    validation = load_split(ingested.labeled_dir, "validation")
+    corpus = pd.read_parquet(ingested.corpus_path)["text"].tolist()
+    cfg = ingested.train.model_copy(update={"epochs": 1, "self_training_texts": 40, "self_training_candidates": 200})
+    result = finetune(str(ingested.train.base_model), train, validation, tmp_path, cfg, corpus=corpus)
+    info = result["self_training"]
+    shares = np.bincount([LABELS.index(x) for x in train["label"]], minlength=len(LABELS)) / len(train)
+    assert info["candidates"] == min(200, info["corpus_sentences"])
+    assert 0 < info["pseudo_rows"] <= int(np.floor(shares * 40).sum())
+    assert sum(info["pseudo_labels"].values()) == info["pseudo_rows"]
+    # The student saw the pseudo-labeled rows: more training steps than the teacher's 96 rows give.
+    steps = max(entry["step"] for entry in result["history"])
+    assert steps == -(-(len(train) + info["pseudo_rows"]) // cfg.batch_size)
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "teacher").exists()
+
+
+def test_self_training_without_a_corpus_says_so(tmp_path, ingested):
+    train = load_split(ingested.labeled_dir, "train").head(32)
+    cfg = ingested.train.model_copy(update={"epochs": 1, "self_training_texts": 10})
+    with pytest.raises(ValueError, match="needs a corpus"):
+        finetune(str(ingested.train.base_model), train, train, tmp_path, cfg, corpus=None)
