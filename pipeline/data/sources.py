@@ -152,6 +152,15 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
 
 
+# A sentence ends at . ! or ? before a capital, but not after an initial or a "U.S."-style abbreviation.
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b[A-Z]\.)(?<![A-Z]\.[A-Z]\.)\s+(?=[A-Z\"'(])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The non-blank sentences of ``text``, whitespace collapsed."""
+    return [sentence for piece in _SENTENCE_END.split(text) if (sentence := " ".join(piece.split()))]
+
+
 def normalize_value(value):
     """normalize_text for strings; anything else (None, NaN, a number) as it is, for cleaning to judge."""
     return normalize_text(value) if isinstance(value, str) else value

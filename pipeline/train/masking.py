@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import functools
 import random
-import re
 
 import torch
+
+from pipeline.data.sources import split_sentences
 
 
 def group_texts(token_lists: list[list[int]], block_size: int) -> list[list[int]]:
@@ -100,18 +101,14 @@ def make_mlm_collator(tokenizer, mlm_probability: float, whole_word: bool = Fals
 
 # ---------------------------------------------------------------- next-sentence pairs
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 def split_documents(texts: list[str], tokenizer, max_tokens: int) -> list[list[list[int]]]:
     """Each text as a list of tokenised sentences (no special tokens); sentences
     longer than ``max_tokens`` are cut into pieces."""
     owners, sentences = [], []
     for i, text in enumerate(texts):
-        for sentence in _SENTENCE_END.split(text):
-            if sentence.strip():
-                owners.append(i)
-                sentences.append(sentence)
+        for sentence in split_sentences(text):
+            owners.append(i)
+            sentences.append(sentence)
     encoded = tokenizer(sentences, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if sentences else []
     documents: dict[int, list[list[int]]] = {}
     for owner, ids in zip(owners, encoded):

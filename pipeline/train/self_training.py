@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import LABELS
+from pipeline.data.sources import split_sentences
 
-# A sentence ends at . ! or ? before a capital, but not after an initial or "U.S."-style abbreviation.
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b[A-Z]\.)(?<![A-Z]\.[A-Z]\.)\s+(?=[A-Z\"'(])")
 _LETTERS = re.compile(r"[A-Za-z]")
 
 
@@ -25,8 +24,7 @@ def corpus_sentences(texts: list[str], min_words: int = 6, max_words: int = 60) 
     (newswire tables and headlines are dropped)."""
     seen: dict[str, None] = {}
     for text in texts:
-        for piece in _SENTENCE_END.split(text):
-            sentence = " ".join(piece.split())
+        for sentence in split_sentences(text):
             words = sentence.split(" ")
             if not min_words <= len(words) <= max_words or sentence in seen:
                 continue

@@ -102,6 +102,9 @@ def test_model_card_holds_licence_digests_metrics_and_limits():
         assert text in card, text
     other = render_model_card(_card(labeled_source="s3://bucket/labels.csv", phrasebank=False, corpus_source=None))
     assert "CC BY-NC-SA" not in other and "licence not recorded" in other and "Reuters-21578," not in other
+    assert "Self-training" not in card
+    self_trained = render_model_card(_card(train_config={"max_length": 128, "self_training_texts": 3000}))
+    assert "Self-training: up to 3000 unlabeled corpus sentences" in self_trained
     summary = card_summary(card, limit=1500)
     assert len(summary) <= 1500 and "CC BY-NC-SA 3.0" in summary and "model_card.md" in summary
 
