@@ -90,6 +90,9 @@ class TrainConfig(BaseModel):
     rdrop_alpha: float = Field(
         0.0, ge=0.0, description="R-Drop: weight of the symmetric KL divergence between two dropout passes of each "
         "batch (doubles the fine-tuning compute); 0 is off")
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="validate, checkpoint and keep an exponential moving average of the weights "
+        "with this decay per optimizer step (training follows the live weights); 0 is off")
     agreement_soft_labels: bool = Field(
         True, description="train on soft targets from annotator agreement: the label gets the row's agreement "
         "share (Financial PhraseBank levels 100/75/66/50), the rest is split evenly over the other labels; rows "

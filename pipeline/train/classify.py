@@ -3,7 +3,7 @@
 Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
 back into the base, class-weighted loss, label smoothing or soft targets from
 annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
-length-grouped dynamic padding, R-Drop, a weight soup of several members,
+length-grouped dynamic padding, R-Drop, a moving average of the weights, a weight soup of several members,
 self-training on corpus sentences, bf16 + fused AdamW on CUDA."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
         eval_dataset=_tokenized(validation, tokenizer, cfg.max_length),
         compute_metrics=_eval_metrics, callbacks=callbacks,
         class_weights=class_weight_vector(train_labels, cfg.class_weights), layer_lr_decay=cfg.layer_lr_decay,
-        label_smoothing=cfg.label_smoothing, rdrop_alpha=cfg.rdrop_alpha,
+        label_smoothing=cfg.label_smoothing, rdrop_alpha=cfg.rdrop_alpha, ema_decay=cfg.ema_decay,
     )
 
 

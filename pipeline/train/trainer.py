@@ -1,5 +1,6 @@
 """The Trainer used for fine-tuning: cross-entropy with class weights, label
-smoothing or soft targets, R-Drop consistency, and layer-wise learning-rate decay. Kept apart from
+smoothing or soft targets, R-Drop consistency, layer-wise learning-rate decay, and
+an exponential moving average of the weights. Kept apart from
 ``classify`` because importing ``transformers.Trainer`` takes seconds that
 inference callers should not pay."""
 
@@ -10,7 +11,7 @@ import re
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from pipeline.config import LABELS
 
@@ -101,15 +102,70 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
     return (kl_ab + kl_ba) / 2
 
 
+class WeightAverageCallback(TrainerCallback):
+    """Keeps an exponential moving average of the weights (``torch.optim.swa_utils``),
+    updated after every optimizer step. Evaluation and checkpoints see the average:
+    it is swapped into the model when the Trainer is about to evaluate or save, and
+    the live weights are swapped back before the next step, so training itself
+    follows the live weights. The best checkpoint the Trainer loads at the end is
+    therefore an averaged one."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.average: torch.optim.swa_utils.AveragedModel | None = None
+        self._live: list[torch.Tensor] | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._restore_live(model)
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self._restore_live(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.average.update_parameters(model)
+        self._use_average_if_needed(control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._use_average_if_needed(control, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # The model now holds the averaged weights (or the best averaged checkpoint); keep them.
+        self._live = None
+
+    def _use_average_if_needed(self, control, model) -> None:
+        if self._live is not None or not (control.should_evaluate or control.should_save):
+            return
+        params = list(model.parameters())
+        self._live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for param, averaged in zip(params, self.average.module.parameters()):
+                param.copy_(averaged)
+
+    def _restore_live(self, model) -> None:
+        if self._live is None:
+            return
+        with torch.no_grad():
+            for param, live in zip(model.parameters(), self._live):
+                param.copy_(live)
+        self._live = None
+
+
 class FinetuneTrainer(Trainer):
     """Trainer with class weights, label smoothing or soft targets in the loss,
-    R-Drop, and layer-wise learning-rate decay."""
+    R-Drop, layer-wise learning-rate decay, and a moving average of the weights."""
 
     def __init__(
         self, *args, class_weights: torch.Tensor | None = None, layer_lr_decay: float = 1.0,
-        label_smoothing: float = 0.0, rdrop_alpha: float = 0.0, **kwargs,
+        label_smoothing: float = 0.0, rdrop_alpha: float = 0.0, ema_decay: float = 0.0, **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if ema_decay:
+            self.add_callback(WeightAverageCallback(ema_decay))
         self.class_weights = class_weights
         self.layer_lr_decay = layer_lr_decay
         self.label_smoothing = label_smoothing

@@ -1,6 +1,6 @@
 """Fine-tuning options on the tiny BERT: LoRA merged for export, class-weighted
 loss, label smoothing and soft targets, R-Drop, layer-wise learning-rate decay, early
-stopping, greedy weight soups."""
+stopping, greedy weight soups, a moving average of the weights."""
 
 from pathlib import Path
 
@@ -204,6 +204,48 @@ def test_rdrop_loss_is_two_dropout_passes_plus_their_divergence(tmp_path, ingest
     with torch.no_grad():
         torch.testing.assert_close(trainer.compute_loss(model, dict(batch)),
                                    classification_loss(model(**features).logits, batch["labels"]))
+
+
+def test_moving_average_is_what_is_validated_and_kept_while_training_follows_live_weights(tmp_path, ingested, splits):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.at_begin, self.at_end = [], []
+
+        def _snapshot(self, model):
+            return [p.detach().clone() for p in model.parameters()]
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.at_begin.append(self._snapshot(model))
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.at_end.append(self._snapshot(model))
+
+    decay = 0.8
+    model, tokenizer = load_classifier(ingested.train.base_model)
+    trainer = build_trainer(model, tokenizer, *splits, tmp_path, _config(ingested, epochs=2, ema_decay=decay))
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    steps = len(recorder.at_end)
+    assert steps == 2 * len(trainer.get_train_dataloader())
+    # Each step starts from the live weights the previous step ended with, across the epoch boundary too.
+    for before, after in zip(recorder.at_begin[1:], recorder.at_end[:-1]):
+        for a, b in zip(before, after):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = [p.clone() for p in recorder.at_end[0]]
+    averages = []
+    for snapshot in recorder.at_end[1:]:
+        expected = [decay * e + (1 - decay) * s for e, s in zip(expected, snapshot)]
+        averages.append(expected)
+    evals = [h for h in trainer.state.log_history if "eval_macro_f1" in h]
+    best_step = max(evals, key=lambda h: h["eval_macro_f1"])["step"]
+    kept = list(trainer.model.parameters())
+    for got, want in zip(kept, averages[best_step - 2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any((got - live).abs().max() > 1e-4 for got, live in zip(kept, recorder.at_end[best_step - 1]))
 
 
 def test_agreement_soft_labels_reach_the_loss(tmp_path, ingested, splits):
