@@ -8,7 +8,9 @@ with ``--set self_training_texts=N`` the Reuters sentences feed self-training)
 the project's own ``adapt_mlm`` / ``finetune`` / ``predict_logits`` run with
 the configured TrainConfig, and test accuracy, macro-F1 and AllAgree-slice
 accuracy are recorded. Prints one line per run, the mean and spread per
-variant, and as its last line one JSON object; appends that object to
+variant, the scores of the seeds' models as an ensemble (their test
+probabilities averaged: what distilling such an ensemble into one model could
+at best reach), and as its last line one JSON object; appends that object to
 ``--out``.
 
     python bench/accuracy.py --seeds 3 --device cuda
@@ -121,7 +123,7 @@ def train_config(overrides: list[str]):
     return cfg.model_validate({**cfg.model_dump(), **updates})
 
 
-def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path) -> dict:
+def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path) -> tuple[dict, "np.ndarray"]:
     from pipeline.train.base import resolve_base_model
     from pipeline.train.classify import finetune, load_classifier, predict_logits
     from pipeline.train.evaluate import classification_metrics, label_ids, softmax
@@ -146,7 +148,7 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
         "val_macro_f1": tuned["best_val_macro_f1"], "soup_kept": len(tuned["soup"]["kept_seeds"]) if "soup" in tuned else None,
         "self_training": tuned.get("self_training"),
         "seconds": round(time.perf_counter() - started, 1),
-    }
+    }, probs
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -160,6 +162,21 @@ def summarise(runs: list[dict]) -> dict:
         }
         summary[variant]["meets_floors"] = all(summary[variant][k]["mean"] >= v for k, v in FLOORS.items())
     return summary
+
+
+def seed_ensemble(runs: list[dict], test_probs: list, test) -> dict:
+    """Per variant with several seeds: the test scores of the mean of the seeds' probabilities."""
+    import numpy as np
+
+    from pipeline.train.evaluate import classification_metrics, label_ids
+
+    scores = {}
+    for variant in sorted({r["variant"] for r in runs}):
+        chosen = [probs for run, probs in zip(runs, test_probs) if run["variant"] == variant]
+        if len(chosen) > 1:
+            metrics = classification_metrics(label_ids(test["label"]), np.mean(chosen, axis=0), test["agreement"].to_numpy())
+            scores[variant] = {key: round(metrics[key], 4) for key in ("accuracy", "macro_f1", "accuracy_allagree")}
+    return scores
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -187,19 +204,22 @@ def main(argv: list[str] | None = None) -> dict:
         splits = {name: frame.head(args.limit_rows) for name, frame in splits.items()}
     print("canonical split:", {name: len(frame) for name, frame in splits.items()}, flush=True)
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
-    runs = []
+    runs, test_probs = [], []
     for variant in variants:
         for seed in seeds:
             with tempfile.TemporaryDirectory() as work:
-                runs.append(run_once(splits, corpus, cfg, variant, seed, Path(work)))
-            print("run:", json.dumps(runs[-1]), flush=True)
+                run, probs = run_once(splits, corpus, cfg, variant, seed, Path(work))
+            runs.append(run)
+            test_probs.append(probs)
+            print("run:", json.dumps(run), flush=True)
     import torch
 
     result = {
         "benchmark": "accuracy", "label": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "command": " ".join(["python", "bench/accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": cfg.model_dump(), "floors": FLOORS, "summary": summarise(runs), "runs": runs,
+        "config": cfg.model_dump(), "floors": FLOORS, "summary": summarise(runs),
+        "seed_ensemble": seed_ensemble(runs, test_probs, splits["test"]), "runs": runs,
     }
     print(pd.DataFrame(runs).drop(columns=["mlm"]).to_string(index=False), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
