@@ -146,7 +146,7 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
         "variant": variant, "seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
         "val_macro_f1": tuned["best_val_macro_f1"], "soup_kept": len(tuned["soup"]["kept_seeds"]) if "soup" in tuned else None,
-        "self_training": tuned.get("self_training"),
+        "self_training": tuned.get("self_training"), "distillation": tuned.get("distillation"),
         "seconds": round(time.perf_counter() - started, 1),
     }, probs
 

@@ -108,6 +108,12 @@ class TrainConfig(BaseModel):
         "kept); about triples the fine-tuning time; 0 is off")
     self_training_candidates: int = Field(
         20000, ge=1, description="corpus sentences the first model scores (a seeded sample)")
+    distill_teachers: int = Field(
+        0, ge=0, description="ensemble distillation: this many teachers fine-tune with the recipe (other seeds), and "
+        "the model trains from the base again on targets mixing each row's own with the teachers' mean "
+        "probabilities (see distill_weight); costs N + 1 fine-tunings; 0 is off")
+    distill_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of the teachers' mean probabilities in each training row's target")
     train_sampling: Literal["group_by_length", "random", "sequential"] = Field(
         "group_by_length", description="group_by_length: length-bucketed shuffled batches, little padding")
     # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.

@@ -4,7 +4,7 @@ Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
 back into the base, class-weighted loss, label smoothing or soft targets from
 annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
 length-grouped dynamic padding, R-Drop, a moving average of the weights, a weight soup of several members,
-self-training on corpus sentences, bf16 + fused AdamW on CUDA."""
+self-training on corpus sentences, distillation of an ensemble, bf16 + fused AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -34,26 +34,32 @@ def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: boo
     distribution (pseudo-labels) train on it."""
     from datasets import Dataset
 
-    from pipeline.train.trainer import soft_targets
-
     encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)
     labels = label_ids(frame["label"])
-    if soft_labels:
-        if "agreement" not in frame:
-            raise ValueError("agreement_soft_labels needs an 'agreement' column in the training split")
-        labels = soft_targets(labels, frame["agreement"].to_numpy())
+    if soft_labels or "targets" in frame:
+        labels = _row_targets(frame, soft_labels)
     if "targets" in frame:
-        # Pseudo-labeled rows carry their teacher's distribution; the others keep theirs.
-        dense = labels if labels.ndim == 2 else np.eye(len(LABELS), dtype=np.float32)[labels]
+        # Rows with a teacher's distribution (pseudo-labels, distillation) train on it; the others keep theirs.
         given = frame["targets"].notna().to_numpy()
         if given.any():
-            dense[given] = np.stack(frame["targets"][given].tolist()).astype(np.float32)
-        labels = dense
+            labels[given] = np.stack(frame["targets"][given].tolist()).astype(np.float32)
     return Dataset.from_dict({
         **encoded,
         "labels": labels.tolist(),
         "length": [len(ids) for ids in encoded["input_ids"]],
     })
+
+
+def _row_targets(frame: pd.DataFrame, soft_labels: bool) -> np.ndarray:
+    """One target distribution per row: from annotator agreement with ``soft_labels``, else one-hot."""
+    from pipeline.train.trainer import soft_targets
+
+    labels = label_ids(frame["label"])
+    if not soft_labels:
+        return np.eye(len(LABELS), dtype=np.float32)[labels]
+    if "agreement" not in frame:
+        raise ValueError("agreement_soft_labels needs an 'agreement' column in the training split")
+    return soft_targets(labels, frame["agreement"].to_numpy())
 
 
 def load_classifier(model_dir: str, pooling: str = "cls"):
@@ -165,7 +171,10 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     the adapter alone goes to ``out_dir/adapter``). With ``soup_size`` > 1 the
     saved model is the weight soup of that many members; with
     ``self_training_texts`` > 0 it is a student trained on the labels plus
-    ``corpus`` sentences a first model labeled."""
+    ``corpus`` sentences a first model labeled; with ``distill_teachers`` > 0 it
+    is a student of that many teachers."""
+    if cfg.distill_teachers > 0:
+        return _finetune_distilled(model_dir, train, validation, out_dir, cfg, corpus)
     if cfg.self_training_texts > 0:
         return _finetune_self_training(model_dir, train, validation, out_dir, cfg, corpus or [])
     if cfg.soup_size > 1:
@@ -278,6 +287,52 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
     }
 
 
+def _refuse_under_torchrun(option: str) -> None:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would train the first models, and read them before rank 0 wrote them.
+        raise ValueError(f"{option} runs in one process; unset it under torchrun")
+
+
+def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
+                        cfg: TrainConfig, corpus: list[str] | None) -> dict:
+    """Ensemble distillation (Hinton et al., 2015): ``distill_teachers`` models
+    fine-tune with the recipe under other seeds; the mean of their probabilities
+    on each training row, weighted ``distill_weight`` against the row's own target,
+    becomes the row's target, and the student trains from ``model_dir`` again. The
+    teachers disagree most, and spread their probability unevenly, where a
+    sentence is ambiguous: that is what the student learns beyond the labels. One
+    model comes out; training costs the teachers and the student."""
+    import shutil
+
+    _refuse_under_torchrun("distill_teachers")
+    single = cfg.model_copy(update={"distill_teachers": 0})
+    texts = {"train": train["text"].tolist(), "validation": validation["text"].tolist()}
+    mean_probs = {name: np.zeros((len(rows), len(LABELS)), dtype=np.float64) for name, rows in texts.items()}
+    teachers = []
+    for index in range(cfg.distill_teachers):
+        teacher_cfg = single.model_copy(update={"seed": cfg.seed + 1000 * (index + 1)})
+        teacher_dir = out_dir / f"teacher-{index}"
+        result = finetune(model_dir, train, validation, teacher_dir, teacher_cfg, corpus=corpus)
+        model, tokenizer = load_classifier(result["model_dir"])
+        for name, rows in texts.items():
+            mean_probs[name] += softmax(predict_logits(model, tokenizer, rows, cfg.max_length)) / cfg.distill_teachers
+        teachers.append({"seed": teacher_cfg.seed, "val_macro_f1": result["best_val_macro_f1"]})
+        del model
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+    targets = (1.0 - cfg.distill_weight) * _row_targets(train, cfg.agreement_soft_labels) + cfg.distill_weight * mean_probs["train"]
+    student = finetune(model_dir, train.assign(targets=list(targets.astype(np.float32))), validation, out_dir, single,
+                       corpus=corpus)
+    ensemble_val = classification_metrics(label_ids(validation["label"]), mean_probs["validation"])
+    student["distillation"] = {
+        "teachers": teachers, "weight": cfg.distill_weight,
+        "ensemble_val_macro_f1": round(float(ensemble_val["macro_f1"]), 4),
+        "ensemble_val_accuracy": round(float(ensemble_val["accuracy"]), 4),
+    }
+    return student
+
+
 def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
                             cfg: TrainConfig, corpus: list[str]) -> dict:
     """A teacher fine-tunes on the labels and scores a seeded sample of the corpus
@@ -285,13 +340,11 @@ def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.
     ``self_training_texts`` most confident sentences, their targets the teacher's
     probabilities. Training costs the teacher, the scoring and a student on the
     larger set; one model comes out."""
-    import os
     import shutil
 
     from pipeline.train.self_training import corpus_sentences, sample_candidates, select_pseudo_labels
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("self-training runs in one process; unset self_training_texts under torchrun")
+    _refuse_under_torchrun("self_training_texts")
     known = set(train["text"]) | set(validation["text"])
     sentences = [s for s in corpus_sentences(corpus) if s not in known]
     if not sentences:
@@ -304,7 +357,8 @@ def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.
     del model
     shares = np.bincount(label_ids(train["label"]), minlength=len(LABELS)) / len(train)
     pseudo = select_pseudo_labels(candidates, probs, cfg.self_training_texts, shares)
-    augmented = pd.concat([train.assign(targets=None), pseudo.drop(columns="confidence").assign(agreement=100)],
+    labeled = train if "targets" in train else train.assign(targets=None)
+    augmented = pd.concat([labeled, pseudo.drop(columns="confidence").assign(agreement=100)],
                           ignore_index=True)
     student = finetune(model_dir, augmented, validation, out_dir, single)
     shutil.rmtree(out_dir / "teacher", ignore_errors=True)

@@ -120,6 +120,9 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
         if "self_training" in result:
             mlflow.log_metric(f"self_training_rows{suffix}", result["self_training"]["pseudo_rows"])
             mlflow.log_dict(result["self_training"], f"self_training{suffix}.json")
+        if "distillation" in result:
+            mlflow.log_metric(f"distill_ensemble_val_macro_f1{suffix}", result["distillation"]["ensemble_val_macro_f1"])
+            mlflow.log_dict(result["distillation"], f"distillation{suffix}.json")
         if "soup" in result:
             mlflow.log_metric(f"soup_members_kept{suffix}", len(result["soup"]["kept_seeds"]))
             mlflow.log_dict(result["soup"], f"soup{suffix}.json")

@@ -129,6 +129,9 @@ def render_model_card(card: ModelCardInputs) -> str:
         f"- Training targets: {TARGETS[bool(cfg.get('agreement_soft_labels'))]}",
         *([f"- Self-training: up to {cfg['self_training_texts']} unlabeled corpus sentences, labeled by a first "
            "model, joined the training set with its probabilities as targets"] if cfg.get("self_training_texts") else []),
+        *([f"- Distillation: trained on targets mixing each sentence's own ({1 - cfg['distill_weight']:.2g}) with the "
+           f"mean probabilities of {cfg['distill_teachers']} teacher models of the same recipe "
+           f"({cfg['distill_weight']:.2g})"] if cfg.get("distill_teachers") else []),
         f"- Maximum sequence length: {cfg.get('max_length')} tokens",
         f"- MLflow run: `{card.run_id}`; git commit: `{card.git_commit}`; config hash: `{card.config_hash}`",
         "",

@@ -105,6 +105,9 @@ def test_model_card_holds_licence_digests_metrics_and_limits():
     assert "Self-training" not in card
     self_trained = render_model_card(_card(train_config={"max_length": 128, "self_training_texts": 3000}))
     assert "Self-training: up to 3000 unlabeled corpus sentences" in self_trained
+    assert "Distillation" not in card
+    distilled = render_model_card(_card(train_config={"max_length": 128, "distill_teachers": 3, "distill_weight": 0.5}))
+    assert "mean probabilities of 3 teacher models" in distilled
     summary = card_summary(card, limit=1500)
     assert len(summary) <= 1500 and "CC BY-NC-SA 3.0" in summary and "model_card.md" in summary
 

@@ -1,5 +1,6 @@
-"""Self-training: corpus sentences, pseudo-label selection, their targets in the
-training set, and a teacher-then-student run on the tiny BERT."""
+"""Self-training and ensemble distillation: corpus sentences, pseudo-label
+selection, teachers' targets in the training set, and teacher-then-student runs
+on the tiny BERT."""
 
 import numpy as np
 import pandas as pd
@@ -81,3 +82,42 @@ def test_self_training_without_a_corpus_says_so(tmp_path, ingested):
     cfg = ingested.train.model_copy(update={"epochs": 1, "self_training_texts": 10})
     with pytest.raises(ValueError, match="needs a corpus"):
         finetune(str(ingested.train.base_model), train, train, tmp_path, cfg, corpus=None)
+
+
+def test_distillation_trains_a_student_on_targets_mixed_with_the_teachers_mean(tmp_path, ingested, monkeypatch):
+    from pipeline.train import classify
+    from pipeline.train.evaluate import softmax
+    from pipeline.train.trainer import soft_targets
+
+    train = load_split(ingested.labeled_dir, "train").sample(n=96, random_state=0).reset_index(drop=True)
+    validation = load_split(ingested.labeled_dir, "validation")
+    predictions, training_frames = [], []
+
+    def recording_predict(model, tokenizer, texts, max_length, batch_size=64):
+        logits = predict_logits(model, tokenizer, texts, max_length, batch_size)
+        predictions.append((list(texts), softmax(logits)))
+        return logits
+
+    def recording_tokenized(frame, *args, **kwargs):
+        training_frames.append(frame)
+        return tokenized(frame, *args, **kwargs)
+
+    predict_logits, tokenized = classify.predict_logits, classify._tokenized
+    monkeypatch.setattr(classify, "predict_logits", recording_predict)
+    monkeypatch.setattr(classify, "_tokenized", recording_tokenized)
+    cfg = ingested.train.model_copy(update={"epochs": 1, "distill_teachers": 2, "distill_weight": 0.4})
+    result = finetune(str(ingested.train.base_model), train, validation, tmp_path, cfg)
+
+    info = result["distillation"]
+    assert [t["seed"] for t in info["teachers"]] == [cfg.seed + 1000, cfg.seed + 2000]
+    on_train = [probs for texts, probs in predictions if texts == train["text"].tolist()]
+    on_validation = [probs for texts, probs in predictions if texts == validation["text"].tolist()]
+    assert len(on_train) == len(on_validation) == 2
+    assert np.abs(on_train[0] - on_train[1]).max() > 1e-3, "teachers of other seeds differ"
+    [student_frame] = [frame for frame in training_frames if "targets" in frame]
+    own = soft_targets(np.array([LABELS.index(x) for x in train["label"]]), train["agreement"].to_numpy())
+    np.testing.assert_allclose(np.stack(student_frame["targets"]), 0.6 * own + 0.4 * np.mean(on_train, axis=0), rtol=1e-5)
+    ensemble = np.mean(on_validation, axis=0).argmax(-1)
+    gold = np.array([LABELS.index(x) for x in validation["label"]])
+    assert info["ensemble_val_accuracy"] == pytest.approx((ensemble == gold).mean(), abs=1e-4)
+    assert (tmp_path / "model" / "config.json").is_file() and not list(tmp_path.glob("teacher-*"))
