@@ -109,8 +109,10 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
 
 
 def test_second_run_sweeps_registers_the_best_and_the_gate_decides(pipeline_env):
-    # Two seeds: the train DAG maps fine-tuning over both trials and registers the better one.
-    env = {**pipeline_env, "FINSENT_TRAIN__SWEEP_SEEDS": "[0, 1]"}
+    # Two seeds: the train DAG maps fine-tuning over both trials and registers the better one. Each
+    # trial distills one teacher and self-trains on the curated corpus, so both reach MLflow and the card.
+    env = {**pipeline_env, "FINSENT_TRAIN__SWEEP_SEEDS": "[0, 1]", "FINSENT_TRAIN__DISTILL_TEACHERS": "1",
+           "FINSENT_TRAIN__SELF_TRAINING_TEXTS": "20", "FINSENT_TRAIN__SELF_TRAINING_CANDIDATES": "100"}
     for dag_id in ("train", "release"):
         _dags_test(dag_id, env)
     client = MlflowClient(env["FINSENT_TRACKING_URI"])
@@ -120,6 +122,10 @@ def test_second_run_sweeps_registers_the_best_and_the_gate_decides(pipeline_env)
     assert sorted(scores) == [0, 1] and scores[sweep["best"]["trial"]] == max(scores.values())
     metrics = client.get_run(second.run_id).data.metrics
     assert {"best_val_macro_f1_trial0", "best_val_macro_f1_trial1"} <= set(metrics)
+    assert metrics["self_training_rows_trial0"] > 0 and 0 <= metrics["distill_ensemble_val_macro_f1_trial1"] <= 1
+    card = Path(client.download_artifacts(second.run_id, "model_card.md")).read_text()
+    assert "Self-training: up to 20 unlabeled corpus sentences" in card and "of 1 teacher models" in card
+    assert "Unlabeled corpus (" in card
     assert second.tags["gate_decision"] in {"promote", "reject"}
     assert "champion" in second.tags["gate_reason"]
     champion = client.get_model_version_by_alias("finsent-sentiment", "champion")
