@@ -3,8 +3,9 @@
 Options (all from ``TrainConfig``): full fine-tuning or LoRA adapters merged
 back into the base, class-weighted loss, label smoothing or soft targets from
 annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
-length-grouped dynamic padding, R-Drop, a moving average of the weights, a weight soup of several members,
-self-training on corpus sentences, distillation of an ensemble, bf16 + fused AdamW on CUDA."""
+length-grouped dynamic padding, R-Drop, a moving average of the weights, a
+weight soup of several members, self-training on corpus sentences, distillation
+of an ensemble, bf16 + fused AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -321,7 +322,8 @@ def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.Data
         teachers.append({"seed": teacher_cfg.seed, "val_macro_f1": result["best_val_macro_f1"]})
         del model
         shutil.rmtree(teacher_dir, ignore_errors=True)
-    targets = (1.0 - cfg.distill_weight) * _row_targets(train, cfg.agreement_soft_labels) + cfg.distill_weight * mean_probs["train"]
+    own = _row_targets(train, cfg.agreement_soft_labels)
+    targets = (1.0 - cfg.distill_weight) * own + cfg.distill_weight * mean_probs["train"]
     student = finetune(model_dir, train.assign(targets=list(targets.astype(np.float32))), validation, out_dir, single,
                        corpus=corpus)
     ensemble_val = classification_metrics(label_ids(validation["label"]), mean_probs["validation"])
