@@ -32,7 +32,7 @@ LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_li
 def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: bool = False):
     """Tokenised rows with label ids, or with ``soft_labels`` target
     distributions built from the ``agreement`` column; rows with a ``targets``
-    distribution (pseudo-labels) train on it."""
+    distribution (pseudo-labels, distillation) train on it."""
     from datasets import Dataset
 
     encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)

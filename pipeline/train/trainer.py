@@ -121,9 +121,7 @@ class WeightAverageCallback(TrainerCallback):
         self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._restore_live(model)
-
-    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        # Called before every step's first forward pass, the first of an epoch included.
         self._restore_live(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
