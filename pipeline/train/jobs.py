@@ -51,7 +51,7 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
     if settings.corpus_path.is_file():
         corpus = pd.read_parquet(settings.corpus_path)["text"].head(cfg.mlm_max_corpus_texts).tolist()
     result = adapt_mlm(
-        resolve_base_model(cfg.base_model), corpus + train["text"].tolist(), validation["text"].tolist(),
+        resolve_base_model(cfg.base_model, settings.bases_dir), corpus + train["text"].tolist(), validation["text"].tolist(),
         _run_dir(settings, run_id, "mlm"), cfg,
     )
     log.info("masked-LM adaptation (%s start, %s objective, resumed from step %s): %s",

@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline.config import LABELS, Settings
 from pipeline.data.sources import HUB_PHRASEBANK, PHRASEBANK_LEVELS
 from pipeline.train.evaluate import AGREEMENT_LEVELS, slice_name
+from pipeline.train.offline_bases import BASE_LICENCES
 
 FPB_LICENCE = (
     "Financial PhraseBank (Malo et al., 2014), licensed under Creative Commons Attribution-NonCommercial-ShareAlike 3.0 "
@@ -112,7 +113,11 @@ def _metrics_section(metrics: dict[str, float]) -> list[str]:
 
 def render_model_card(card: ModelCardInputs) -> str:
     cfg = card.train_config
-    licences = [f"- Labeled data ({card.labeled_source}): {FPB_LICENCE if card.phrasebank else UNKNOWN_LICENCE}"]
+    base_licence = BASE_LICENCES.get(card.base_model)
+    licences = [
+        f"- Base model: {base_licence or UNKNOWN_LICENCE}",
+        f"- Labeled data ({card.labeled_source}): {FPB_LICENCE if card.phrasebank else UNKNOWN_LICENCE}",
+    ]
     if card.corpus_source:
         licences.append(f"- Unlabeled corpus ({card.corpus_source}): {REUTERS_LICENCE}")
     tuning = ", ".join(f"{k}: {_fmt(v)}" for k, v in card.finetune.items())

@@ -192,9 +192,11 @@ def test_gpu_switches_are_off_on_cpu_and_on_with_cuda(monkeypatch, tiny_base):
 
     cfg = tiny_train_config(tiny_base).model_copy(update={"bf16": True, "torch_compile": True})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # On a CPU, bf16 autocast only when asked for in so many words; compile stays a GPU switch.
     assert training_device_args(cfg) == {
-        "bf16": False, "optim": "adamw_torch", "torch_compile": False, "dataloader_pin_memory": False, "use_cpu": True,
+        "bf16": True, "optim": "adamw_torch", "torch_compile": False, "dataloader_pin_memory": False, "use_cpu": True,
     }
+    assert training_device_args(cfg.model_copy(update={"bf16": None}))["bf16"] is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert training_device_args(cfg) == {

@@ -1,0 +1,56 @@
+"""A base of another architecture than BERT (MPNet, as the packaged
+all-mpnet-base-v2): no token type ids, RoBERTa-style positions, its own
+classification head. It fine-tunes, exports to ONNX with parity, and serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def tiny_mpnet(tmp_path_factory, ingested) -> Path:
+    from transformers import MPNetConfig, MPNetForMaskedLM, MPNetTokenizer
+
+    from pipeline.data.ingest import load_split
+    from pipeline.train.base import train_wordpiece_tokenizer
+
+    texts = load_split(ingested.labeled_dir, "train")["text"].tolist()
+    wordpiece = train_wordpiece_tokenizer(texts, 1500, 64)
+    tokenizer = MPNetTokenizer(
+        tokenizer_object=wordpiece.backend_tokenizer, model_max_length=64, bos_token="[CLS]", eos_token="[SEP]",
+        sep_token="[SEP]", cls_token="[CLS]", unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]",
+    )
+    config = MPNetConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        # positions start after the padding index, as in RoBERTa
+        max_position_embeddings=64 + tokenizer.pad_token_id + 2, pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-mpnet")
+    MPNetForMaskedLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, ingested, tiny_mpnet):
+    from pipeline.data.ingest import load_split
+    from pipeline.export.onnx import check_parity, export_onnx
+    from pipeline.train.classify import finetune
+    from serving.model import OnnxClassifier
+
+    cfg = tiny_train_config(tiny_mpnet).model_copy(update={"epochs": 1})
+    result = finetune(str(tiny_mpnet), load_split(ingested.labeled_dir, "train"),
+                      load_split(ingested.labeled_dir, "validation"), tmp_path / "ft", cfg)
+    model_dir = Path(result["model_dir"])
+    assert '"model_type": "mpnet"' in (model_dir / "config.json").read_text()
+
+    onnx_dir = export_onnx(model_dir, tmp_path / "onnx", 64)
+    served = OnnxClassifier(onnx_dir, providers=["CPUExecutionProvider"])
+    assert served.input_names == {"input_ids", "attention_mask"}
+    texts = load_split(ingested.labeled_dir, "test")["text"].tolist()
+    parity = check_parity(model_dir, onnx_dir, texts, 64)
+    assert parity["n"] == len(texts) and parity["label_flips"] == 0 and parity["max_abs_diff"] < 1e-4
+    assert served.logits(["Operating profit rose to EUR 13.1 mn ."]).shape == (1, 3)
