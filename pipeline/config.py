@@ -85,7 +85,7 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int = Field(0, description="epochs without a better validation macro-F1 before stopping; 0 is off")
     pooling: Literal["cls", "mean"] = Field(
         "mean", description="classify the [CLS] vector, or the mean of the token vectors (how sentence-transformers "
-        "bases such as all-MiniLM-L6-v2 were trained; BERT-family bases only)")
+        "bases such as all-MiniLM-L6-v2 were trained; BERT and MPNet bases)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each hard target spread over all labels")
     rdrop_alpha: float = Field(
         0.0, ge=0.0, description="R-Drop: weight of the symmetric KL divergence between two dropout passes of each "

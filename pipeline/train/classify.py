@@ -65,20 +65,21 @@ def _row_targets(frame: pd.DataFrame, soft_labels: bool) -> np.ndarray:
 
 def load_classifier(model_dir: str, pooling: str = "cls"):
     """A sequence classifier with the project's labels and its tokenizer. A saved
-    classifier keeps its own head; ``pooling="mean"`` puts a mean-pooling head on a BERT base."""
+    classifier keeps its own head; ``pooling="mean"`` puts a mean-pooling head on
+    a BERT or MPNet base."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.train.pooling import MEAN_POOL_MODEL_TYPE, MeanPoolBertConfig, MeanPoolBertForSequenceClassification
+    from pipeline.train.pooling import MEAN_POOL_HEADS, MEAN_POOL_MODEL_TYPES
 
     labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)), "label2id": {name: i for i, name in enumerate(LABELS)}}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    if pooling == "mean" and config.model_type == "bert":
+    if pooling == "mean" and config.model_type in MEAN_POOL_HEADS:
+        config_class, model_class = MEAN_POOL_HEADS[config.model_type]
         settings = {key: value for key, value in config.to_dict().items() if key not in ("model_type", "architectures")}
-        config = MeanPoolBertConfig(**{**settings, **labels})
-        return MeanPoolBertForSequenceClassification.from_pretrained(model_dir, config=config), tokenizer
-    if pooling == "mean" and config.model_type != MEAN_POOL_MODEL_TYPE:
-        log.warning("mean pooling is for BERT bases; %s keeps its own classification head", config.model_type)
+        return model_class.from_pretrained(model_dir, config=config_class(**{**settings, **labels})), tokenizer
+    if pooling == "mean" and config.model_type not in MEAN_POOL_MODEL_TYPES:
+        log.warning("mean pooling is for BERT and MPNet bases; %s keeps its own classification head", config.model_type)
     return AutoModelForSequenceClassification.from_pretrained(model_dir, **labels), tokenizer
 
 

@@ -1,6 +1,6 @@
 """A base of another architecture than BERT (MPNet, as the packaged
-all-mpnet-base-v2): no token type ids, RoBERTa-style positions, its own
-classification head. It fine-tunes, exports to ONNX with parity, and serves."""
+all-mpnet-base-v2): no token type ids, RoBERTa-style positions. It
+fine-tunes with the mean-pooling head, exports to ONNX with parity, and serves."""
 
 from __future__ import annotations
 
@@ -36,16 +36,20 @@ def tiny_mpnet(tmp_path_factory, ingested) -> Path:
 
 
 def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, ingested, tiny_mpnet):
+    from transformers import AutoModelForSequenceClassification
+
     from pipeline.data.ingest import load_split
     from pipeline.export.onnx import check_parity, export_onnx
     from pipeline.train.classify import finetune
+    from pipeline.train.pooling import MeanPoolMPNetForSequenceClassification
     from serving.model import OnnxClassifier
 
     cfg = tiny_train_config(tiny_mpnet).model_copy(update={"epochs": 1})
     result = finetune(str(tiny_mpnet), load_split(ingested.labeled_dir, "train"),
                       load_split(ingested.labeled_dir, "validation"), tmp_path / "ft", cfg)
     model_dir = Path(result["model_dir"])
-    assert '"model_type": "mpnet"' in (model_dir / "config.json").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert isinstance(reloaded, MeanPoolMPNetForSequenceClassification)  # the default pooling, as the base was trained
 
     onnx_dir = export_onnx(model_dir, tmp_path / "onnx", 64)
     served = OnnxClassifier(onnx_dir, providers=["CPUExecutionProvider"])
