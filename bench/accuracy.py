@@ -147,6 +147,7 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
         "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
         "val_macro_f1": tuned["best_val_macro_f1"], "soup_kept": len(tuned["soup"]["kept_seeds"]) if "soup" in tuned else None,
         "self_training": tuned.get("self_training"), "distillation": tuned.get("distillation"),
+        "model_class": type(model).__name__,  # the head actually trained: a base may keep its own
         "seconds": round(time.perf_counter() - started, 1),
     }, probs
 
