@@ -4,6 +4,8 @@ fine-tunes with the mean-pooling head, exports to ONNX with parity, and serves."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,11 @@ def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, inges
     model_dir = Path(result["model_dir"])
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
     assert isinstance(reloaded, MeanPoolMPNetForSequenceClassification)  # the default pooling, as the base was trained
+    # The saved folder carries the head's code: transformers alone loads it, as the registered MLflow model does.
+    load = ("import sys; from transformers import AutoModelForSequenceClassification as Auto; "
+            "print(type(Auto.from_pretrained(sys.argv[1], trust_remote_code=True)).__name__)")
+    alone = subprocess.run([sys.executable, "-c", load, str(model_dir)], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert alone.stdout.strip().splitlines()[-1] == "MeanPoolMPNetForSequenceClassification"
 
     onnx_dir = export_onnx(model_dir, tmp_path / "onnx", 64)
     served = OnnxClassifier(onnx_dir, providers=["CPUExecutionProvider"])
