@@ -1,6 +1,7 @@
 """A base of another architecture than BERT (MPNet, as the packaged
-all-mpnet-base-v2): no token type ids, RoBERTa-style positions. It
-fine-tunes with the mean-pooling head, exports to ONNX with parity, and serves."""
+all-mpnet-base-v2): no token type ids, RoBERTa-style positions. It takes
+masked-LM adaptation, fine-tunes with the mean-pooling head, exports to ONNX
+with parity, and serves."""
 
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, inges
     from pipeline.data.ingest import load_split
     from pipeline.export.onnx import check_parity, export_onnx
     from pipeline.train.classify import finetune
+    from pipeline.train.mlm import adapt_mlm
     from pipeline.train.pooling import MeanPoolMPNetForSequenceClassification
     from serving.model import OnnxClassifier
 
     cfg = tiny_train_config(tiny_mpnet).model_copy(update={"epochs": 1})
-    result = finetune(str(tiny_mpnet), load_split(ingested.labeled_dir, "train"),
-                      load_split(ingested.labeled_dir, "validation"), tmp_path / "ft", cfg)
+    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
+    adapted = adapt_mlm(str(tiny_mpnet), train["text"].tolist(), validation["text"].tolist(), tmp_path / "mlm", cfg)
+    assert adapted.perplexity_adapted is not None and adapted.steps == cfg.mlm_steps
+    result = finetune(adapted.model_dir, train, validation, tmp_path / "ft", cfg)
     model_dir = Path(result["model_dir"])
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
     assert isinstance(reloaded, MeanPoolMPNetForSequenceClassification)  # the default pooling, as the base was trained
