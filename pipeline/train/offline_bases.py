@@ -128,11 +128,11 @@ def _unpack_folder(archive: Path, folder: str, out: Path) -> None:
     with zipfile.ZipFile(archive) as zipped:
         for info in zipped.infolist():
             relative = Path(info.filename)
+            if ".." in relative.parts or relative.is_absolute():
+                raise ValueError(f"unsafe path in archive: {info.filename}")
             if info.is_dir() or relative.parts[0] != folder or relative.name in _SKIPPED_MEMBERS:
                 continue
             target = out.joinpath(*relative.parts[1:])
-            if ".." in relative.parts:
-                raise ValueError(f"unsafe path in archive: {info.filename}")
             target.parent.mkdir(parents=True, exist_ok=True)
             with zipped.open(info) as src, target.open("wb") as dst:
                 shutil.copyfileobj(src, dst, length=16 << 20)

@@ -187,7 +187,7 @@ def test_margin_gate_keeps_the_base_and_says_why(tmp_path, tiny_base, texts):
     assert result.to_dict()["perplexity_adapted"] == result.perplexity_adapted
 
 
-def test_gpu_switches_are_off_on_cpu_and_on_with_cuda(monkeypatch, tiny_base):
+def test_device_switches_follow_the_machine_and_bf16_on_a_cpu_only_when_asked(monkeypatch, tiny_base):
     from pipeline.train.device import training_device_args
 
     cfg = tiny_train_config(tiny_base).model_copy(update={"bf16": True, "torch_compile": True})
