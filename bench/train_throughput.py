@@ -1,13 +1,19 @@
-"""Masked-LM training throughput: the project's step against a plain Hugging Face loop.
+"""Masked-LM training throughput: the project's trainer against a plain Hugging Face loop.
 
 In one process and on the same batches it times
 
 * ``baseline``: what a user would write: ``BertForMaskedLM(input_ids, attention_mask,
   labels=labels).loss.backward()`` then ``torch.optim.AdamW.step()``, under autocast, in eager
   mode (Hugging Face's default SDPA attention, vocabulary head over every position);
-* ``fast``: ``pipeline.train.fast_mlm``: packed full blocks with no attention mask, exactly
-  ``k = round(0.15 * seq)`` predictions per row with the MLM head on those rows only, fused
-  AdamW, autocast, and torch.compile of forward + loss.
+* ``fast``: the project's masked-LM trainer, as ``pipeline.train.mlm.adapt_mlm`` runs it: a
+  Hugging Face ``Trainer`` with ``mlm_training_arguments`` (bf16, fused AdamW, torch.compile of
+  the model, gradient clipping, learning-rate schedule, no per-step host sync) training
+  ``PackedBertForMaskedLM`` (``pipeline.train.fast_mlm``): packed full blocks with no attention
+  mask, exactly ``k = round(0.15 * seq)`` predictions per row with the MLM head on those rows
+  only. Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
+  device each step); the baseline's are staged on the device first, which favours the baseline.
+  The collator's host time per batch is reported as ``collate_ms`` (the Trainer's collator runs
+  while the device works on the previous step).
 
 Both start from the same initial weights and see the same masked positions (the baseline gets
 them as ``labels`` = -100 everywhere else). With ``--real`` the blocks are Reuters-21578 bodies
@@ -18,8 +24,8 @@ Face's ``DataCollatorForLanguageModeling``. Throughput there counts useful (non-
 Figures
 -------
 tokens/s        input tokens of the timed steps (non-pad tokens for padded rows) over wall time,
-                device synchronised before and after; batches are staged on the device first
-                and the loop never reads the loss back.
+                device synchronised before and after (for the Trainer, at the end of the last
+                warm-up step and of the last timed step); the loops never read the loss back.
 ratio           fast tokens/s over baseline tokens/s (same batches); with --real also
                 ``ratio_vs_padded``: fast on packed blocks over the naive padded loop.
 peak memory     CUDA: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer state,
@@ -62,9 +68,9 @@ from transformers import BertConfig, BertForMaskedLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.train.fast_mlm import (  # noqa: E402
-    StaticMaskCollator, fused_adamw, make_train_step, use_eager_attention,
-)
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.train.fast_mlm import PackedBertForMaskedLM, StaticMaskCollator, use_eager_attention  # noqa: E402
+from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -86,9 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="rows per step; default: 256 on cuda, 8 on cpu")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--real", action="store_true", help="Reuters + PhraseBank texts, packed vs padded")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode of the fast step, or 'none'; default: "
-                             "max-autotune-no-cudagraphs on cuda, default on cpu; 'max-autotune' adds CUDA graphs. "
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of the fast run (the Trainer's torch_compile_mode), or 'none'; "
+                             "'default' is what the project's trainer uses; 'reduce-overhead' / 'max-autotune' add "
+                             "CUDA graphs. "
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
                              "'fast_<mode>'); suffixes: "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
@@ -106,8 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size = args.size or ("base" if cuda else "tiny")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.batch = args.batch or (256 if cuda else 8)
-    if args.compile_mode is None:
-        args.compile_mode = "max-autotune-no-cudagraphs" if cuda else "default"
     return args
 
 
@@ -160,20 +165,21 @@ def packed_blocks(token_lists: list[list[int]], rows: int, seq: int) -> torch.Te
     return blocks[torch.arange(rows) % len(blocks)]
 
 
-def static_batches(blocks: torch.Tensor, batch: int, collator: StaticMaskCollator, device: str) -> list[dict]:
-    out = []
+def static_batches(blocks: torch.Tensor, batch: int, collator: StaticMaskCollator) -> tuple[list[dict], float]:
+    """The masked batches on the host, and the collator's mean time per batch in ms."""
+    out, started = [], time.perf_counter()
     for start in range(0, len(blocks), batch):
-        masked = collator(blocks[start : start + batch])
-        out.append({name: tensor.to(device) for name, tensor in masked.items()})
-    return out
+        out.append(collator(blocks[start : start + batch]))
+    return out, 1000 * (time.perf_counter() - started) / max(len(out), 1)
 
 
-def baseline_batches(fast: list[dict]) -> list[Batch]:
-    """The same masked blocks in Hugging Face form: all-ones attention mask, labels -100 off the masked positions."""
+def baseline_batches(fast: list[dict], device: str) -> list[Batch]:
+    """The same masked blocks in Hugging Face form, staged on the device: all-ones attention
+    mask, labels -100 off the masked positions."""
     out = []
     for b in fast:
         labels = torch.full_like(b["input_ids"], -100).scatter_(1, b["masked_positions"], b["masked_labels"])
-        out.append((b["input_ids"], torch.ones_like(b["input_ids"]), labels))
+        out.append((b["input_ids"].to(device), torch.ones_like(b["input_ids"]).to(device), labels.to(device)))
     return out
 
 
@@ -251,18 +257,26 @@ def eager_step(model: BertForMaskedLM, optimizer: torch.optim.Optimizer, autocas
     return step
 
 
-def print_profile(name: str, step: Callable, batches: list[Batch], device: str, rows: int = 15) -> None:
+def print_profile(name: str, step: Callable, batches: list[Batch], device: str) -> None:
     """The kernels (or CPU ops) that took the most time over ``batches``, per step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    profiler = new_profiler(device)
+    with profiler:
         for batch in batches:
             step(*batch)
         synchronize(device)
+    print_profile_table(name, profiler, len(batches), device)
+
+
+def new_profiler(device: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
+
+
+def print_profile_table(name: str, profiler, steps: int, device: str, rows: int = 15) -> None:
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(f"profile of {name}, {len(batches)} steps, sorted by {sort_by}:")
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
+    print(f"profile of {name}, {steps} steps, sorted by {sort_by}:")
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def time_run(name: str, make_step: Callable[[], Callable], batches: list[Batch], useful_tokens: list[int],
@@ -274,32 +288,103 @@ def time_run(name: str, make_step: Callable[[], Callable], batches: list[Batch],
     with PeakMemory(args.device) as memory:
         step = make_step()
         started = time.perf_counter()
+        total = 0.0
         for batch in batches[: args.warmup]:
-            step(*batch)
+            total = total + step(*batch)
         synchronize(args.device)
         warmup_s = time.perf_counter() - started
         timed = batches[args.warmup : args.warmup + args.steps]
         started = time.perf_counter()
         for batch in timed:
             loss = step(*batch)
+            total = total + loss
         synchronize(args.device)
         elapsed = time.perf_counter() - started
         if args.profile:
             print_profile(name, step, batches[: args.profile], args.device)
-    tokens = sum(useful_tokens[args.warmup : args.warmup + args.steps])
+    return report_run(name, sum(useful_tokens[args.warmup : args.warmup + args.steps]), elapsed, len(timed),
+                      memory.peak, warmup_s, float(total) / (args.warmup + len(timed)), args, flops_per_token)
+
+
+def report_run(name: str, tokens: int, elapsed: float, steps: int, peak: int, warmup_s: float, mean_loss: float,
+               args: argparse.Namespace, flops_per_token: float) -> dict:
     tokens_per_s = tokens / elapsed
     result = {
         "tokens_per_s": round(tokens_per_s, 1),
-        "step_ms": round(1000 * elapsed / len(timed), 2),
-        "peak_mem_mib": round(memory.peak / 2**20, 1),
+        "step_ms": round(1000 * elapsed / steps, 2),
+        "peak_mem_mib": round(peak / 2**20, 1),
         "mfu": round(flops_per_token * tokens_per_s / (args.peak_tflops * 1e12), 6),
         "warmup_s": round(warmup_s, 1),
-        "final_loss": round(float(loss), 4),
+        "mean_loss": round(mean_loss, 4),
     }
     print(f"{name:16s} {result['tokens_per_s']:>12,.0f} tok/s  {result['step_ms']:>9.1f} ms/step  "
           f"peak {result['peak_mem_mib']:>9,.0f} MiB  MFU {100 * result['mfu']:.3f}%  "
-          f"(warm-up {warmup_s:.1f} s, loss {result['final_loss']})", flush=True)
+          f"(warm-up {warmup_s:.1f} s, mean loss {result['mean_loss']})", flush=True)
     return result
+
+
+class ReplayCollator:
+    """Hands the Trainer the prepared batches in order, whatever rows its sampler drew, so the
+    Trainer and the baseline train on the same batches."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches, self.served = batches, 0
+
+    def __call__(self, rows: list) -> dict:
+        batch = self.batches[self.served % len(self.batches)]
+        self.served += 1
+        return dict(batch)
+
+
+def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mode: str, args: argparse.Namespace,
+                flops_per_token: float) -> dict:
+    """The project's masked-LM Trainer for warm-up + timed (+ profiled) steps; the clock reads at
+    the end of the last warm-up step and of the last timed step, the device synchronised there."""
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback
+
+    warmup, last = args.warmup, args.warmup + args.steps
+    total_steps = last + args.profile
+    marks: dict[str, float] = {}
+    profiler = new_profiler(args.device) if args.profile else None
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step in (warmup, last):
+                synchronize(args.device)
+                marks[state.global_step] = time.perf_counter()
+            if profiler is not None and state.global_step == last:
+                profiler.start()
+
+    cfg = TrainConfig(
+        mlm_steps=total_steps, mlm_batch_size=args.batch, mlm_learning_rate=args.lr, checkpoint_steps=0,
+        bf16=args.dtype == "bf16", torch_compile=mode != "none", seed=args.seed,
+    )
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as output_dir, PeakMemory(args.device) as memory:
+        training_args = mlm_training_arguments(
+            cfg, Path(output_dir), logging_steps=total_steps, disable_tqdm=True,
+            # On a CPU the project's trainer does not compile; here the mode asked for decides.
+            torch_compile=mode != "none", torch_compile_mode=None if mode in ("none", "default") else mode,
+        )
+        rows = [{"input_ids": [0]}] * (total_steps * args.batch)
+        trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=ReplayCollator(batches),
+                          callbacks=[Clock()])
+        output = trainer.train()
+        if profiler is not None:
+            synchronize(args.device)
+            profiler.stop()
+    if profiler is not None:
+        print_profile_table(name, profiler, args.profile, args.device)
+    tokens = args.steps * args.batch * args.seq
+    return report_run(name, tokens, marks[last] - marks[warmup], args.steps, memory.peak, marks[warmup] - marks["begin"],
+                      output.training_loss, args, flops_per_token)
 
 
 def device_name(device: str) -> str:
@@ -334,9 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
         blocks = packed_blocks(token_lists, rows, args.seq)
     else:
         blocks = synthetic_blocks(rows, args.seq, config.vocab_size, generator)
-    fast_data = static_batches(blocks, args.batch, collator, args.device)
-    fast_batches = [(b["input_ids"], b["masked_positions"], b["masked_labels"]) for b in fast_data]
-    block_tokens = [args.batch * args.seq] * len(fast_batches)
+    fast_data, collate_ms = static_batches(blocks, args.batch, collator)
+    block_tokens = [args.batch * args.seq] * len(fast_data)
 
     params = sum(p.numel() for p in BertForMaskedLM(config).parameters())
     flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq
@@ -348,17 +432,15 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast(mode: str, attention_dropout: bool, eager_attention: bool) -> Callable[[], Callable]:
-        def make() -> Callable:
-            model_config = copy.deepcopy(config)
-            if not attention_dropout:
-                model_config.attention_probs_dropout_prob = 0.0
-            model = build_model(model_config, args.seed, args.device)
-            if eager_attention:
-                use_eager_attention(model)
-            return make_train_step(model, fused_adamw(model, lr=args.lr), compile=mode != "none",
-                                   autocast_dtype=autocast, mode=None if mode == "none" else mode)
-        return make
+    def fast_model(attention_dropout: bool, eager_attention: bool) -> PackedBertForMaskedLM:
+        model_config = copy.deepcopy(config)
+        if not attention_dropout:
+            model_config.attention_probs_dropout_prob = 0.0
+        torch.manual_seed(args.seed)
+        model = PackedBertForMaskedLM(model_config).to(args.device).train()  # the baseline's initial weights
+        if eager_attention:
+            use_eager_attention(model)
+        return model
 
     runs = {}
     if args.real:
@@ -366,15 +448,16 @@ def main(argv: list[str] | None = None) -> dict:
         padded_tokens = [int(mask.sum()) for _, mask, _ in padded]
         runs["baseline_padded"] = time_run("baseline_padded", baseline, padded, padded_tokens, args, flops_per_token)
         runs["baseline_padded"]["useful_fraction"] = round(sum(padded_tokens) / (len(padded) * args.batch * args.seq), 4)
-    runs["baseline"] = time_run("baseline", baseline, baseline_batches(fast_data), block_tokens, args, flops_per_token)
+    runs["baseline"] = time_run("baseline", baseline, baseline_batches(fast_data, args.device), block_tokens, args,
+                                flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
         if unknown := set(options) - {"noattndrop", "eagerattn"}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout, eager_attention = "noattndrop" not in options, "eagerattn" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        step = fast(mode, attention_dropout, eager_attention)
-        runs[name] = time_run(name, step, fast_batches, block_tokens, args, flops_per_token)
+        runs[name] = trainer_run(name, fast_model(attention_dropout, eager_attention), fast_data, mode, args,
+                                 flops_per_token)
         runs[name].update(compile_mode=mode, attention_dropout=attention_dropout,
                           eager_attention=eager_attention)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
@@ -387,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "loadavg_1m": round(os.getloadavg()[0], 2), "size": args.size, "params": params,
         "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
         "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
-        "compile_mode": args.compile_mode, "real": args.real, "peak_tflops": args.peak_tflops,
+        "compile_mode": args.compile_mode, "collate_ms": round(collate_ms, 2), "real": args.real, "peak_tflops": args.peak_tflops,
         "flops_per_token": flops_per_token, "runs": runs, "ratio": round(ratio, 3),
     }
     if args.real:

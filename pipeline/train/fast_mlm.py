@@ -1,17 +1,28 @@
-"""Fast masked-LM training step for BERT: packed full blocks with no attention mask,
-a static number of predictions per row, the MLM head applied to those positions only,
-bf16 autocast, fused AdamW and torch.compile of forward + loss."""
+"""The masked-LM step of ``adapt_mlm`` on packed blocks: a static number of predictions
+per row, no attention mask, and the vocabulary head applied to the masked positions only.
+
+* :class:`StaticMaskCollator` masks exactly ``k = round(rate * block)`` positions of each
+  row (BERT's ``max_predictions_per_seq``), so every shape is static: a compiled step never
+  recompiles and never waits on the host for the size of a boolean mask.
+* ``PackedBertForMaskedLM`` / ``PackedMPNetForMaskedLM`` are transformers' own masked-LM
+  models (same weights, same state-dict keys) whose ``forward`` also takes
+  ``masked_positions`` and ``masked_labels`` and then returns only the loss, computed on
+  ``B * k`` rows instead of ``B * S``. Without them it is the parent's ``forward``. Being
+  the model's own ``forward``, the loss runs inside whatever wraps the model: the Trainer's
+  ``torch.compile``, DistributedDataParallel under torchrun, autocast.
+
+transformers computes the head over every position (``BertForMaskedLM(labels=...)``); at
+bert-base that is about a fifth of the model's FLOPs, 85 % of them on positions with no
+label, hence these small classes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import BertForMaskedLM
-
-TrainStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+from transformers import BertForMaskedLM, MPNetForMaskedLM
+from transformers.modeling_outputs import MaskedLMOutput
 
 
 def num_predictions(seq_len: int, rate: float = 0.15) -> int:
@@ -23,10 +34,10 @@ class StaticMaskCollator:
     """BERT masking on exactly ``k = round(rate * seq_len)`` non-special positions per row:
     80 % become [MASK], 10 % a random token, 10 % stay as they are.
 
-    Takes packed blocks ``[B, S]`` and returns ``input_ids`` (masked), ``masked_positions``
-    ``[B, k]`` and ``masked_labels`` ``[B, k]`` (the original tokens there). A fixed k keeps
-    every shape static, so a compiled step neither recompiles nor waits on the host the way
-    boolean indexing of a variable-size mask would."""
+    Takes packed blocks (a ``[B, S]`` tensor, or the Trainer's list of ``{"input_ids": ...}``
+    rows) and returns ``input_ids`` (masked), ``masked_positions`` ``[B, k]`` and
+    ``masked_labels`` ``[B, k]`` (the original tokens there). Without a ``generator`` the
+    draws come from torch's global RNG, which a Trainer checkpoint saves and a resume restores."""
 
     def __init__(
         self,
@@ -42,8 +53,15 @@ class StaticMaskCollator:
         self.rate = rate
         self.generator = generator
 
-    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+    def eligible_counts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Non-special tokens per row: a row needs at least k of them."""
+        return (~torch.isin(torch.as_tensor(input_ids), self.special_token_ids)).sum(dim=-1)
+
+    def __call__(self, features: torch.Tensor | Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if isinstance(features, torch.Tensor):
+            input_ids = features.to(dtype=torch.long, device="cpu")
+        else:
+            input_ids = torch.tensor([list(row["input_ids"]) for row in features], dtype=torch.long)
         batch, seq_len = input_ids.shape
         k = num_predictions(seq_len, self.rate)
         eligible = ~torch.isin(input_ids, self.special_token_ids)
@@ -63,25 +81,34 @@ class StaticMaskCollator:
         return {"input_ids": masked, "masked_positions": positions, "masked_labels": labels}
 
 
-def mlm_loss(
-    model: BertForMaskedLM,
-    input_ids: torch.Tensor,
-    masked_positions: torch.Tensor,
-    masked_labels: torch.Tensor,
-) -> torch.Tensor:
-    """Mean cross-entropy over the k masked positions of each row.
+class _MaskedPositionsLoss:
+    """``forward(input_ids, masked_positions=, masked_labels=)``: mean cross-entropy over the
+    k masked positions of each row, the head applied to those rows only. Blocks are full, so
+    no attention mask is passed and SDPA may take a fused kernel."""
 
-    Blocks are full (no padding), so no attention mask is passed and SDPA may take its
-    flash kernel; the vocabulary projection runs on ``B * k`` rows instead of ``B * S``."""
-    hidden = model.bert(input_ids=input_ids).last_hidden_state
-    index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
-    logits = model.cls(hidden.gather(1, index))
-    return F.cross_entropy(logits.flatten(0, 1).float(), masked_labels.flatten())
+    base_model_prefix: str
+    head_attribute: str  # the masked-LM head: transform + decoder tied to the embeddings
+
+    def forward(self, input_ids=None, masked_positions=None, masked_labels=None, **kwargs):
+        if masked_positions is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids).last_hidden_state
+        index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+        logits = getattr(self, self.head_attribute)(hidden.gather(1, index))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), masked_labels.flatten())
+        return MaskedLMOutput(loss=loss)
 
 
-def fused_adamw(model: torch.nn.Module, lr: float = 5e-5, weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW with the single-kernel fused implementation (CUDA and CPU)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+class PackedBertForMaskedLM(_MaskedPositionsLoss, BertForMaskedLM):
+    head_attribute = "cls"
+
+
+class PackedMPNetForMaskedLM(_MaskedPositionsLoss, MPNetForMaskedLM):
+    head_attribute = "lm_head"
+
+
+# The base's model type -> its masked-LM class with the masked-positions loss.
+PACKED_MLM_CLASSES = {"bert": PackedBertForMaskedLM, "mpnet": PackedMPNetForMaskedLM}
 
 
 def keep_attention_in_bf16() -> None:
@@ -99,7 +126,7 @@ def keep_attention_in_bf16() -> None:
 EAGER_SDPA = "finsent_eager_sdpa"
 
 
-def use_eager_attention(model: BertForMaskedLM) -> None:
+def use_eager_attention(model: torch.nn.Module) -> None:
     """Runs the model's attention outside the compiled graph, as plain SDPA.
 
     Under ``torch.compile`` attention with dropout takes SDPA's math path (the fused
@@ -111,44 +138,3 @@ def use_eager_attention(model: BertForMaskedLM) -> None:
 
     AttentionInterface.register(EAGER_SDPA, torch.compiler.disable(sdpa_attention_forward))
     model.set_attn_implementation(EAGER_SDPA)
-
-
-def make_train_step(
-    model: BertForMaskedLM,
-    optimizer: torch.optim.Optimizer,
-    compile: bool,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
-    mode: str | None = None,
-) -> TrainStep:
-    """Returns ``step(input_ids, masked_positions, masked_labels) -> loss`` that runs forward,
-    backward and an optimizer step. The loss comes back as a detached device tensor: reading
-    it (``float(loss)``) syncs with the device, so do that outside the hot loop.
-
-    ``mode`` is the torch.compile mode; by default "max-autotune-no-cudagraphs" on CUDA and
-    torch's default elsewhere. "reduce-overhead" / "max-autotune" add CUDA graphs. On CUDA
-    this also calls ``keep_attention_in_bf16``, which changes process-wide backend flags."""
-    device_type = next(model.parameters()).device.type
-    if device_type == "cuda":
-        keep_attention_in_bf16()
-    if mode is None:
-        mode = "max-autotune-no-cudagraphs" if device_type == "cuda" else "default"
-    use_cudagraphs = compile and device_type == "cuda" and mode in CUDAGRAPH_MODES
-
-    def forward_loss(input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return mlm_loss(model, input_ids, masked_positions, masked_labels)
-
-    if compile:
-        forward_loss = torch.compile(forward_loss, mode=mode)
-
-    def step(input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor) -> torch.Tensor:
-        if use_cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = forward_loss(input_ids, masked_positions, masked_labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # A CUDA-graph output is overwritten by the next replay; keep a copy.
-        return loss.detach().clone() if use_cudagraphs else loss.detach()
-
-    return step

@@ -12,11 +12,15 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   actual next segment, half a random segment of another text).
 * masking: BERT's 80/10/10 scheme at ``mlm_probability`` on WordPiece tokens,
   or with ``mlm_whole_word`` on whole words (a token plus its ``##`` pieces).
+  Token masking of packed blocks for a BERT or MPNet base takes the fast step
+  of :mod:`pipeline.train.fast_mlm`: exactly ``round(mlm_probability * block)``
+  predictions per block, the vocabulary head on those positions only.
 * checkpoints every ``checkpoint_steps`` steps under ``out_dir/checkpoints``;
   a second call with the same ``out_dir`` and settings resumes from the last
   complete one.
-* GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``;
-  SDPA attention everywhere.
+* GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
+  (of the model's forward and loss), bf16 math-path attention; SDPA attention
+  everywhere, and no host sync in the step loop between logging steps.
 
 Validation perplexity uses the MLM loss only, with token-level masks from a
 fixed seed, for both objectives: base and adapted model see the same masks.
@@ -38,6 +42,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
 from pipeline.train.device import training_device_args
+from pipeline.train.fast_mlm import PACKED_MLM_CLASSES, StaticMaskCollator, keep_attention_in_bf16, num_predictions
 from pipeline.train.masking import (
     build_nsp_pairs,
     continuation_table,
@@ -137,6 +142,52 @@ def _scratch_base(out_dir: Path, corpus_texts: list[str], cfg: TrainConfig) -> P
     return final
 
 
+def _packed_collator(model, tokenizer, blocks: list[list[int]], cfg: TrainConfig) -> StaticMaskCollator | None:
+    """The static-k collator when the model has the masked-positions loss and every block
+    has k maskable tokens; None (the Hugging Face collator) otherwise."""
+    if type(model) not in PACKED_MLM_CLASSES.values():
+        return None
+    collator = StaticMaskCollator(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids, rate=cfg.mlm_probability)
+    k = num_predictions(len(blocks[0]), cfg.mlm_probability)
+    if int(collator.eligible_counts(torch.tensor(blocks)).min()) < k:
+        log.info("a block has fewer than %d maskable tokens: masking each token with probability %.2f instead", k, cfg.mlm_probability)
+        return None
+    return collator
+
+
+def _name_transformers_architecture(folder: Path, model) -> None:
+    """A saved packed model names transformers' own class in config.json, so the folder
+    reads as an ordinary checkpoint of that architecture (the weights are the same)."""
+    if type(model) not in PACKED_MLM_CLASSES.values():
+        return
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [type(model).__bases__[-1].__name__]  # e.g. BertForMaskedLM
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def mlm_training_arguments(cfg: TrainConfig, output_dir: Path, **overrides):
+    """The masked-LM run's TrainingArguments (bench/train_throughput.py times a Trainer with
+    these). On a CUDA device with bf16 this also keeps math-path attention in bf16."""
+    from transformers import TrainingArguments
+
+    device = training_device_args(cfg)
+    if device["bf16"] and torch.cuda.is_available():
+        keep_attention_in_bf16()
+    save = cfg.checkpoint_steps > 0
+    return TrainingArguments(**{
+        "output_dir": str(output_dir), "max_steps": cfg.mlm_steps, "per_device_train_batch_size": cfg.mlm_batch_size,
+        "learning_rate": cfg.mlm_learning_rate, "warmup_steps": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+        "save_strategy": "steps" if save else "no", "save_steps": max(cfg.checkpoint_steps, 1), "save_total_limit": 2,
+        "logging_steps": max(1, min(cfg.mlm_steps // 20, 100)), "report_to": "none", "seed": cfg.seed,
+        "disable_tqdm": False,
+        # The NaN filter reads every step's loss on the host, a device sync per step; a NaN
+        # shows in the logged loss instead.
+        "logging_nan_inf_filter": False,
+        **device, **overrides,
+    })
+
+
 @functools.cache
 def _step_counter_class():
     from transformers import TrainerCallback
@@ -169,7 +220,6 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         AutoTokenizer,
         BertForPreTraining,
         Trainer,
-        TrainingArguments,
     )
 
     out_dir = Path(out_dir)
@@ -186,13 +236,13 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     if cfg.mlm_from_scratch:
         base_model = str(_scratch_base(out_dir, corpus_texts, cfg))
     tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model_type = AutoConfig.from_pretrained(base_model).model_type
     if nsp:
-        model_type = AutoConfig.from_pretrained(base_model).model_type
         if model_type != "bert":
             raise ValueError(f"mlm+nsp needs a BERT base model (NSP head); {base_model} is {model_type!r}")
         model = _load_model(BertForPreTraining, base_model)
     else:
-        model = _load_model(AutoModelForMaskedLM, base_model)
+        model = _load_model(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
     perplexity_base = mlm_perplexity(model, tokenizer, eval_texts, cfg)
     base_what = "random init" if cfg.mlm_from_scratch else "base"
     if cfg.mlm_steps <= 0:
@@ -221,15 +271,13 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         reason = f"corpus too small for one {'pair' if nsp else f'{block_size}-token block'}; fine-tuning the {base_what}"
         return MlmResult(perplexity_base, None, "base", reason, base_model, 0, 0, **common)
 
-    device = training_device_args(cfg)
+    # No collator seed: masks then come from torch's global RNG, which each
+    # checkpoint saves and a resume restores (a collator generator would restart).
+    collator = _packed_collator(model, tokenizer, columns["input_ids"], cfg) if not nsp and not cfg.mlm_whole_word else None
+    if collator is None:
+        collator = make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=cfg.mlm_whole_word)
     save = cfg.checkpoint_steps > 0
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir), max_steps=cfg.mlm_steps, per_device_train_batch_size=cfg.mlm_batch_size,
-        learning_rate=cfg.mlm_learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        save_strategy="steps" if save else "no", save_steps=max(cfg.checkpoint_steps, 1), save_total_limit=2,
-        logging_steps=max(1, min(cfg.mlm_steps // 20, 100)), report_to="none", seed=cfg.seed, disable_tqdm=False,
-        **device,
-    )
+    args = mlm_training_arguments(cfg, checkpoint_dir)
     if not save:
         resumed_step, checkpoint = 0, None
     if checkpoint is not None and resumed_step >= cfg.mlm_steps:
@@ -239,14 +287,11 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         model = _load_model(type(model), str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         history, global_step, steps_run = state["log_history"], state["global_step"], 0
-        save_model = model.save_pretrained
+        save_model = functools.partial(model.save_pretrained, is_main_process=args.should_save)
     else:
         counter = _step_counter_class()()
         trainer = Trainer(
-            model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter],
-            # No collator seed: masks then come from torch's global RNG, which each
-            # checkpoint saves and a resume restores (a collator generator would restart).
-            data_collator=make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=cfg.mlm_whole_word),
+            model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter], data_collator=collator,
         )
         if checkpoint is not None:
             log.info("resuming masked-LM training from %s (step %d of %d)", checkpoint, resumed_step, cfg.mlm_steps)
@@ -261,10 +306,16 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         "history": json.loads(json.dumps(history, default=float)), "checkpoint_dir": str(checkpoint_dir) if save else None,
     }
     adapted_dir = out_dir / "model"
-    shutil.rmtree(adapted_dir, ignore_errors=True)  # a retried call writes it afresh, or not at all
+    # Under torchrun only the main process writes the folder (every process reaches the same
+    # verdict: same weights, same validation texts and masks); the others wait for it.
+    main_process = args.should_save
+    if main_process:
+        shutil.rmtree(adapted_dir, ignore_errors=True)  # a retried call writes it afresh, or not at all
     if perplexity_adapted < perplexity_base * (1 - cfg.mlm_margin):
         save_model(str(adapted_dir))
-        tokenizer.save_pretrained(adapted_dir)
+        if main_process:
+            _name_transformers_architecture(adapted_dir, model)
+            tokenizer.save_pretrained(adapted_dir)
         used, model_dir = "adapted", str(adapted_dir)
         reason = f"validation perplexity {perplexity_base:.2f} ({base_what}) -> {perplexity_adapted:.2f}"
     else:
@@ -273,4 +324,6 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             f"adapted perplexity {perplexity_adapted:.2f} does not beat the {base_what}'s {perplexity_base:.2f} "
             f"by the margin {cfg.mlm_margin:.0%}; fine-tuning the {base_what}"
         )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return MlmResult(perplexity_base, perplexity_adapted, used, reason, model_dir, global_step, examples, **common)

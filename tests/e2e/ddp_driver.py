@@ -1,6 +1,9 @@
 """Fine-tunes with the project's ``finetune`` under whatever launched it (plain
 python, or torchrun with several processes) and, on rank 0, writes the
-Trainer's log history to the JSON file named on the command line."""
+Trainer's log history to the JSON file named on the command line.
+
+``ddp_driver.py mlm MODEL DATA OUT``: runs ``adapt_mlm`` instead, and every
+process writes its result to ``OUT.rank<N>.json``."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pandas as pd
 
 from pipeline.config import TrainConfig
 from pipeline.train.classify import finetune
+from pipeline.train.mlm import adapt_mlm
 
 
 def main(model_dir: str, data_dir: str, out: str, batch_size: int) -> None:
@@ -31,5 +35,17 @@ def main(model_dir: str, data_dir: str, out: str, batch_size: int) -> None:
         Path(out).write_text(json.dumps({"history": result["history"], "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
 
 
+def adapt(model_dir: str, data_dir: str, out: str) -> None:
+    cfg = TrainConfig(base_model=model_dir, max_length=64, mlm_steps=6, mlm_block_size=64, mlm_batch_size=4,
+                      mlm_margin=-1.0, checkpoint_steps=0, seed=0)
+    texts = pd.read_parquet(Path(data_dir) / "train.parquet")["text"].tolist()
+    validation = pd.read_parquet(Path(data_dir) / "validation.parquet")["text"].tolist()
+    result = adapt_mlm(model_dir, texts, validation, Path(out).parent / "work-mlm", cfg)
+    Path(f"{out}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result.to_dict()))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1] == "mlm":
+        adapt(*sys.argv[2:5])
+    else:
+        main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

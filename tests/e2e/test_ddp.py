@@ -1,6 +1,7 @@
 """DistributedDataParallel on CPU: two gloo processes under torchrun, each with
 half the batch, follow the same loss curve as one process with the whole
-batch (same global batch, same order, no dropout)."""
+batch (same global batch, same order, no dropout). Masked-LM adaptation under
+torchrun keeps the processes' weights in step and writes one complete folder."""
 
 from __future__ import annotations
 
@@ -54,3 +55,26 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, no_dr
     for key in ("loss", "eval_macro_f1", "eval_accuracy"):
         assert len(curve(single, key)) == len(curve(ddp, key)) == 3, key
         assert curve(ddp, key) == pytest.approx(curve(single, key), rel=1e-3, abs=1e-4), key
+
+
+def test_masked_lm_adaptation_under_two_gloo_processes(tmp_path, tiny_base, ingested):
+    from transformers import AutoModelForMaskedLM
+
+    driver = str(REPO / "tests" / "e2e" / "ddp_driver.py")
+    out = tmp_path / "mlm"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINSENT_")}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(services.free_port()), driver, "mlm", str(tiny_base),
+                           str(ingested.labeled_dir), str(out)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"mlm.rank{rank}.json").read_text()) for rank in (0, 1)]
+    # Each process trained on other rows; gradients averaged over both keep the weights equal.
+    assert ranks[0]["perplexity_adapted"] == ranks[1]["perplexity_adapted"] != ranks[0]["perplexity_base"]
+    assert ranks[0]["used"] == ranks[1]["used"] == "adapted" and ranks[0]["model_dir"] == ranks[1]["model_dir"]
+    folder = ranks[0]["model_dir"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "work-mlm" / "model" / name).is_file(), name
+    model, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert model.config.architectures == ["BertForMaskedLM"] and not info["missing_keys"]

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
-    StaticMaskCollator, fused_adamw, make_train_step, mlm_loss, num_predictions, use_eager_attention,
+    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, num_predictions, use_eager_attention,
 )
 
 VOCAB = 1000
@@ -69,37 +69,56 @@ def test_collator_rejects_rows_without_k_eligible_tokens():
         collator()(ids)
 
 
-def test_mlm_loss_equals_hf_loss_on_the_same_positions():
-    model = tiny_model().eval()
+def labels_for(batch: dict) -> torch.Tensor:
+    """The same masked positions in Hugging Face form: -100 off the masked positions."""
+    return torch.full_like(batch["input_ids"], -100).scatter_(1, batch["masked_positions"], batch["masked_labels"])
+
+
+def tiny_mpnet(seed: int = 0):
+    torch.manual_seed(seed)
+    config = MPNetConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=80, pad_token_id=PAD,
+    )
+    return PackedMPNetForMaskedLM(config)
+
+
+@pytest.mark.parametrize("make_model", [lambda: PackedBertForMaskedLM(tiny_model().config), tiny_mpnet])
+def test_masked_positions_loss_equals_hf_loss_on_the_same_positions(make_model):
+    torch.manual_seed(0)
+    model = make_model().eval()
     batch = collator()(packed_blocks(8, 64))
-    labels = torch.full_like(batch["input_ids"], -100).scatter_(1, batch["masked_positions"], batch["masked_labels"])
     with torch.no_grad():
-        ours = mlm_loss(model, batch["input_ids"], batch["masked_positions"], batch["masked_labels"])
-        reference = model(input_ids=batch["input_ids"], labels=labels).loss
-    assert float(ours) == pytest.approx(float(reference), abs=1e-5)
+        ours = model(**batch)
+        reference = model(input_ids=batch["input_ids"], labels=labels_for(batch))
+    assert ours.logits is None  # the head ran on the masked rows only and nothing else is returned
+    assert float(ours.loss) == pytest.approx(float(reference.loss), abs=1e-5)
+    assert reference.logits.shape == (8, 64, VOCAB)  # without masked_positions it is the parent's forward
 
 
-def loss_inputs(rows: int = 8, seq: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, masked_positions, masked_labels) of one masked batch, as mlm_loss takes them."""
-    batch = collator()(packed_blocks(rows, seq))
-    return batch["input_ids"], batch["masked_positions"], batch["masked_labels"]
+def test_packed_model_has_the_parent_weights_and_keys(tmp_path):
+    plain = tiny_model()
+    plain.save_pretrained(tmp_path)
+    packed = PackedBertForMaskedLM.from_pretrained(tmp_path)
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    for key, tensor in plain.state_dict().items():
+        torch.testing.assert_close(packed.state_dict()[key], tensor)
 
 
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
-def test_train_step_decreases_loss_on_a_repeated_batch(autocast_dtype):
-    model = tiny_model().train()
-    step = make_train_step(model, fused_adamw(model, lr=1e-3), compile=False, autocast_dtype=autocast_dtype)
-    batch = collator()(packed_blocks(8, 64))
-    losses = [step(batch["input_ids"], batch["masked_positions"], batch["masked_labels"]) for _ in range(8)]
-    assert not any(loss.requires_grad for loss in losses)
-    values = [float(loss) for loss in losses]
-    assert values[-1] < values[0] - 0.1, values
+def test_collator_takes_the_trainer_rows():
+    ids = packed_blocks(4, 32)
+    from_rows = collator()([{"input_ids": row.tolist()} for row in ids])
+    from_tensor = collator()(ids)
+    for name, tensor in from_tensor.items():
+        assert torch.equal(from_rows[name], tensor)
 
 
 def test_eager_attention_computes_the_same_loss():
-    model, args = tiny_model().eval(), loss_inputs()
+    torch.manual_seed(0)
+    model = PackedBertForMaskedLM(tiny_model().config).eval()
+    batch = collator()(packed_blocks(8, 64))
     with torch.no_grad():
-        before = mlm_loss(model, *args)
+        before = model(**batch).loss
         use_eager_attention(model)
         assert model.config._attn_implementation == "finsent_eager_sdpa"
-        torch.testing.assert_close(mlm_loss(model, *args), before)
+        torch.testing.assert_close(model(**batch).loss, before)

@@ -206,3 +206,38 @@ def test_device_switches_follow_the_machine_and_bf16_on_a_cpu_only_when_asked(mo
     assert training_device_args(auto)["bf16"] is True and training_device_args(auto)["torch_compile"] is False
     off = cfg.model_copy(update={"bf16": False})
     assert training_device_args(off)["bf16"] is False
+
+
+@pytest.mark.parametrize(("probability", "packed"), [(0.15, True), (0.95, False)])
+def test_packed_token_masking_takes_the_masked_positions_step(monkeypatch, tmp_path, tiny_base, texts, probability, packed):
+    """Token masking of packed blocks trains with k static predictions per block and the head on
+    those positions only; blocks with fewer than k maskable tokens (k = round(0.95 x 16) = 15 here, and a
+    text boundary brings two specials) fall back to Hugging Face's collator and full-head loss."""
+    from transformers import AutoModelForMaskedLM, Trainer
+
+    from pipeline.train.fast_mlm import PackedBertForMaskedLM
+
+    seen = []
+    training_step = Trainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        seen.append((type(self.accelerator.unwrap_model(model)), {name: tuple(t.shape) for name, t in inputs.items()}))
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", recording_step)
+    corpus, validation = corpus_and_validation(texts)
+    cfg = tiny_train_config(tiny_base).model_copy(update={
+        "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 16, "mlm_probability": probability, "checkpoint_steps": 0,
+    })
+    result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
+    assert len(seen) == 3 and all(cls is PackedBertForMaskedLM for cls, _ in seen)
+    shapes = seen[0][1]
+    if packed:
+        assert shapes == {"input_ids": (8, 16), "masked_positions": (8, 2), "masked_labels": (8, 2)}
+    else:
+        assert set(shapes) == {"input_ids", "attention_mask", "labels"}
+    assert result.used == "adapted" and math.isfinite(result.perplexity_adapted)
+    # The saved folder is an ordinary BertForMaskedLM checkpoint.
+    model, info = AutoModelForMaskedLM.from_pretrained(result.model_dir, output_loading_info=True)
+    assert type(model).__name__ == "BertForMaskedLM" and model.config.architectures == ["BertForMaskedLM"]
+    assert not info["missing_keys"] and not info["unexpected_keys"]
