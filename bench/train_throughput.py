@@ -28,6 +28,9 @@ tokens/s        input tokens of the timed steps (non-pad tokens for padded rows)
                 warm-up step and of the last timed step); the loops never read the loss back.
 ratio           fast tokens/s over baseline tokens/s (same batches); with --real also
                 ``ratio_vs_padded``: fast on packed blocks over the naive padded loop.
+host syncs      CUDA, Trainer runs: ``host_syncs_timed`` counts the host-device synchronisations in the
+                timed steps (``torch.cuda.set_sync_debug_mode("warn")`` during them); 0 means the host
+                queues work ahead of the device throughout.
 peak memory     CUDA: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer state,
                 activations). CPU: the highest resident set size of the process sampled every
                 5 ms during the run (so it includes the Python process itself).
@@ -59,6 +62,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -354,9 +358,15 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
             marks["begin"] = time.perf_counter()
 
         def on_step_end(self, _args, state, *_, **__):
+            cuda = args.device == "cuda"
+            if state.global_step == last and cuda:
+                torch.cuda.set_sync_debug_mode(0)
             if state.global_step in (warmup, last):
                 synchronize(args.device)
                 marks[state.global_step] = time.perf_counter()
+            if state.global_step == warmup and cuda:
+                # Every host sync in the timed steps raises a warning, counted below.
+                torch.cuda.set_sync_debug_mode("warn")
             if profiler is not None and state.global_step == last:
                 profiler.start()
 
@@ -376,15 +386,22 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
         rows = [{"input_ids": [0]}] * (total_steps * args.batch)
         trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=ReplayCollator(batches),
                           callbacks=[Clock()])
-        output = trainer.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = trainer.train()
+        syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
         if profiler is not None:
             synchronize(args.device)
             profiler.stop()
     if profiler is not None:
         print_profile_table(name, profiler, args.profile, args.device)
     tokens = args.steps * args.batch * args.seq
-    return report_run(name, tokens, marks[last] - marks[warmup], args.steps, memory.peak, marks[warmup] - marks["begin"],
-                      output.training_loss, args, flops_per_token)
+    result = report_run(name, tokens, marks[last] - marks[warmup], args.steps, memory.peak,
+                        marks[warmup] - marks["begin"], output.training_loss, args, flops_per_token)
+    if args.device == "cuda":
+        result["host_syncs_timed"] = len(syncs)
+        print(f"{name}: {len(syncs)} host syncs in the timed steps" + (f", first: {syncs[0][:200]}" if syncs else ""))
+    return result
 
 
 def device_name(device: str) -> str:

@@ -25,9 +25,14 @@ def training_device_args(cfg: TrainConfig) -> dict:
         bf16 = bool(cfg.bf16)
     if cfg.torch_compile and not cuda:
         log.info("torch_compile is a GPU switch: off on CPU")
-    return {
+    args = {
         "bf16": bf16, "optim": "adamw_torch_fused" if cuda else "adamw_torch",
         "torch_compile": cfg.torch_compile and cuda, "dataloader_pin_memory": cuda,
         # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
         "use_cpu": not cuda,
     }
+    if cuda:
+        # A blocking copy of each batch to the device waits for the device to finish the
+        # previous step: a host sync per step. From pinned memory the copy can be queued.
+        args["accelerator_config"] = {"non_blocking": True}
+    return args

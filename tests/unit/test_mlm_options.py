@@ -201,6 +201,7 @@ def test_device_switches_follow_the_machine_and_bf16_on_a_cpu_only_when_asked(mo
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert training_device_args(cfg) == {
         "bf16": True, "optim": "adamw_torch_fused", "torch_compile": True, "dataloader_pin_memory": True, "use_cpu": False,
+        "accelerator_config": {"non_blocking": True},
     }
     auto = cfg.model_copy(update={"bf16": None, "torch_compile": False})
     assert training_device_args(auto)["bf16"] is True and training_device_args(auto)["torch_compile"] is False
