@@ -48,7 +48,7 @@ if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; else 
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
-  timeout 260 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:eagerattn,default:noattndrop,reduce-overhead} \
+  timeout 300 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:replayattn,default:eagerattn,default:noattndrop,reduce-overhead} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   log "throughput, real text (packed vs padded)"

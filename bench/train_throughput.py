@@ -73,7 +73,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.train.fast_mlm import PackedBertForMaskedLM, StaticMaskCollator, use_eager_attention  # noqa: E402
+from pipeline.train.fast_mlm import (  # noqa: E402
+    PackedBertForMaskedLM, StaticMaskCollator, use_eager_attention, use_replayed_attention,
+)
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -103,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
                              "'fast_<mode>'); suffixes: "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
-                             "keep SDPA's fused kernel), ':eagerattn' runs attention outside the compiled graph")
+                             "keep SDPA's fused kernel), ':eagerattn' runs attention outside the compiled graph, "
+                             "':replayattn' runs it as one op the compiler keeps whole, its backward replaying it")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--inputs", type=Path,
@@ -449,14 +452,16 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast_model(attention_dropout: bool, eager_attention: bool) -> PackedBertForMaskedLM:
+    def fast_model(attention_dropout: bool, attention: str) -> PackedBertForMaskedLM:
         model_config = copy.deepcopy(config)
         if not attention_dropout:
             model_config.attention_probs_dropout_prob = 0.0
         torch.manual_seed(args.seed)
         model = PackedBertForMaskedLM(model_config).to(args.device).train()  # the baseline's initial weights
-        if eager_attention:
+        if attention == "eager":
             use_eager_attention(model)
+        elif attention == "replayed":
+            use_replayed_attention(model)
         return model
 
     runs = {}
@@ -469,14 +474,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "eagerattn"}:
+        if unknown := set(options) - {"noattndrop", "eagerattn", "replayattn"}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
-        attention_dropout, eager_attention = "noattndrop" not in options, "eagerattn" in options
+        attention_dropout = "noattndrop" not in options
+        attention = "eager" if "eagerattn" in options else "replayed" if "replayattn" in options else "compiled"
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        runs[name] = trainer_run(name, fast_model(attention_dropout, eager_attention), fast_data, mode, args,
-                                 flops_per_token)
-        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout,
-                          eager_attention=eager_attention)
+        runs[name] = trainer_run(name, fast_model(attention_dropout, attention), fast_data, mode, args, flops_per_token)
+        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
     ratio = runs["fast"]["ratio"]

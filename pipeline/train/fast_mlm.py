@@ -138,3 +138,93 @@ def use_eager_attention(model: torch.nn.Module) -> None:
 
     AttentionInterface.register(EAGER_SDPA, torch.compiler.disable(sdpa_attention_forward))
     model.set_attn_implementation(EAGER_SDPA)
+
+
+# ---------------------------------------------------------------- attention with dropout, opaque to the compiler
+#
+# Under torch.compile, SDPA with dropout is traced through its math path. use_eager_attention
+# keeps the fused kernel at the cost of a graph break per layer; this op keeps it without one.
+# torch.library custom ops are opaque to the compiler, so the op runs SDPA's own fused kernel
+# with dropout. Its backward replays the forward with the random state the forward started from
+# (the same dropout mask, as torch.utils.checkpoint does) and differentiates that; torch has no
+# public SDPA backward that takes a mask's random state, hence the replay.
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@torch.library.custom_op("finsent::dropout_attention", mutates_args=())
+def dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA with dropout, no mask, not causal: ``(output [B, H, S, D] contiguous, random state)``."""
+    state = _rng_state(query.device)
+    output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scale)
+    return output.contiguous(), state
+
+
+@dropout_attention.register_fake
+def _(query, key, value, dropout_p, scale):
+    state_size = _rng_state(query.device).numel()
+    return query.new_empty((*query.shape[:-1], value.shape[-1])), torch.empty(state_size, dtype=torch.uint8)
+
+
+@torch.library.custom_op("finsent::dropout_attention_backward", mutates_args=())
+def dropout_attention_backward(grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               state: torch.Tensor, dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cuda = query.device.type == "cuda"
+    with torch.random.fork_rng(devices=[query.device] if cuda else [], device_type=query.device.type):
+        if cuda:
+            torch.cuda.set_rng_state(state, query.device)
+        else:
+            torch.set_rng_state(state)
+        # A custom op runs below autograd; torch.func's vjp differentiates there all the same.
+        _, vjp = torch.func.vjp(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), query, key, value
+        )
+        grads = vjp(grad_output)
+    return tuple(grad.contiguous() for grad in grads)
+
+
+@dropout_attention_backward.register_fake
+def _(grad_output, query, key, value, state, dropout_p, scale):
+    return tuple(tensor.new_empty(tensor.shape) for tensor in (query, key, value))
+
+
+def _dropout_attention_setup(ctx, inputs, output) -> None:
+    query, key, value, ctx.dropout_p, ctx.scale = inputs
+    ctx.save_for_backward(query, key, value, output[1])
+
+
+def _dropout_attention_grad(ctx, grad_output, _grad_state):
+    query, key, value, state = ctx.saved_tensors
+    grads = dropout_attention_backward(grad_output.contiguous(), query, key, value, state, ctx.dropout_p, ctx.scale)
+    return *grads, None, None
+
+
+dropout_attention.register_autograd(_dropout_attention_grad, setup_context=_dropout_attention_setup)
+
+REPLAYED_SDPA = "finsent_replayed_sdpa"
+
+
+def _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature; the custom op where it applies (dropout, no
+    mask, not causal), transformers' SDPA otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if dropout == 0.0 or attention_mask is not None or causal or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output, _ = dropout_attention(query, key, value, dropout, scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def use_replayed_attention(model: torch.nn.Module) -> None:
+    """Attention with dropout as one op the compiler keeps whole (SDPA's fused kernel), its
+    backward replaying the forward; measured by ``bench/train_throughput.py`` (``:replayattn``)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(REPLAYED_SDPA, _replayed_sdpa_forward)
+    model.set_attn_implementation(REPLAYED_SDPA)

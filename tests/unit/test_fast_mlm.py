@@ -3,7 +3,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
-    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, num_predictions, use_eager_attention,
+    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, dropout_attention, num_predictions,
+    use_eager_attention, use_replayed_attention,
 )
 
 VOCAB = 1000
@@ -122,3 +123,61 @@ def test_eager_attention_computes_the_same_loss():
         use_eager_attention(model)
         assert model.config._attn_implementation == "finsent_eager_sdpa"
         torch.testing.assert_close(model(**batch).loss, before)
+
+
+def attention_inputs(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 16, 8, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def test_replayed_dropout_attention_has_sdpas_output_gradients_and_random_stream():
+    grad = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for op in ("sdpa", "replayed"):
+        q, k, v = attention_inputs()
+        torch.manual_seed(123)
+        if op == "sdpa":
+            output = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, scale=0.25)
+        else:
+            output, _ = dropout_attention(q, k, v, 0.3, 0.25)
+        output.backward(grad)
+        results.append((output.detach(), q.grad, k.grad, v.grad, torch.rand(4)))
+    q, k, v = attention_inputs()
+    without_dropout = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).detach()
+    assert not torch.allclose(results[0][0], without_dropout)  # dropout did drop something
+    for ours, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_replayed_dropout_attention_passes_opcheck_and_compiles():
+    q, k, v = attention_inputs()
+    torch.library.opcheck(dropout_attention, (q, k, v, 0.0, 0.25))
+
+    def loss(q, k, v):
+        output, _ = dropout_attention(q, k, v, 0.2, 0.25)
+        return output.square().sum()
+
+    grads = []
+    for function in (loss, torch.compile(loss, fullgraph=True)):
+        inputs = attention_inputs()
+        torch.manual_seed(7)
+        function(*inputs).backward()
+        grads.append([tensor.grad for tensor in inputs])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_replayed_attention_trains_the_model_as_sdpa_does():
+    batch = collator()(packed_blocks(4, 64))
+    grads = {}
+    for name in ("sdpa", "replayed"):
+        torch.manual_seed(0)
+        model = PackedBertForMaskedLM(tiny_model().config).train()
+        if name == "replayed":
+            use_replayed_attention(model)
+        torch.manual_seed(5)
+        model(**batch).loss.backward()
+        grads[name] = {key: p.grad for key, p in model.named_parameters() if p.grad is not None}
+    assert grads["replayed"].keys() == grads["sdpa"].keys()
+    for key, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads["replayed"][key], grad, msg=key)
