@@ -28,6 +28,7 @@ tokens/s        input tokens of the timed steps (non-pad tokens for padded rows)
                 warm-up step and of the last timed step); the loops never read the loss back.
 ratio           fast tokens/s over baseline tokens/s (same batches); with --real also
                 ``ratio_vs_padded``: fast on packed blocks over the naive padded loop.
+graphs          Trainer runs: ``graphs`` compiled and ``graph_breaks`` (torch._dynamo's counters).
 host syncs      CUDA, Trainer runs: ``host_syncs_timed`` counts the host-device synchronisations in the
                 timed steps (``torch.cuda.set_sync_debug_mode("warn")`` during them); 0 means the host
                 queues work ahead of the device throughout.
@@ -67,6 +68,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 from transformers import BertConfig, BertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,6 +383,8 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    counters.clear()
     with tempfile.TemporaryDirectory() as output_dir, PeakMemory(args.device) as memory:
         training_args = mlm_training_arguments(
             cfg, Path(output_dir), logging_steps=total_steps, disable_tqdm=True,
@@ -401,6 +406,8 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     tokens = args.steps * args.batch * args.seq
     result = report_run(name, tokens, marks[last] - marks[warmup], args.steps, memory.peak,
                         marks[warmup] - marks["begin"], output.training_loss, args, flops_per_token)
+    result["graphs"] = counters["stats"]["unique_graphs"]
+    result["graph_breaks"] = sum(counters["graph_break"].values())
     if args.device == "cuda":
         result["host_syncs_timed"] = len(syncs)
         print(f"{name}: {len(syncs)} host syncs in the timed steps" + (f", first: {syncs[0][:200]}" if syncs else ""))
