@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import BertForMaskedLM, MPNetForMaskedLM
+from transformers import AttentionInterface, BertForMaskedLM, MPNetForMaskedLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import MaskedLMOutput
 
 
@@ -133,9 +134,6 @@ def use_eager_attention(model: torch.nn.Module) -> None:
     flash / cuDNN kernels draw their dropout masks in ways the compiler does not trace);
     left eager, SDPA keeps a fused kernel with dropout, at the cost of one graph break per
     layer. Which wins is measured by ``bench/train_throughput.py`` (``:eagerattn``)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     AttentionInterface.register(EAGER_SDPA, torch.compiler.disable(sdpa_attention_forward))
     model.set_attn_implementation(EAGER_SDPA)
 
@@ -210,8 +208,6 @@ REPLAYED_SDPA = "finsent_replayed_sdpa"
 def _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature; the custom op where it applies (dropout, no
     mask, not causal), transformers' SDPA otherwise."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if dropout == 0.0 or attention_mask is not None or causal or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -224,7 +220,5 @@ def _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.
 def use_replayed_attention(model: torch.nn.Module) -> None:
     """Attention with dropout as one op the compiler keeps whole (SDPA's fused kernel), its
     backward replaying the forward; measured by ``bench/train_throughput.py`` (``:replayattn``)."""
-    from transformers import AttentionInterface
-
     AttentionInterface.register(REPLAYED_SDPA, _replayed_sdpa_forward)
     model.set_attn_implementation(REPLAYED_SDPA)
