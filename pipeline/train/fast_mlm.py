@@ -208,7 +208,7 @@ REPLAYED_SDPA = "finsent_replayed_sdpa"
 def _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature; the custom op where it applies (dropout, no
     mask, not causal), transformers' SDPA otherwise."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
     if dropout == 0.0 or attention_mask is not None or causal or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

@@ -167,7 +167,11 @@ def test_replayed_dropout_attention_passes_opcheck_and_compiles():
         torch.testing.assert_close(ours, reference)
 
 
-def test_replayed_attention_trains_the_model_as_sdpa_does():
+def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch):
+    import pipeline.train.fast_mlm as fast_mlm
+
+    calls = []
+    monkeypatch.setattr(fast_mlm, "dropout_attention", lambda *args: calls.append(1) or dropout_attention(*args))
     batch = collator()(packed_blocks(4, 64))
     grads = {}
     for name in ("sdpa", "replayed"):
@@ -178,6 +182,7 @@ def test_replayed_attention_trains_the_model_as_sdpa_does():
         torch.manual_seed(5)
         model(**batch).loss.backward()
         grads[name] = {key: p.grad for key, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 2  # once per layer: the op, not transformers' SDPA, ran the replayed model's attention
     assert grads["replayed"].keys() == grads["sdpa"].keys()
     for key, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["replayed"][key], grad, msg=key)
