@@ -61,6 +61,7 @@ import platform
 import random
 import re
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -350,8 +351,6 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
                 flops_per_token: float) -> dict:
     """The project's masked-LM Trainer for warm-up + timed (+ profiled) steps; the clock reads at
     the end of the last warm-up step and of the last timed step, the device synchronised there."""
-    import tempfile
-
     from transformers import Trainer, TrainerCallback
 
     warmup, last = args.warmup, args.warmup + args.steps

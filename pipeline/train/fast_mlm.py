@@ -54,9 +54,9 @@ class StaticMaskCollator:
         self.rate = rate
         self.generator = generator
 
-    def eligible_counts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Non-special tokens per row: a row needs at least k of them."""
-        return (~torch.isin(torch.as_tensor(input_ids), self.special_token_ids)).sum(dim=-1)
+    def maskable(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where a token may be masked (not a special token); a row needs k of them."""
+        return ~torch.isin(torch.as_tensor(input_ids), self.special_token_ids)
 
     def __call__(self, features: torch.Tensor | Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if isinstance(features, torch.Tensor):
@@ -65,7 +65,7 @@ class StaticMaskCollator:
             input_ids = torch.tensor([list(row["input_ids"]) for row in features], dtype=torch.long)
         batch, seq_len = input_ids.shape
         k = num_predictions(seq_len, self.rate)
-        eligible = ~torch.isin(input_ids, self.special_token_ids)
+        eligible = self.maskable(input_ids)
         if bool((eligible.sum(dim=1) < k).any()):
             raise ValueError(f"a row has fewer than k={k} non-special tokens; pack texts into full blocks")
 

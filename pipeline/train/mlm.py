@@ -20,7 +20,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   complete one.
 * GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
   (of the model's forward and loss), bf16 math-path attention; SDPA attention
-  everywhere, and no host sync in the step loop between logging steps.
+  everywhere; no host sync in the step loop between logging steps is known
+  (``bench/train_throughput.py`` counts them on a GPU).
 
 Validation perplexity uses the MLM loss only, with token-level masks from a
 fixed seed, for both objectives: base and adapted model see the same masks.
@@ -149,7 +150,7 @@ def _packed_collator(model, tokenizer, blocks: list[list[int]], cfg: TrainConfig
         return None
     collator = StaticMaskCollator(tokenizer.mask_token_id, len(tokenizer), tokenizer.all_special_ids, rate=cfg.mlm_probability)
     k = num_predictions(len(blocks[0]), cfg.mlm_probability)
-    if int(collator.eligible_counts(torch.tensor(blocks)).min()) < k:
+    if int(collator.maskable(torch.tensor(blocks)).sum(dim=1).min()) < k:
         log.info("a block has fewer than %d maskable tokens: masking each token with probability %.2f instead", k, cfg.mlm_probability)
         return None
     return collator
