@@ -6,14 +6,14 @@
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (throughput, profile, accuracy; default the first two); RECIPES the accuracy recipe file;
+# PHASES picks the parts (floor, throughput, profile, accuracy; default the first three); RECIPES the accuracy recipe file;
 # THROUGHPUT_MODES the fast runs.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds (the accuracy processes get what the throughput runs leave).
 BUDGET=${BUDGET:-570}
-PHASES=${PHASES:-throughput,profile}
+PHASES=${PHASES:-floor,throughput,profile}
 RECIPES_FILE=${RECIPES:-bench/recipes/round1.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 
-if ! "$PY" -c "import pydantic_settings, datasets" 2>/dev/null; then
+if ! "$PY" -c "import pydantic_settings, datasets, torchao" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $CARRY/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -44,18 +44,25 @@ EOF
 log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' || echo "$DEVICE")"
 
 # ---- training throughput: bert-base, seq 128, batch 256; synthetic blocks, then real text
-if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; fi
+if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR="--repeats 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; FLOOR="--steps 20"; fi
+if [[ $PHASES == *floor* ]]; then
+  log "floor: the step's matrix products alone, and one encoder layer in bf16 and float8"
+  timeout 150 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 --float8 \
+    --out "$OUT/gemm_floor.jsonl" > "$OUT/floor.log" 2>&1
+  log "floor rc=$?"
+  grep -E "products|ceiling|encoder layer|skipped" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
+fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
-  timeout 300 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:replayattn,default:eagerattn,default:noattndrop,reduce-overhead} \
+  timeout 300 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:replayattn,default:eagerattn,default:replayattn:fp8} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   log "throughput, real text (packed vs padded)"
   timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
     --compile-mode default --out "$OUT/train_throughput.jsonl" >> "$OUT/throughput.log" 2>&1
   log "throughput real rc=$?"
-  grep -E "tok/s|ratio|host syncs" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
+  grep -E "tok/s|ratio|host syncs|skipped" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
 fi
 if [[ $PHASES == *profile* ]]; then
   log "profile: the fast step and the baseline, costliest kernels"

@@ -78,7 +78,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
-    PackedBertForMaskedLM, StaticMaskCollator, use_eager_attention, use_replayed_attention,
+    PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, use_eager_attention, use_float8_linears,
+    use_replayed_attention,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
@@ -110,7 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "'fast_<mode>'); suffixes: "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
                              "keep SDPA's fused kernel), ':eagerattn' runs attention outside the compiled graph, "
-                             "':replayattn' runs it as one op the compiler keeps whole, its backward replaying it")
+                             "':replayattn' runs it as one op the compiler keeps whole, its backward replaying it, "
+                             "':fp8' trains the encoder's linear layers with float8 products (TrainConfig.mlm_float8; "
+                             "skipped where float8 cannot run)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--inputs", type=Path,
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(config, args.seed, args.device)
         return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
 
-    def fast_model(attention_dropout: bool, attention: str) -> PackedBertForMaskedLM:
+    def fast_model(attention_dropout: bool, attention: str, float8: bool) -> PackedBertForMaskedLM:
         model_config = copy.deepcopy(config)
         if not attention_dropout:
             model_config.attention_probs_dropout_prob = 0.0
@@ -468,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
             use_eager_attention(model)
         elif attention == "replayed":
             use_replayed_attention(model)
+        if float8:
+            use_float8_linears(model)  # as adapt_mlm does with TrainConfig.mlm_float8
         return model
 
     runs = {}
@@ -480,16 +485,22 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "eagerattn", "replayattn"}:
+        if unknown := set(options) - {"noattndrop", "eagerattn", "replayattn", "fp8"}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout = "noattndrop" not in options
         attention = "eager" if "eagerattn" in options else "replayed" if "replayattn" in options else "compiled"
+        float8 = "fp8" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        runs[name] = trainer_run(name, fast_model(attention_dropout, attention), fast_data, mode, args, flops_per_token)
-        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention)
+        if float8 and (reason := float8_unsupported(args.device)) is not None:
+            print(f"{name}: skipped, {reason}", flush=True)
+            runs[name] = {"skipped": reason}
+            continue
+        model = fast_model(attention_dropout, attention, float8)
+        runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
+        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, float8=float8)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
-    ratio = runs["fast"]["ratio"]
+    ratio = runs["fast"].get("ratio")  # None when the first fast run was skipped
     report = {
         "bench": "train_throughput",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -498,9 +509,9 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
         "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
         "compile_mode": args.compile_mode, "collate_ms": round(collate_ms, 2), "real": args.real, "peak_tflops": args.peak_tflops,
-        "flops_per_token": flops_per_token, "runs": runs, "ratio": round(ratio, 3),
+        "flops_per_token": flops_per_token, "runs": runs, "ratio": ratio,
     }
-    if args.real:
+    if args.real and ratio is not None:
         report["ratio_vs_padded"] = round(runs["fast"]["tokens_per_s"] / runs["baseline_padded"]["tokens_per_s"], 3)
         print(f"ratio fast packed / naive padded (useful tokens): {report['ratio_vs_padded']:.2f}x")
     line = json.dumps(report)

@@ -67,6 +67,10 @@ class TrainConfig(BaseModel):
     mlm_probability: float = Field(0.15, description="share of tokens selected; of those 80% [MASK], 10% random, 10% kept")
     mlm_max_corpus_texts: int = 2000
     mlm_margin: float = Field(0.0, description="adapted model is used only if its perplexity beats the base by this")
+    mlm_float8: bool = Field(
+        False, description="float8 matrix products in the encoder's linear layers while masked-LM training "
+        "(torchao; CUDA compute capability 8.9+, e.g. H100; emulated and slow on a CPU)",
+    )
     checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
     # Fine-tuning
     # Defaults: the best recipe of bench/accuracy.py on the canonical Financial PhraseBank split (bench/RESULTS.md).

@@ -222,3 +222,47 @@ def use_replayed_attention(model: torch.nn.Module) -> None:
     backward replaying the forward; measured by ``bench/train_throughput.py`` (``:replayattn``)."""
     AttentionInterface.register(REPLAYED_SDPA, _replayed_sdpa_forward)
     model.set_attn_implementation(REPLAYED_SDPA)
+
+
+# ---------------------------------------------------------------- float8 linear layers
+
+
+def float8_unsupported(device: torch.device | str) -> str | None:
+    """Why float8 training cannot run on ``device``, or None. On a CPU it runs, emulated (slowly)."""
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "torchao is not installed (pip install 'finsent[float8]')"
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return f"this GPU (compute capability {torch.cuda.get_device_capability(device)}) has no float8 tensor cores; 8.9+ needed (H100: 9.0)"
+    return None
+
+
+def use_float8_linears(model: torch.nn.Module) -> int:
+    """Trains the encoder's linear layers with float8 matrix products: torchao's
+    ``convert_to_float8_training``, tensorwise dynamic scaling (e4m3 forward, e5m2 gradients),
+    float32 master weights, same parameters and state-dict keys. The MLM head is left alone:
+    on ``B * k`` rows its products are small. Returns how many layers were converted."""
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    def fits(module: torch.nn.Module, _name: str) -> bool:  # float8 products need dimensions divisible by 16
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    encoder = getattr(model, model.base_model_prefix)
+    convert_to_float8_training(encoder, module_filter_fn=fits)
+    return sum(isinstance(module, Float8Linear) for module in encoder.modules())
+
+
+def plain_linears(model: torch.nn.Module) -> None:
+    """Undoes :func:`use_float8_linears`: every float8 layer becomes an ``nn.Linear`` holding the
+    same parameters, so evaluation and the saved model are in full precision. Written here
+    because torchao converts one way only."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Float8Linear):
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight, plain.bias = module.weight, module.bias
+            model.set_submodule(name, plain)

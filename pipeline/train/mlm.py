@@ -20,7 +20,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   complete one.
 * GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
   (of the model's forward and loss), bf16 math-path attention; SDPA attention
-  everywhere; no host sync in the step loop between logging steps is known
+  everywhere; with ``mlm_float8`` float8 products in the encoder's linear
+  layers (torchao; H100-class GPUs), evaluated and saved in full precision; no host sync in the step loop between logging steps is known
   (``bench/train_throughput.py`` counts them on a GPU).
 
 Validation perplexity uses the MLM loss only, with token-level masks from a
@@ -43,7 +44,15 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
 from pipeline.train.device import training_device_args
-from pipeline.train.fast_mlm import PACKED_MLM_CLASSES, StaticMaskCollator, keep_attention_in_bf16, num_predictions
+from pipeline.train.fast_mlm import (
+    PACKED_MLM_CLASSES,
+    StaticMaskCollator,
+    float8_unsupported,
+    keep_attention_in_bf16,
+    num_predictions,
+    plain_linears,
+    use_float8_linears,
+)
 from pipeline.train.masking import (
     build_nsp_pairs,
     continuation_table,
@@ -189,6 +198,15 @@ def mlm_training_arguments(cfg: TrainConfig, output_dir: Path, **overrides):
     })
 
 
+def _train_in_float8(model) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (reason := float8_unsupported(device)) is not None:
+        raise ValueError(f"mlm_float8: {reason}")
+    if device == "cpu":
+        log.warning("mlm_float8 on a CPU: the float8 products are emulated, far slower than float32")
+    log.info("masked-LM training with float8 products in %d linear layers", use_float8_linears(model))
+
+
 @functools.cache
 def _step_counter_class():
     from transformers import TrainerCallback
@@ -290,6 +308,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         history, global_step, steps_run = state["log_history"], state["global_step"], 0
         save_model = functools.partial(model.save_pretrained, is_main_process=args.should_save)
     else:
+        if cfg.mlm_float8:
+            _train_in_float8(model)
         counter = _step_counter_class()()
         trainer = Trainer(
             model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter], data_collator=collator,
@@ -300,6 +320,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             log.info("masked-LM training from step 0: %s start, objective %s, %d examples", start, cfg.mlm_objective, examples)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         model, save_model = trainer.model, trainer.save_model
+        if cfg.mlm_float8:
+            plain_linears(model)  # evaluated and saved in full precision, as the base was
         history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps
     perplexity_adapted = mlm_perplexity(model, tokenizer, eval_texts, cfg)
     common |= {

@@ -3,8 +3,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
-    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, dropout_attention, num_predictions,
-    use_eager_attention, use_replayed_attention,
+    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, dropout_attention, num_predictions, plain_linears,
+    use_eager_attention, use_float8_linears, use_replayed_attention,
 )
 
 VOCAB = 1000
@@ -186,3 +186,34 @@ def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch):
     assert grads["replayed"].keys() == grads["sdpa"].keys()
     for key, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["replayed"][key], grad, msg=key)
+
+
+def test_float8_linears_train_close_to_full_precision_and_convert_back():
+    from torchao.float8.float8_linear import Float8Linear
+
+    batch = collator()(packed_blocks(4, 32))
+    reference = PackedBertForMaskedLM(tiny_model().config).train()
+    model = PackedBertForMaskedLM(tiny_model().config).train()
+    model.load_state_dict(reference.state_dict())
+    keys = list(model.state_dict())
+
+    assert use_float8_linears(model) == 12  # q, k, v, attention output, intermediate, output: 6 per layer
+    assert not isinstance(model.cls.predictions.transform.dense, Float8Linear)  # the head stays as it is
+    losses, grads = [], []
+    for m in (reference, model):
+        torch.manual_seed(1)  # the same dropout masks
+        loss = m(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in m.bert.encoder.parameters()]))
+    assert abs(losses[1] - losses[0]) < 0.02 * losses[0]
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+    assert not torch.equal(grads[0], grads[1])  # the float8 products did run
+
+    parameters = [p for p in model.parameters()]
+    plain_linears(model)
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+    assert list(model.state_dict()) == keys and all(a is b for a, b in zip(parameters, model.parameters()))
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"]).logits, reference(input_ids=batch["input_ids"]).logits)

@@ -8,9 +8,10 @@ import random
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from pipeline.train.masking import build_nsp_pairs, continuation_table, group_texts, make_mlm_collator, split_documents
-from pipeline.train.mlm import adapt_mlm
+from pipeline.train.mlm import adapt_mlm, mlm_perplexity
 from tests.conftest import tiny_train_config
 
 
@@ -243,3 +244,23 @@ def test_packed_token_masking_takes_the_masked_positions_step(monkeypatch, tmp_p
     model, info = AutoModelForMaskedLM.from_pretrained(result.model_dir, output_loading_info=True)
     assert type(model).__name__ == "BertForMaskedLM" and model.config.architectures == ["BertForMaskedLM"]
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_float8_masked_lm_trains_and_saves_a_full_precision_checkpoint(tmp_path, tiny_base, texts, caplog):
+    """mlm_float8 trains the encoder's linear layers with float8 products (emulated on a CPU) and
+    hands back an ordinary checkpoint: evaluated and saved in full precision."""
+    from transformers import AutoModelForMaskedLM
+
+    corpus, validation = corpus_and_validation(texts)
+    cfg = tiny_train_config(tiny_base).model_copy(update={
+        "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 32, "mlm_batch_size": 4, "checkpoint_steps": 2,
+        "mlm_learning_rate": 1e-3, "mlm_float8": True,
+    })
+    with caplog.at_level("INFO", logger="pipeline.train.mlm"):
+        result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
+    assert "float8 products in 12 linear layers" in caplog.text  # 2 layers of the tiny BERT
+    assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base
+    model, info = AutoModelForMaskedLM.from_pretrained(result.model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert mlm_perplexity(model, AutoTokenizer.from_pretrained(result.model_dir), validation, cfg) == pytest.approx(
+        result.perplexity_adapted, rel=1e-6)  # the perplexity reported is the saved model's

@@ -1,0 +1,245 @@
+"""The matrix products of one masked-LM step, timed alone: how fast the step could be at best.
+
+A bert-base training step is mostly matrix products, and no fusion of the rest makes those
+faster. This script runs exactly the products one step performs, at the step's shapes, back to
+back and nothing else (on CUDA captured in one CUDA graph, so no launch gaps):
+
+* for every linear layer, the forward product and both backward ones (input and weight grads);
+* attention's batched products: scores and weighted values, forward, and their four backward
+  products (a fused attention kernel does the same arithmetic);
+* the MLM head's two linear layers on ``B * S`` rows (``baseline``: Hugging Face's head over
+  every position) or on ``B * k`` rows (``trainer``: the project's head on masked rows only).
+
+In the same run it times the eager baseline of ``bench/train_throughput.py`` on the same
+model size and batch, and reports
+
+    ceiling_ratio = baseline step time / trainer products time
+
+the largest speed-up over that baseline that any trainer doing the same products in the same
+precision could show, with everything besides the products taking no time at all. A goal above
+it needs fewer or cheaper products (lower precision), not better fusion.
+
+``--float8`` also times one compiled bert-base encoder layer (``BertLayer``, forward and
+backward, attention dropout 0, under bf16 autocast) with its linear layers in bf16 and in float8
+(torchao's ``convert_to_float8_training``, tensorwise dynamic scaling: the casts and scale
+computations included). Float8 tensor cores need compute capability 8.9 or newer (H100: 9.0);
+on a CPU the float8 products are emulated, so that figure only proves the plumbing.
+
+    python bench/gemm_floor.py --device cuda --size base --batch 256 --seq 128 --float8
+
+The last line printed is one JSON object; it is also appended to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import BertConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import train_throughput as tt  # noqa: E402
+from pipeline.train.fast_mlm import StaticMaskCollator, num_predictions  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Linear:
+    rows: int  # tokens through the layer
+    inputs: int
+    outputs: int
+
+
+def step_linears(config: BertConfig, tokens: int, head_rows: int) -> list[Linear]:
+    """The linear layers one step runs through, in order: 6 per encoder layer, then the head."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    layer = [Linear(tokens, hidden, hidden)] * 4 + [Linear(tokens, hidden, inner), Linear(tokens, inner, hidden)]
+    return layer * config.num_hidden_layers + [Linear(head_rows, hidden, hidden), Linear(head_rows, hidden, config.vocab_size)]
+
+
+def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, device: str,
+                  dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """A function running every matrix product of one training step, and their FLOPs."""
+    flops = 0.0
+    work: list[Callable[[], None]] = []
+    for linear in step_linears(config, batch * seq, head_rows):
+        x = torch.randn(linear.rows, linear.inputs, device=device, dtype=dtype)
+        w = torch.randn(linear.outputs, linear.inputs, device=device, dtype=dtype)
+        dy = torch.randn(linear.rows, linear.outputs, device=device, dtype=dtype)
+        work += [lambda x=x, w=w: x @ w.t(), lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.t() @ x]
+        flops += 3 * 2 * linear.rows * linear.inputs * linear.outputs
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    for _ in range(config.num_hidden_layers):
+        q, k, v, d_out = (torch.randn(batch * heads, seq, head_dim, device=device, dtype=dtype) for _ in range(4))
+        p, d_scores = (torch.randn(batch * heads, seq, seq, device=device, dtype=dtype) for _ in range(2))
+        work += [
+            lambda q=q, k=k: q @ k.transpose(1, 2), lambda p=p, v=v: p @ v,  # forward
+            lambda d=d_out, v=v: d @ v.transpose(1, 2), lambda p=p, d=d_out: p.transpose(1, 2) @ d,  # d probs, d values
+            lambda s=d_scores, k=k: s @ k, lambda s=d_scores, q=q: s.transpose(1, 2) @ q,  # d queries, d keys
+        ]
+        flops += 6 * 2 * batch * heads * seq * seq * head_dim
+
+    def run() -> None:
+        for product in work:
+            product()
+
+    return run, flops
+
+
+def time_ms(run: Callable[[], None], device: str, repeats: int) -> float:
+    """Milliseconds per call; on CUDA the calls are captured once in a CUDA graph and replayed."""
+    if device == "cuda":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
+    for _ in range(2):
+        run()
+    tt.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    tt.synchronize(device)
+    return 1000 * (time.perf_counter() - started) / repeats
+
+
+def encoder_layer_ms(config: BertConfig, batch: int, seq: int, device: str, repeats: int, float8: bool) -> float:
+    """One compiled encoder layer, forward + backward under bf16 autocast."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    layer_config = BertConfig(**{**config.to_dict(), "attention_probs_dropout_prob": 0.0})
+    layer_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = BertLayer(layer_config).to(device).train()
+    if float8:
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(layer)
+    compiled = torch.compile(layer)
+    hidden = torch.randn(batch, seq, config.hidden_size, device=device, requires_grad=True)
+    grad = torch.randn(batch, seq, config.hidden_size, device=device, dtype=torch.bfloat16)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = compiled(hidden)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+
+    for _ in range(3):  # compiles here
+        step()
+    tt.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    tt.synchronize(device)
+    return 1000 * (time.perf_counter() - started) / repeats
+
+
+def float8_supported(device: str) -> str | None:
+    """None if float8 layers can run here, else why not."""
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "torchao is not installed"
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        return f"compute capability {torch.cuda.get_device_capability()} has no float8 tensor cores"
+    return None
+
+
+def baseline_step_ms(config: BertConfig, args: argparse.Namespace) -> float:
+    """The eager Hugging Face step of bench/train_throughput.py, on the same size and batch."""
+    tp_args = tt.parse_args(["--device", args.device, "--size", args.size, "--batch", str(args.batch), "--seq",
+                             str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", os.devnull])
+    generator = torch.Generator().manual_seed(0)
+    collator = StaticMaskCollator(tt.SPECIAL_TOKENS.index("[MASK]"), config.vocab_size, range(len(tt.SPECIAL_TOKENS)),
+                                  generator=generator)
+    blocks = tt.synthetic_blocks((args.warmup + args.steps) * args.batch, args.seq, config.vocab_size, generator)
+    batches, _ = tt.static_batches(blocks, args.batch, collator)
+    autocast = torch.bfloat16 if tp_args.dtype == "bf16" else None
+
+    def make_step() -> Callable:
+        model = tt.build_model(config, 0, args.device)
+        return tt.eager_step(model, torch.optim.AdamW(model.parameters(), lr=tp_args.lr), autocast)
+
+    tokens = [args.batch * args.seq] * len(batches)
+    result = tt.time_run("baseline", make_step, tt.baseline_batches(batches, args.device), tokens, tp_args, 1.0)
+    return result["step_ms"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=list(tt.SIZES), help="default: base on cuda, tiny on cpu")
+    parser.add_argument("--batch", type=int, help="rows per step; default: 256 on cuda, 8 on cpu")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions of the products")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of the eager baseline")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--float8", action="store_true", help="also time an encoder layer in bf16 and in float8")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense FLOPs (H100 bf16: 989)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gemm_floor.jsonl")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no GPU")
+    args.size = args.size or ("base" if cuda else "tiny")
+    args.batch = args.batch or (256 if cuda else 8)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = BertConfig(**tt.SIZES[args.size], max_position_embeddings=max(512, args.seq))
+    k = num_predictions(args.seq)
+    print(f"size {args.size}, batch {args.batch}, seq {args.seq}, k {k}, {dtype}, {tt.device_name(args.device)}",
+          flush=True)
+
+    products = {}
+    for name, head_rows in (("trainer", args.batch * k), ("baseline", args.batch * args.seq)):
+        run, flops = step_products(config, args.batch, args.seq, head_rows, args.device, dtype)
+        ms = time_ms(run, args.device, args.repeats)
+        products[name] = {"ms": round(ms, 3), "tflop": round(flops / 1e12, 3),
+                          "tflops_per_s": round(flops / ms / 1e9, 1), "of_peak": round(flops / ms / 1e9 / args.peak_tflops, 3)}
+        print(f"{name} products: {ms:.2f} ms per step, {flops / 1e12:.2f} TFLOP, {flops / ms / 1e9:,.0f} TFLOP/s", flush=True)
+        del run
+    baseline_ms = baseline_step_ms(config, args)
+    ceiling = baseline_ms / products["trainer"]["ms"]
+    print(f"eager baseline step {baseline_ms:.2f} ms; ceiling for a trainer with these products: {ceiling:.2f}x",
+          flush=True)
+    report = {
+        "bench": "gemm_floor", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": args.device,
+        "device_name": tt.device_name(args.device), "torch": torch.__version__, "size": args.size, "batch": args.batch,
+        "seq": args.seq, "k": k, "dtype": str(dtype).removeprefix("torch."), "products": products,
+        "baseline_step_ms": baseline_ms, "ceiling_ratio": round(ceiling, 3),
+    }
+    if args.float8:
+        if (reason := float8_supported(args.device)) is not None:
+            report["float8"] = {"skipped": reason}
+            print(f"float8: skipped, {reason}")
+        else:
+            bf16_ms = encoder_layer_ms(config, args.batch, args.seq, args.device, args.repeats, float8=False)
+            fp8_ms = encoder_layer_ms(config, args.batch, args.seq, args.device, args.repeats, float8=True)
+            report["float8"] = {"layer_bf16_ms": round(bf16_ms, 3), "layer_float8_ms": round(fp8_ms, 3),
+                                "speedup": round(bf16_ms / fp8_ms, 3)}
+            print(f"one encoder layer, forward + backward, compiled: bf16 {bf16_ms:.2f} ms, float8 {fp8_ms:.2f} ms "
+                  f"({bf16_ms / fp8_ms:.2f}x)", flush=True)
+    line = json.dumps(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as out:
+        out.write(line + "\n")
+    print(line)
+    return report
+
+
+if __name__ == "__main__":
+    main()
