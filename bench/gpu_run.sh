@@ -7,7 +7,7 @@
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
 # PHASES picks the parts (floor, throughput, profile, accuracy; default the first three); RECIPES the accuracy recipe file;
-# THROUGHPUT_MODES the fast runs.
+# THROUGHPUT_MODES the fast runs; PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,8 +65,8 @@ if [[ $PHASES == *throughput* ]]; then
   grep -E "tok/s|ratio|host syncs|skipped" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
 fi
 if [[ $PHASES == *profile* ]]; then
-  log "profile: the fast step and the baseline, costliest kernels"
-  timeout 120 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode default --profile 3 \
+  log "profile: the Trainer's steps (${PROFILE_MODE:-default:replayattn}) and the baseline's, costliest kernels"
+  timeout 120 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode "${PROFILE_MODE:-default:replayattn}" --profile 3 \
     --out "$OUT/train_throughput.jsonl" > "$OUT/profile.log" 2>&1
   log "profile rc=$?"
 fi
