@@ -234,8 +234,8 @@ def float8_unsupported(device: torch.device | str) -> str | None:
     except ImportError:
         return "torchao is not installed (pip install 'finsent[float8]')"
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        return f"this GPU (compute capability {torch.cuda.get_device_capability(device)}) has no float8 tensor cores; 8.9+ needed (H100: 9.0)"
+    if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 9):
+        return f"this GPU (compute capability {capability}) has no float8 tensor cores; 8.9+ needed (H100: 9.0)"
     return None
 
 

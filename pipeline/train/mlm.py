@@ -21,7 +21,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
 * GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
   (of the model's forward and loss), bf16 math-path attention; SDPA attention
   everywhere; with ``mlm_float8`` float8 products in the encoder's linear
-  layers (torchao; H100-class GPUs), evaluated and saved in full precision; no host sync in the step loop between logging steps is known
+  layers (torchao; H100-class GPUs), evaluated and saved in full precision;
+  no host sync in the step loop between logging steps is known
   (``bench/train_throughput.py`` counts them on a GPU).
 
 Validation perplexity uses the MLM loss only, with token-level masks from a

@@ -210,10 +210,11 @@ def test_float8_linears_train_close_to_full_precision_and_convert_back():
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
     assert not torch.equal(grads[0], grads[1])  # the float8 products did run
 
-    parameters = [p for p in model.parameters()]
+    parameters = list(model.parameters())
     plain_linears(model)
     assert not any(isinstance(m, Float8Linear) for m in model.modules())
     assert list(model.state_dict()) == keys and all(a is b for a, b in zip(parameters, model.parameters()))
-    model.eval(), reference.eval()
+    model.eval()
+    reference.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=batch["input_ids"]).logits, reference(input_ids=batch["input_ids"]).logits)

@@ -247,8 +247,9 @@ def test_packed_token_masking_takes_the_masked_positions_step(monkeypatch, tmp_p
 
 
 def test_float8_masked_lm_trains_and_saves_a_full_precision_checkpoint(tmp_path, tiny_base, texts, caplog):
-    """mlm_float8 trains the encoder's linear layers with float8 products (emulated on a CPU) and
-    hands back an ordinary checkpoint: evaluated and saved in full precision."""
+    """mlm_float8 trains the encoder's linear layers with float8 products (emulated on a CPU), saves
+    a Trainer checkpoint on the way, and hands back an ordinary checkpoint: evaluated and saved in
+    full precision."""
     from transformers import AutoModelForMaskedLM
 
     corpus, validation = corpus_and_validation(texts)
