@@ -19,6 +19,10 @@ the largest speed-up over that baseline that any trainer doing the same products
 precision could show, with everything besides the products taking no time at all. A goal above
 it needs fewer or cheaper products (lower precision), not better fusion.
 
+It also reports the TFLOP/s of each distinct linear-layer shape alone, and of the query, key and
+value projections fused into one product (hidden -> 3 x hidden): narrow products run further
+from the peak than wide ones, and this says by how much.
+
 ``--float8`` also times one compiled bert-base encoder layer (``BertLayer``, forward and
 backward, attention dropout 0, under bf16 autocast) with its linear layers in bf16 and in float8
 (torchao's ``convert_to_float8_training``, tensorwise dynamic scaling: the casts and scale
@@ -66,17 +70,22 @@ def step_linears(config: BertConfig, tokens: int, head_rows: int) -> list[Linear
     return layer * config.num_hidden_layers + [Linear(head_rows, hidden, hidden), Linear(head_rows, hidden, config.vocab_size)]
 
 
-def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, device: str,
-                  dtype: torch.dtype) -> tuple[Callable[[], None], float]:
-    """A function running every matrix product of one training step, and their FLOPs."""
-    flops = 0.0
-    work: list[Callable[[], None]] = []
-    for linear in step_linears(config, batch * seq, head_rows):
+def linear_products(linears: list[Linear], device: str, dtype: torch.dtype) -> tuple[list[Callable[[], None]], float]:
+    """Forward, input-gradient and weight-gradient products of each linear layer, and their FLOPs."""
+    flops, work = 0.0, []
+    for linear in linears:
         x = torch.randn(linear.rows, linear.inputs, device=device, dtype=dtype)
         w = torch.randn(linear.outputs, linear.inputs, device=device, dtype=dtype)
         dy = torch.randn(linear.rows, linear.outputs, device=device, dtype=dtype)
         work += [lambda x=x, w=w: x @ w.t(), lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.t() @ x]
         flops += 3 * 2 * linear.rows * linear.inputs * linear.outputs
+    return work, flops
+
+
+def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, device: str,
+                  dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """A function running every matrix product of one training step, and their FLOPs."""
+    work, flops = linear_products(step_linears(config, batch * seq, head_rows), device, dtype)
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     for _ in range(config.num_hidden_layers):
         q, k, v, d_out = (torch.randn(batch * heads, seq, head_dim, device=device, dtype=dtype) for _ in range(4))
@@ -87,12 +96,29 @@ def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, devi
             lambda s=d_scores, k=k: s @ k, lambda s=d_scores, q=q: s.transpose(1, 2) @ q,  # d queries, d keys
         ]
         flops += 6 * 2 * batch * heads * seq * seq * head_dim
+    return run_all(work), flops
 
+
+def run_all(work: list[Callable[[], None]]) -> Callable[[], None]:
     def run() -> None:
         for product in work:
             product()
 
-    return run, flops
+    return run
+
+
+def shape_rates(config: BertConfig, tokens: int, head_rows: int, device: str, dtype: torch.dtype,
+                repeats: int) -> dict[str, float]:
+    """TFLOP/s of each distinct linear layer's three products (rows x inputs -> outputs), and of
+    the query, key and value projections fused into one (hidden -> 3 x hidden), which would show
+    whether fusing them pays."""
+    hidden = config.hidden_size
+    shapes = dict.fromkeys(step_linears(config, tokens, head_rows) + [Linear(tokens, hidden, 3 * hidden)])
+    rates = {}
+    for linear in shapes:
+        work, flops = linear_products([linear], device, dtype)
+        rates[f"{linear.rows}x{linear.inputs}->{linear.outputs}"] = round(flops / time_ms(run_all(work), device, repeats) / 1e9, 1)
+    return rates
 
 
 def time_ms(run: Callable[[], None], device: str, repeats: int) -> float:
@@ -212,6 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
                           "tflops_per_s": round(flops / ms / 1e9, 1), "of_peak": round(flops / ms / 1e9 / args.peak_tflops, 3)}
         print(f"{name} products: {ms:.2f} ms per step, {flops / 1e12:.2f} TFLOP, {flops / ms / 1e9:,.0f} TFLOP/s", flush=True)
         del run
+    products["trainer"]["shapes_tflops_per_s"] = rates = shape_rates(
+        config, args.batch * args.seq, args.batch * k, args.device, dtype, args.repeats)
+    print("TFLOP/s by linear layer shape (its three products): "
+          + ", ".join(f"{shape} {rate:,.1f}" for shape, rate in rates.items()), flush=True)
     baseline_ms = baseline_step_ms(config, args)
     ceiling = baseline_ms / products["trainer"]["ms"]
     print(f"eager baseline step {baseline_ms:.2f} ms; ceiling for a trainer with these products: {ceiling:.2f}x",
