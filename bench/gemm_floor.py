@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import train_throughput as tt  # noqa: E402
-from pipeline.train.fast_mlm import StaticMaskCollator, num_predictions  # noqa: E402
+from pipeline.train.fast_mlm import StaticMaskCollator, float8_unsupported, num_predictions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -175,17 +175,6 @@ def encoder_layer_ms(config: BertConfig, batch: int, seq: int, device: str, repe
     return 1000 * (time.perf_counter() - started) / repeats
 
 
-def float8_supported(device: str) -> str | None:
-    """None if float8 layers can run here, else why not."""
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return "torchao is not installed"
-    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-        return f"compute capability {torch.cuda.get_device_capability()} has no float8 tensor cores"
-    return None
-
-
 def baseline_step_ms(config: BertConfig, args: argparse.Namespace) -> float:
     """The eager Hugging Face step of bench/train_throughput.py, on the same size and batch."""
     tp_args = tt.parse_args(["--device", args.device, "--size", args.size, "--batch", str(args.batch), "--seq",
@@ -253,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_step_ms": baseline_ms, "ceiling_ratio": round(ceiling, 3),
     }
     if args.float8:
-        if (reason := float8_supported(args.device)) is not None:
+        if (reason := float8_unsupported(args.device)) is not None:
             report["float8"] = {"skipped": reason}
             print(f"float8: skipped, {reason}")
         else:
