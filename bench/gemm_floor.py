@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -121,20 +120,21 @@ def shape_rates(config: BertConfig, tokens: int, head_rows: int, device: str, dt
     return rates
 
 
-def time_ms(run: Callable[[], None], device: str, repeats: int) -> float:
-    """Milliseconds per call; on CUDA the calls are captured once in a CUDA graph and replayed."""
-    if device == "cuda":
+def time_ms(run: Callable[[], None], device: str, repeats: int, warmup: int = 2, graph: bool = True) -> float:
+    """Milliseconds per call after ``warmup`` calls; on CUDA with ``graph`` the calls are captured
+    once in a CUDA graph and replayed."""
+    if device == "cuda" and graph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
             run()
-        run = graph.replay
-    for _ in range(2):
+        run = cuda_graph.replay
+    for _ in range(warmup):
         run()
     tt.synchronize(device)
     started = time.perf_counter()
@@ -165,14 +165,7 @@ def encoder_layer_ms(config: BertConfig, batch: int, seq: int, device: str, repe
             out = compiled(hidden)
         (out[0] if isinstance(out, tuple) else out).backward(grad)
 
-    for _ in range(3):  # compiles here
-        step()
-    tt.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    tt.synchronize(device)
-    return 1000 * (time.perf_counter() - started) / repeats
+    return time_ms(step, device, repeats, warmup=3, graph=False)  # compiles in the warm-up
 
 
 def baseline_step_ms(config: BertConfig, args: argparse.Namespace) -> float:
@@ -252,11 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "speedup": round(bf16_ms / fp8_ms, 3)}
             print(f"one encoder layer, forward + backward, compiled: bf16 {bf16_ms:.2f} ms, float8 {fp8_ms:.2f} ms "
                   f"({bf16_ms / fp8_ms:.2f}x)", flush=True)
-    line = json.dumps(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as out:
-        out.write(line + "\n")
-    print(line)
+    tt.write_report(report, args.out)
     return report
 
 

@@ -416,6 +416,15 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     return result
 
 
+def write_report(report: dict, out: Path) -> None:
+    """Prints the report as one JSON line (the script's last) and appends it to ``out``."""
+    line = json.dumps(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as file:
+        file.write(line + "\n")
+    print(line)
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -514,11 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.real and ratio is not None:
         report["ratio_vs_padded"] = round(runs["fast"]["tokens_per_s"] / runs["baseline_padded"]["tokens_per_s"], 3)
         print(f"ratio fast packed / naive padded (useful tokens): {report['ratio_vs_padded']:.2f}x")
-    line = json.dumps(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as out:
-        out.write(line + "\n")
-    print(line)
+    write_report(report, args.out)
     return report
 
 
