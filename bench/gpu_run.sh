@@ -50,7 +50,7 @@ if [[ $PHASES == *floor* ]]; then
   timeout 150 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 --float8 \
     --out "$OUT/gemm_floor.jsonl" > "$OUT/floor.log" 2>&1
   log "floor rc=$?"
-  grep -E "products|ceiling|encoder layer|skipped" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
+  grep -E "products|ceiling|encoder layer|skipped|failed" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
 fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
@@ -62,7 +62,7 @@ if [[ $PHASES == *throughput* ]]; then
   timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
     --compile-mode default --out "$OUT/train_throughput.jsonl" >> "$OUT/throughput.log" 2>&1
   log "throughput real rc=$?"
-  grep -E "tok/s|ratio|host syncs|skipped" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
+  grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
 fi
 if [[ $PHASES == *profile* ]]; then
   log "profile: the Trainer's steps (${PROFILE_MODE:-default:replayattn}) and the baseline's, costliest kernels"

@@ -64,6 +64,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -504,8 +505,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: skipped, {reason}", flush=True)
             runs[name] = {"skipped": reason}
             continue
-        model = fast_model(attention_dropout, attention, float8)
-        runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
+        try:
+            runs[name] = trainer_run(name, fast_model(attention_dropout, attention, float8), fast_data, mode, args,
+                                     flops_per_token)
+        except Exception as error:  # one failing option must not lose the other runs of a GPU node's single call
+            traceback.print_exc()
+            if args.device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)  # the failed run may have left it on
+            print(f"{name}: failed, {error!r}", flush=True)
+            runs[name] = {"failed": repr(error)}
+            continue
         runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, float8=float8)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
