@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import train_throughput as tt  # noqa: E402
-from pipeline.train.fast_mlm import StaticMaskCollator, float8_unsupported, num_predictions  # noqa: E402
+from pipeline.train.fast_mlm import float8_unsupported, num_predictions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -173,19 +173,12 @@ def baseline_step_ms(config: BertConfig, args: argparse.Namespace) -> float:
     """The eager Hugging Face step of bench/train_throughput.py, on the same size and batch."""
     tp_args = tt.parse_args(["--device", args.device, "--size", args.size, "--batch", str(args.batch), "--seq",
                              str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", os.devnull])
-    generator = torch.Generator().manual_seed(0)
-    collator = StaticMaskCollator(tt.SPECIAL_TOKENS.index("[MASK]"), config.vocab_size, range(len(tt.SPECIAL_TOKENS)),
-                                  generator=generator)
+    generator = torch.Generator().manual_seed(tp_args.seed)
     blocks = tt.synthetic_blocks((args.warmup + args.steps) * args.batch, args.seq, config.vocab_size, generator)
-    batches, _ = tt.static_batches(blocks, args.batch, collator)
-    autocast = torch.bfloat16 if tp_args.dtype == "bf16" else None
-
-    def make_step() -> Callable:
-        model = tt.build_model(config, 0, args.device)
-        return tt.eager_step(model, torch.optim.AdamW(model.parameters(), lr=tp_args.lr), autocast)
-
+    batches, _ = tt.static_batches(blocks, args.batch, tt.mask_collator(config.vocab_size, generator))
     tokens = [args.batch * args.seq] * len(batches)
-    result = tt.time_run("baseline", make_step, tt.baseline_batches(batches, args.device), tokens, tp_args, 1.0)
+    result = tt.time_run("baseline", tt.baseline_maker(config, tp_args), tt.baseline_batches(batches, args.device), tokens,
+                         tp_args, 1.0)
     return result["step_ms"]
 
 

@@ -253,9 +253,25 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(config: BertConfig, seed: int, device: str) -> BertForMaskedLM:
+def build_model(config: BertConfig, seed: int, device: str, cls: type = BertForMaskedLM) -> BertForMaskedLM:
+    """A fresh model; the same seed gives every run the same initial weights."""
     torch.manual_seed(seed)
-    return BertForMaskedLM(config).to(device).train()
+    return cls(config).to(device).train()
+
+
+def mask_collator(vocab_size: int, generator: torch.Generator) -> StaticMaskCollator:
+    return StaticMaskCollator(SPECIAL_TOKENS.index("[MASK]"), vocab_size, range(len(SPECIAL_TOKENS)), generator=generator)
+
+
+def baseline_maker(config: BertConfig, args: argparse.Namespace) -> Callable[[], Callable]:
+    """Builds the eager Hugging Face step a user would write, with a fresh model."""
+    autocast = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def make() -> Callable:
+        model = build_model(config, args.seed, args.device)
+        return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
+
+    return make
 
 
 def eager_step(model: BertForMaskedLM, optimizer: torch.optim.Optimizer, autocast: torch.dtype | None) -> Callable:
@@ -439,12 +455,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU")
     config = BertConfig(**SIZES[args.size], max_position_embeddings=max(512, args.seq))
-    autocast = torch.bfloat16 if args.dtype == "bf16" else None
     compile_modes = [mode.strip() for mode in args.compile_mode.split(",") if mode.strip()]
     rows = (args.warmup + args.steps) * args.batch
     generator = torch.Generator().manual_seed(args.seed)
-    collator = StaticMaskCollator(SPECIAL_TOKENS.index("[MASK]"), config.vocab_size, range(len(SPECIAL_TOKENS)),
-                                  generator=generator)
+    collator = mask_collator(config.vocab_size, generator)
 
     texts = []
     if args.real:
@@ -467,16 +481,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.warmup} warm-up + {args.steps} timed steps, {args.dtype}, device {device_name(args.device)}, "
           f"fast step compile mode {args.compile_mode}", flush=True)
 
-    def baseline() -> Callable:
-        model = build_model(config, args.seed, args.device)
-        return eager_step(model, torch.optim.AdamW(model.parameters(), lr=args.lr), autocast)
+    baseline = baseline_maker(config, args)
 
     def fast_model(attention_dropout: bool, attention: str, float8: bool) -> PackedBertForMaskedLM:
         model_config = copy.deepcopy(config)
         if not attention_dropout:
             model_config.attention_probs_dropout_prob = 0.0
-        torch.manual_seed(args.seed)
-        model = PackedBertForMaskedLM(model_config).to(args.device).train()  # the baseline's initial weights
+        model = build_model(model_config, args.seed, args.device, PackedBertForMaskedLM)  # the baseline's initial weights
         if attention == "eager":
             use_eager_attention(model)
         elif attention == "replayed":
