@@ -6,14 +6,14 @@
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (floor, throughput, profile, accuracy; default the first three); RECIPES the accuracy recipe file;
+# PHASES picks the parts (floor, throughput, real, profile, accuracy; default the first four); RECIPES the accuracy recipe file;
 # THROUGHPUT_MODES the fast runs; PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds (the accuracy processes get what the throughput runs leave).
 BUDGET=${BUDGET:-570}
-PHASES=${PHASES:-floor,throughput,profile}
+PHASES=${PHASES:-floor,throughput,real,profile}
 RECIPES_FILE=${RECIPES:-bench/recipes/round1.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
@@ -55,18 +55,21 @@ fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
-  timeout 300 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:replayattn,default:eagerattn,default:replayattn:fp8} \
+  timeout 300 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:sdpaattn,default:eagerattn,default:fp8} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
-  log "throughput, real text (packed vs padded)"
-  timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
-    --compile-mode default --out "$OUT/train_throughput.jsonl" >> "$OUT/throughput.log" 2>&1
-  log "throughput real rc=$?"
   grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
 fi
+if [[ $PHASES == *real* ]]; then
+  log "throughput, real text (packed vs padded)"
+  timeout 110 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
+    --compile-mode default --out "$OUT/train_throughput.jsonl" > "$OUT/real.log" 2>&1
+  log "throughput real rc=$?"
+  grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/real.log" | tee -a "$OUT/summary.txt"
+fi
 if [[ $PHASES == *profile* ]]; then
-  log "profile: the Trainer's steps (${PROFILE_MODE:-default:replayattn}) and the baseline's, costliest kernels"
-  timeout 120 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode "${PROFILE_MODE:-default:replayattn}" --profile 3 \
+  log "profile: the Trainer's steps (${PROFILE_MODE:-default}) and the baseline's, costliest kernels"
+  timeout 120 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode "${PROFILE_MODE:-default}" --profile 3 \
     --out "$OUT/train_throughput.jsonl" > "$OUT/profile.log" 2>&1
   log "profile rc=$?"
 fi

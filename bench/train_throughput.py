@@ -10,7 +10,8 @@ In one process and on the same batches it times
   the model, gradient clipping, learning-rate schedule, no per-step host sync) training
   ``PackedBertForMaskedLM`` (``pipeline.train.fast_mlm``): packed full blocks with no attention
   mask, exactly ``k = round(0.15 * seq)`` predictions per row with the MLM head on those rows
-  only. Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
+  only, attention as ``TrainConfig.mlm_attention``'s default picks it (replayed where compiled
+  on a GPU). Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
   device each step); the baseline's are staged on the device first, which favours the baseline.
   The collator's host time per batch is reported as ``collate_ms`` (the Trainer's collator runs
   while the device works on the previous step).
@@ -79,8 +80,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
-    PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, use_eager_attention, use_float8_linears,
-    use_replayed_attention,
+    PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, training_attention, use_eager_attention,
+    use_float8_linears, use_replayed_attention,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
@@ -92,6 +93,8 @@ SIZES = {
     "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512},
 }
 Batch = tuple[torch.Tensor, ...]
+# --compile-mode suffix -> the attention a fast run uses instead of the trainer's own choice
+ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "replayed"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,8 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
                              "'fast_<mode>'); suffixes: "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
-                             "keep SDPA's fused kernel), ':eagerattn' runs attention outside the compiled graph, "
-                             "':replayattn' runs it as one op the compiler keeps whole, its backward replaying it, "
+                             "keep SDPA's fused kernel); attention is the trainer's default choice "
+                             "(TrainConfig.mlm_attention=auto) unless ':sdpaattn' (transformers' SDPA, traced by the "
+                             "compiler), ':eagerattn' (outside the compiled graph) or ':replayattn' (one op the "
+                             "compiler keeps whole, its backward replaying it) names it; "
                              "':fp8' trains the encoder's linear layers with float8 products (TrainConfig.mlm_float8; "
                              "skipped where float8 cannot run)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -304,7 +309,7 @@ def new_profiler(device: str):
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
 
 
-def print_profile_table(name: str, profiler, steps: int, device: str, rows: int = 15) -> None:
+def print_profile_table(name: str, profiler, steps: int, device: str, rows: int = 40) -> None:
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"profile of {name}, {steps} steps, sorted by {sort_by}:")
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
@@ -483,18 +488,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = baseline_maker(config, args)
 
-    def fast_model(attention_dropout: bool, attention: str, float8: bool) -> PackedBertForMaskedLM:
+    def fast_model(attention_dropout: bool, attention: str, float8: bool,
+                   compiled: bool) -> tuple[PackedBertForMaskedLM, str]:
         model_config = copy.deepcopy(config)
         if not attention_dropout:
             model_config.attention_probs_dropout_prob = 0.0
         model = build_model(model_config, args.seed, args.device, PackedBertForMaskedLM)  # the baseline's initial weights
+        if attention == "auto":  # as adapt_mlm chooses
+            attention = training_attention("auto", model, compiled and args.device == "cuda")
         if attention == "eager":
             use_eager_attention(model)
         elif attention == "replayed":
             use_replayed_attention(model)
         if float8:
             use_float8_linears(model)  # as adapt_mlm does with TrainConfig.mlm_float8
-        return model
+        return model, attention
 
     runs = {}
     if args.real:
@@ -506,10 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "eagerattn", "replayattn", "fp8"}:
+        if unknown := set(options) - {"noattndrop", "sdpaattn", "eagerattn", "replayattn", "fp8"}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout = "noattndrop" not in options
-        attention = "eager" if "eagerattn" in options else "replayed" if "replayattn" in options else "compiled"
+        named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]
+        attention = named[0] if named else "auto"
         float8 = "fp8" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
         if float8 and (reason := float8_unsupported(args.device)) is not None:
@@ -517,8 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] = {"skipped": reason}
             continue
         try:
-            runs[name] = trainer_run(name, fast_model(attention_dropout, attention, float8), fast_data, mode, args,
-                                     flops_per_token)
+            model, attention = fast_model(attention_dropout, attention, float8, compiled=mode != "none")
+            runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
         except Exception as error:  # one failing option must not lose the other runs of a GPU node's single call
             traceback.print_exc()
             if args.device == "cuda":

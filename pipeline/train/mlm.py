@@ -20,7 +20,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   complete one.
 * GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
   (of the model's forward and loss), bf16 math-path attention; SDPA attention
-  everywhere; with ``mlm_float8`` float8 products in the encoder's linear
+  everywhere, under ``torch.compile`` on a GPU as one replayed op that keeps the
+  fused kernel (``mlm_attention``); with ``mlm_float8`` float8 products in the encoder's linear
   layers (torchao; H100-class GPUs), evaluated and saved in full precision;
   no host sync in the step loop between logging steps is known
   (``bench/train_throughput.py`` counts them on a GPU).
@@ -52,7 +53,9 @@ from pipeline.train.fast_mlm import (
     keep_attention_in_bf16,
     num_predictions,
     plain_linears,
+    training_attention,
     use_float8_linears,
+    use_replayed_attention,
 )
 from pipeline.train.masking import (
     build_nsp_pairs,
@@ -311,6 +314,11 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     else:
         if cfg.mlm_float8:
             _train_in_float8(model)
+        attention = training_attention(cfg.mlm_attention, model, args.torch_compile)
+        if attention == "replayed":
+            own_attention = model.config._attn_implementation
+            use_replayed_attention(model)
+            log.info("masked-LM training with replayed attention (SDPA's fused kernel under torch.compile)")
         counter = _step_counter_class()()
         trainer = Trainer(
             model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter], data_collator=collator,
@@ -323,6 +331,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         model, save_model = trainer.model, trainer.save_model
         if cfg.mlm_float8:
             plain_linears(model)  # evaluated and saved in full precision, as the base was
+        if attention == "replayed":
+            model.set_attn_implementation(own_attention)  # a function registered in this process only
         history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps
     perplexity_adapted = mlm_perplexity(model, tokenizer, eval_texts, cfg)
     common |= {

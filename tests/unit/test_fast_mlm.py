@@ -4,7 +4,7 @@ from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
     PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, dropout_attention, num_predictions, plain_linears,
-    use_eager_attention, use_float8_linears, use_replayed_attention,
+    training_attention, use_eager_attention, use_float8_linears, use_replayed_attention,
 )
 
 VOCAB = 1000
@@ -126,24 +126,32 @@ def test_eager_attention_computes_the_same_loss():
 
 
 def attention_inputs(seed: int = 0) -> list[torch.Tensor]:
+    """query, key, value as [batch 2, sequence 16, heads 3, head size 8]."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 3, 16, 8, generator=g, requires_grad=True) for _ in range(3)]
+    return [torch.randn(2, 16, 3, 8, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def sdpa_seq_major(q, k, v, **options):
+    """Plain SDPA on [B, S, H, D] tensors, as transformers calls it."""
+    heads_first = (tensor.transpose(1, 2) for tensor in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(*heads_first, **options).transpose(1, 2)
 
 
 def test_replayed_dropout_attention_has_sdpas_output_gradients_and_random_stream():
-    grad = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, 16, 3, 8, generator=torch.Generator().manual_seed(1))
     results = []
     for op in ("sdpa", "replayed"):
         q, k, v = attention_inputs()
         torch.manual_seed(123)
         if op == "sdpa":
-            output = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, scale=0.25)
+            output = sdpa_seq_major(q, k, v, dropout_p=0.3, scale=0.25)
         else:
             output, _ = dropout_attention(q, k, v, 0.3, 0.25)
+            assert output.is_contiguous() and output.shape == q.shape
         output.backward(grad)
         results.append((output.detach(), q.grad, k.grad, v.grad, torch.rand(4)))
     q, k, v = attention_inputs()
-    without_dropout = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).detach()
+    without_dropout = sdpa_seq_major(q, k, v, scale=0.25).detach()
     assert not torch.allclose(results[0][0], without_dropout)  # dropout did drop something
     for ours, reference in zip(results[1], results[0]):
         torch.testing.assert_close(ours, reference)
@@ -186,6 +194,19 @@ def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch):
     assert grads["replayed"].keys() == grads["sdpa"].keys()
     for key, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["replayed"][key], grad, msg=key)
+
+
+def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_takes_it(monkeypatch):
+    bert = PackedBertForMaskedLM(tiny_model().config)
+    assert training_attention("auto", bert, compiled=True) == "sdpa"  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_attention("auto", bert, compiled=True) == "replayed"
+    assert training_attention("auto", bert, compiled=False) == "sdpa"  # uncompiled SDPA keeps its fused kernel
+    assert training_attention("auto", tiny_mpnet(), compiled=True) == "sdpa"  # MPNet's attention is its own
+    assert training_attention("sdpa", bert, compiled=True) == "sdpa"
+    assert training_attention("replayed", bert, compiled=False) == "replayed"
+    with pytest.raises(ValueError, match="PackedMPNetForMaskedLM does not take"):
+        training_attention("replayed", tiny_mpnet(), compiled=True)
 
 
 def test_float8_linears_train_close_to_full_precision_and_convert_back():

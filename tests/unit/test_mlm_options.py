@@ -265,3 +265,29 @@ def test_float8_masked_lm_trains_and_saves_a_full_precision_checkpoint(tmp_path,
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert mlm_perplexity(model, AutoTokenizer.from_pretrained(result.model_dir), validation, cfg) == pytest.approx(
         result.perplexity_adapted, rel=1e-6)  # the perplexity reported is the saved model's
+
+
+def test_replayed_attention_trains_masked_lm_and_saves_an_ordinary_checkpoint(tmp_path, tiny_base, texts, caplog,
+                                                                              monkeypatch):
+    """mlm_attention=replayed runs the model's attention through the replayed op while training
+    (on a GPU, auto picks it under torch.compile) and leaves an ordinary checkpoint behind."""
+    from transformers import AutoModelForMaskedLM
+
+    import pipeline.train.fast_mlm as fast_mlm
+
+    calls = []
+    op = fast_mlm.dropout_attention
+    monkeypatch.setattr(fast_mlm, "dropout_attention", lambda *args: calls.append(1) or op(*args))
+    corpus, validation = corpus_and_validation(texts)
+    cfg = tiny_train_config(tiny_base).model_copy(update={
+        "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 32, "mlm_batch_size": 4, "checkpoint_steps": 0,
+        "mlm_learning_rate": 1e-3, "mlm_attention": "replayed",
+    })
+    with caplog.at_level("INFO", logger="pipeline.train.mlm"):
+        result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
+    assert "replayed attention" in caplog.text
+    assert len(calls) == 3 * 2  # every training step, every layer of the tiny BERT; none in evaluation
+    assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base
+    model = AutoModelForMaskedLM.from_pretrained(result.model_dir)
+    assert mlm_perplexity(model, AutoTokenizer.from_pretrained(result.model_dir), validation, cfg) == pytest.approx(
+        result.perplexity_adapted, rel=1e-6)
