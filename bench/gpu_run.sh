@@ -7,7 +7,7 @@
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
 # PHASES picks the parts (floor, throughput, real, profile, accuracy; default the first four); RECIPES the accuracy recipe file;
-# THROUGHPUT_MODES the fast runs; PROFILE_MODE the one profiled.
+# THROUGHPUT_MODES the fast runs (THROUGHPUT_TIMEOUT seconds for all, default 300); PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +55,7 @@ fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
-  timeout 300 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:sdpaattn,default:eagerattn,default:fp8} \
+  timeout ${THROUGHPUT_TIMEOUT:-300} "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:sdpaattn,default:eagerattn,default:fp8} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"

@@ -20,9 +20,10 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   complete one.
 * GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
   (of the model's forward and loss), bf16 math-path attention; SDPA attention
-  everywhere, under ``torch.compile`` on a GPU as one replayed op that keeps the
-  fused kernel (``mlm_attention``); with ``mlm_float8`` float8 products in the encoder's linear
-  layers (torchao; H100-class GPUs), evaluated and saved in full precision;
+  everywhere, under ``torch.compile`` on a GPU as one replayed op that keeps
+  the fused kernel (``mlm_attention``); with ``mlm_float8`` float8 products in
+  the encoder's linear layers (torchao; H100-class GPUs), evaluated and saved
+  in full precision;
   no host sync in the step loop between logging steps is known
   (``bench/train_throughput.py`` counts them on a GPU).
 
