@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
             model_config.attention_probs_dropout_prob = 0.0
         model = build_model(model_config, args.seed, args.device, PackedBertForMaskedLM)  # the baseline's initial weights
         if attention == "auto":  # as adapt_mlm chooses
-            attention = training_attention("auto", model, compiled and args.device == "cuda")
+            attention = training_attention("auto", model, compiled_on_gpu=compiled and args.device == "cuda")
         if attention == "eager":
             use_eager_attention(model)
         elif attention == "replayed":

@@ -233,15 +233,15 @@ def use_replayed_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation(REPLAYED_SDPA)
 
 
-def training_attention(setting: str, model: torch.nn.Module, compiled: bool) -> str:
+def training_attention(setting: str, model: torch.nn.Module, compiled_on_gpu: bool) -> str:
     """The attention a masked-LM run trains with, ``"replayed"`` or ``"sdpa"``, for
-    ``TrainConfig.mlm_attention``. ``auto`` replays where the model is compiled on a GPU: there
-    it measured fastest; uncompiled, SDPA already runs its fused kernel and a replay only adds a
-    forward. Models whose attention is not one of transformers' attention functions (MPNet) keep
-    their own."""
+    ``TrainConfig.mlm_attention``. ``auto`` replays where the model is compiled on a GPU (the
+    Trainer's effective ``torch_compile``, off on a CPU): there it measured fastest; uncompiled,
+    SDPA already runs its fused kernel and a replay only adds a forward. Models whose attention
+    is not one of transformers' attention functions (MPNet) keep their own."""
     takes_functions = getattr(model, "_supports_attention_backend", False)
     if setting == "auto":
-        return "replayed" if compiled and torch.cuda.is_available() and takes_functions else "sdpa"
+        return "replayed" if compiled_on_gpu and takes_functions else "sdpa"
     if setting == "replayed" and not takes_functions:
         raise ValueError(f"mlm_attention=replayed: {type(model).__name__} does not take transformers' attention functions")
     return setting

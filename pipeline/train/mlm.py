@@ -315,7 +315,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     else:
         if cfg.mlm_float8:
             _train_in_float8(model)
-        attention = training_attention(cfg.mlm_attention, model, args.torch_compile)
+        attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
         if attention == "replayed":
             own_attention = model.config._attn_implementation
             use_replayed_attention(model)

@@ -196,17 +196,15 @@ def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch):
         torch.testing.assert_close(grads["replayed"][key], grad, msg=key)
 
 
-def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_takes_it(monkeypatch):
+def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_takes_it():
     bert = PackedBertForMaskedLM(tiny_model().config)
-    assert training_attention("auto", bert, compiled=True) == "sdpa"  # no GPU here
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training_attention("auto", bert, compiled=True) == "replayed"
-    assert training_attention("auto", bert, compiled=False) == "sdpa"  # uncompiled SDPA keeps its fused kernel
-    assert training_attention("auto", tiny_mpnet(), compiled=True) == "sdpa"  # MPNet's attention is its own
-    assert training_attention("sdpa", bert, compiled=True) == "sdpa"
-    assert training_attention("replayed", bert, compiled=False) == "replayed"
+    assert training_attention("auto", bert, compiled_on_gpu=True) == "replayed"
+    assert training_attention("auto", bert, compiled_on_gpu=False) == "sdpa"  # uncompiled SDPA keeps its fused kernel
+    assert training_attention("auto", tiny_mpnet(), compiled_on_gpu=True) == "sdpa"  # MPNet's attention is its own
+    assert training_attention("sdpa", bert, compiled_on_gpu=True) == "sdpa"
+    assert training_attention("replayed", bert, compiled_on_gpu=False) == "replayed"
     with pytest.raises(ValueError, match="PackedMPNetForMaskedLM does not take"):
-        training_attention("replayed", tiny_mpnet(), compiled=True)
+        training_attention("replayed", tiny_mpnet(), compiled_on_gpu=True)
 
 
 def test_float8_linears_train_close_to_full_precision_and_convert_back():
