@@ -8,7 +8,9 @@ back and nothing else (on CUDA captured in one CUDA graph, so no launch gaps):
 * attention's batched products: scores and weighted values, forward, and their four backward
   products (a fused attention kernel does the same arithmetic);
 * the MLM head's two linear layers on ``B * S`` rows (``baseline``: Hugging Face's head over
-  every position) or on ``B * k`` rows (``trainer``: the project's head on masked rows only).
+  every position) or on ``B * k`` rows (``trainer``: the project's head on masked rows only, its
+  vocabulary projection padded to a multiple of 64 outputs as on a GPU); the ``trainer``'s last
+  encoder layer computes only those rows too (keys and values from every position).
 
 In the same run it times the eager baseline of ``bench/train_throughput.py`` on the same
 model size and batch, and reports
@@ -19,9 +21,10 @@ the largest speed-up over that baseline that any trainer doing the same products
 precision could show, with everything besides the products taking no time at all. A goal above
 it needs fewer or cheaper products (lower precision), not better fusion.
 
-It also reports the TFLOP/s of each distinct linear-layer shape alone, and of the query, key and
-value projections fused into one product (hidden -> 3 x hidden): narrow products run further
-from the peak than wide ones, and this says by how much.
+It also reports the TFLOP/s of each distinct linear-layer shape alone, of the query, key and
+value projections fused into one product (hidden -> 3 x hidden), and of the vocabulary projection
+unpadded: narrow products run further from the peak than wide ones, and misaligned ones further
+still; this says by how much.
 
 ``--float8`` also times one compiled bert-base encoder layer (``BertLayer``, forward and
 backward, attention dropout 0, under bf16 autocast) with its linear layers in bf16 and in float8
@@ -53,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import train_throughput as tt  # noqa: E402
-from pipeline.train.fast_mlm import float8_unsupported, num_predictions  # noqa: E402
+from pipeline.train.fast_mlm import VocabPaddedLinear, float8_unsupported, num_predictions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,22 @@ class Linear:
     outputs: int
 
 
-def step_linears(config: BertConfig, tokens: int, head_rows: int) -> list[Linear]:
-    """The linear layers one step runs through, in order: 6 per encoder layer, then the head."""
+def padded_vocab(vocab_size: int) -> int:
+    return vocab_size + -vocab_size % VocabPaddedLinear.multiple
+
+
+def step_linears(config: BertConfig, tokens: int, head_rows: int, sparse: bool) -> list[Linear]:
+    """The linear layers one step runs through, in order: 6 per encoder layer, then the head.
+    ``sparse``: the project's step (last layer on the head's rows, padded vocabulary)."""
     hidden, inner = config.hidden_size, config.intermediate_size
-    layer = [Linear(tokens, hidden, hidden)] * 4 + [Linear(tokens, hidden, inner), Linear(tokens, inner, hidden)]
-    return layer * config.num_hidden_layers + [Linear(head_rows, hidden, hidden), Linear(head_rows, hidden, config.vocab_size)]
+
+    def layer(rows: int) -> list[Linear]:  # query, key, value, attention output, feed-forward in and out
+        return [Linear(rows, hidden, hidden), Linear(tokens, hidden, hidden), Linear(tokens, hidden, hidden),
+                Linear(rows, hidden, hidden), Linear(rows, hidden, inner), Linear(rows, inner, hidden)]
+
+    vocab = padded_vocab(config.vocab_size) if sparse else config.vocab_size
+    layers = [layer(tokens)] * (config.num_hidden_layers - 1) + [layer(head_rows if sparse else tokens)]
+    return [linear for one in layers for linear in one] + [Linear(head_rows, hidden, hidden), Linear(head_rows, hidden, vocab)]
 
 
 def linear_products(linears: list[Linear], device: str, dtype: torch.dtype) -> tuple[list[Callable[[], None]], float]:
@@ -82,20 +96,22 @@ def linear_products(linears: list[Linear], device: str, dtype: torch.dtype) -> t
     return work, flops
 
 
-def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, device: str,
+def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, sparse: bool, device: str,
                   dtype: torch.dtype) -> tuple[Callable[[], None], float]:
     """A function running every matrix product of one training step, and their FLOPs."""
-    work, flops = linear_products(step_linears(config, batch * seq, head_rows), device, dtype)
+    work, flops = linear_products(step_linears(config, batch * seq, head_rows, sparse), device, dtype)
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    for _ in range(config.num_hidden_layers):
-        q, k, v, d_out = (torch.randn(batch * heads, seq, head_dim, device=device, dtype=dtype) for _ in range(4))
-        p, d_scores = (torch.randn(batch * heads, seq, seq, device=device, dtype=dtype) for _ in range(2))
+    for index in range(config.num_hidden_layers):
+        queries = head_rows // batch if sparse and index == config.num_hidden_layers - 1 else seq
+        k, v = (torch.randn(batch * heads, seq, head_dim, device=device, dtype=dtype) for _ in range(2))
+        q, d_out = (torch.randn(batch * heads, queries, head_dim, device=device, dtype=dtype) for _ in range(2))
+        p, d_scores = (torch.randn(batch * heads, queries, seq, device=device, dtype=dtype) for _ in range(2))
         work += [
             lambda q=q, k=k: q @ k.transpose(1, 2), lambda p=p, v=v: p @ v,  # forward
             lambda d=d_out, v=v: d @ v.transpose(1, 2), lambda p=p, d=d_out: p.transpose(1, 2) @ d,  # d probs, d values
             lambda s=d_scores, k=k: s @ k, lambda s=d_scores, q=q: s.transpose(1, 2) @ q,  # d queries, d keys
         ]
-        flops += 6 * 2 * batch * heads * seq * seq * head_dim
+        flops += 6 * 2 * batch * heads * queries * seq * head_dim
     return run_all(work), flops
 
 
@@ -113,7 +129,8 @@ def shape_rates(config: BertConfig, tokens: int, head_rows: int, device: str, dt
     the query, key and value projections fused into one (hidden -> 3 x hidden), which would show
     whether fusing them pays."""
     hidden = config.hidden_size
-    shapes = dict.fromkeys(step_linears(config, tokens, head_rows) + [Linear(tokens, hidden, 3 * hidden)])
+    shapes = dict.fromkeys(step_linears(config, tokens, head_rows, sparse=True)
+                           + [Linear(tokens, hidden, 3 * hidden), Linear(head_rows, hidden, config.vocab_size)])
     rates = {}
     for linear in shapes:
         work, flops = linear_products([linear], device, dtype)
@@ -208,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     products = {}
     for name, head_rows in (("trainer", args.batch * k), ("baseline", args.batch * args.seq)):
-        run, flops = step_products(config, args.batch, args.seq, head_rows, args.device, dtype)
+        run, flops = step_products(config, args.batch, args.seq, head_rows, name == "trainer", args.device, dtype)
         ms = time_ms(run, args.device, args.repeats)
         products[name] = {"ms": round(ms, 3), "tflop": round(flops / 1e12, 3),
                           "tflops_per_s": round(flops / ms / 1e9, 1), "of_peak": round(flops / ms / 1e9 / args.peak_tflops, 3)}

@@ -9,9 +9,10 @@ In one process and on the same batches it times
   Hugging Face ``Trainer`` with ``mlm_training_arguments`` (bf16, fused AdamW, torch.compile of
   the model, gradient clipping, learning-rate schedule, no per-step host sync) training
   ``PackedBertForMaskedLM`` (``pipeline.train.fast_mlm``): packed full blocks with no attention
-  mask, exactly ``k = round(0.15 * seq)`` predictions per row with the MLM head on those rows
-  only, attention as ``TrainConfig.mlm_attention``'s default picks it (replayed where compiled
-  on a GPU). Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
+  mask, exactly ``k = round(0.15 * seq)`` predictions per row with the MLM head and the last
+  encoder layer on those rows only, the vocabulary projection padded to 64 outputs on a GPU,
+  attention as ``TrainConfig.mlm_attention``'s default picks it (replayed where compiled on a
+  GPU). Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
   device each step); the baseline's are staged on the device first, which favours the baseline.
   The collator's host time per batch is reported as ``collate_ms`` (the Trainer's collator runs
   while the device works on the previous step).
@@ -73,6 +74,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
 from transformers import BertConfig, BertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "compiler), ':eagerattn' (outside the compiled graph) or ':replayattn' (one op the "
                              "compiler keeps whole, its backward replaying it) names it; "
                              "':fp8' trains the encoder's linear layers with float8 products (TrainConfig.mlm_float8; "
-                             "skipped where float8 cannot run)")
+                             "skipped where float8 cannot run); "
+                             "':denselast' runs the last encoder layer over every row (TrainConfig.mlm_sparse_last_layer"
+                             "=false); ':nopadvocab' leaves the vocabulary projection at the vocabulary's size on a GPU; "
+                             "':fusedqkv' computes query, key and value as one product; ':cdtune' lets the compiler "
+                             "tune its generated kernels' block sizes (torch._inductor.config.coordinate_descent_tuning)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--inputs", type=Path,
@@ -488,12 +494,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = baseline_maker(config, args)
 
-    def fast_model(attention_dropout: bool, attention: str, float8: bool,
-                   compiled: bool) -> tuple[PackedBertForMaskedLM, str]:
+    def fast_model(attention_dropout: bool, attention: str, float8: bool, compiled: bool, sparse_last: bool,
+                   pad_vocab: bool, fused_qkv: bool) -> tuple[PackedBertForMaskedLM, str]:
         model_config = copy.deepcopy(config)
         if not attention_dropout:
             model_config.attention_probs_dropout_prob = 0.0
         model = build_model(model_config, args.seed, args.device, PackedBertForMaskedLM)  # the baseline's initial weights
+        model.last_layer_on_masked_rows = sparse_last  # as adapt_mlm sets it from TrainConfig.mlm_sparse_last_layer
+        model.fused_qkv = fused_qkv
+        if not pad_vocab:
+            model.get_output_embeddings().padded_on = ()
         if attention == "auto":  # as adapt_mlm chooses
             attention = training_attention("auto", model, compiled_on_gpu=compiled and args.device == "cuda")
         if attention == "eager":
@@ -514,7 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "sdpaattn", "eagerattn", "replayattn", "fp8"}:
+        if unknown := set(options) - {"noattndrop", "sdpaattn", "eagerattn", "replayattn", "fp8", "denselast", "nopadvocab",
+                                      "fusedqkv", "cdtune"}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout = "noattndrop" not in options
         named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]
@@ -526,8 +537,11 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] = {"skipped": reason}
             continue
         try:
-            model, attention = fast_model(attention_dropout, attention, float8, compiled=mode != "none")
-            runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
+            model, attention = fast_model(attention_dropout, attention, float8, compiled=mode != "none",
+                                          sparse_last="denselast" not in options, pad_vocab="nopadvocab" not in options,
+                                          fused_qkv="fusedqkv" in options)
+            with inductor_config.patch(coordinate_descent_tuning="cdtune" in options):
+                runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
         except Exception as error:  # one failing option must not lose the other runs of a GPU node's single call
             traceback.print_exc()
             if args.device == "cuda":
@@ -535,7 +549,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: failed, {error!r}", flush=True)
             runs[name] = {"failed": repr(error)}
             continue
-        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, float8=float8)
+        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, float8=float8,
+                          sparse_last_layer="denselast" not in options, padded_vocab="nopadvocab" not in options,
+                          fused_qkv="fusedqkv" in options, coordinate_descent_tuning="cdtune" in options)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
     ratio = runs["fast"].get("ratio")  # None when the first fast run was skipped

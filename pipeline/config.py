@@ -76,6 +76,10 @@ class TrainConfig(BaseModel):
         "whole, SDPA's fused kernel, backward replaying the forward), sdpa (transformers' own), or auto: replayed "
         "where the model is compiled on a GPU (1.86x against 1.68x the eager baseline on an H100, bench/RESULTS.md)",
     )
+    mlm_sparse_last_layer: bool = Field(
+        True, description="BERT: the last encoder layer computes only the masked rows the loss reads (the same "
+        "loss and gradients with less work)",
+    )
     checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
     # Fine-tuning
     # Defaults: the best recipe of bench/accuracy.py on the canonical Financial PhraseBank split (bench/RESULTS.md).

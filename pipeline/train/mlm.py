@@ -14,7 +14,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   or with ``mlm_whole_word`` on whole words (a token plus its ``##`` pieces).
   Token masking of packed blocks for a BERT or MPNet base takes the fast step
   of :mod:`pipeline.train.fast_mlm`: exactly ``round(mlm_probability * block)``
-  predictions per block, the vocabulary head on those positions only.
+  predictions per block, the vocabulary head on those positions only (for BERT
+  with ``mlm_sparse_last_layer`` the last encoder layer too).
 * checkpoints every ``checkpoint_steps`` steps under ``out_dir/checkpoints``;
   a second call with the same ``out_dir`` and settings resumes from the last
   complete one.
@@ -49,6 +50,7 @@ from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
 from pipeline.train.device import training_device_args
 from pipeline.train.fast_mlm import (
     PACKED_MLM_CLASSES,
+    PackedBertForMaskedLM,
     StaticMaskCollator,
     float8_unsupported,
     keep_attention_in_bf16,
@@ -313,6 +315,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         history, global_step, steps_run = state["log_history"], state["global_step"], 0
         save_model = functools.partial(model.save_pretrained, is_main_process=args.should_save)
     else:
+        if isinstance(model, PackedBertForMaskedLM):
+            model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
         if cfg.mlm_float8:
             _train_in_float8(model)
         attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)

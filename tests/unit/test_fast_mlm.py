@@ -3,8 +3,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
-    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, dropout_attention, num_predictions, plain_linears,
-    training_attention, use_eager_attention, use_float8_linears, use_replayed_attention,
+    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, VocabPaddedLinear, dropout_attention,
+    num_predictions, plain_linears, training_attention, use_eager_attention, use_float8_linears, use_replayed_attention,
 )
 
 VOCAB = 1000
@@ -104,6 +104,72 @@ def test_packed_model_has_the_parent_weights_and_keys(tmp_path):
     assert packed.state_dict().keys() == plain.state_dict().keys()
     for key, tensor in plain.state_dict().items():
         torch.testing.assert_close(packed.state_dict()[key], tensor)
+
+
+def loss_and_gradients(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training(ours: tuple, reference: tuple) -> None:
+    torch.testing.assert_close(ours[0], reference[0])
+    assert ours[1].keys() == reference[1].keys()
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(ours[1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize(("sparse_last", "fused_qkv"), [(True, False), (False, True), (True, True)])
+def test_last_layer_on_masked_rows_and_fused_projections_train_as_transformers_layers(attention, sparse_last, fused_qkv):
+    """The last encoder layer computed on the k masked rows only (queries, attention output,
+    feed-forward; keys and values from every position), and query, key and value as one product,
+    train exactly as transformers' layers do. Dropout off: otherwise the two draw their masks
+    over different shapes."""
+    config = tiny_model().config
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    model = PackedBertForMaskedLM(config).train()
+    model.set_attn_implementation(attention)
+    batch = collator()(packed_blocks(4, 64))
+    model.last_layer_on_masked_rows = False
+    reference = loss_and_gradients(model, batch)
+    rows_seen, products = [], []
+    model.bert.encoder.layer[-1].intermediate.dense.register_forward_hook(
+        lambda _module, inputs, _output: rows_seen.append(inputs[0].shape[:-1]))
+    for layer in model.bert.encoder.layer:
+        for projection in (layer.attention.self.query, layer.attention.self.key):
+            projection.register_forward_hook(lambda *_: products.append(1))
+    model.last_layer_on_masked_rows, model.fused_qkv = sparse_last, fused_qkv
+    assert_same_training(loss_and_gradients(model, batch), reference)
+    assert rows_seen == [(4, num_predictions(64) if sparse_last else 64)]  # the last feed-forward's rows
+    # Fused, no projection module runs but the masked rows' queries (their own product).
+    assert len(products) == (int(sparse_last) if fused_qkv else 2 * config.num_hidden_layers)
+
+
+def test_vocab_projection_padded_on_a_gpu_is_the_same_function_and_keeps_the_tie(monkeypatch):
+    """On a GPU the vocabulary projection runs with its outputs padded to a multiple of 64
+    (1000 -> 1024 here); on a CPU it does not. Made to pad on the CPU, it trains exactly as
+    unpadded, and the decoder stays tied to the input embeddings."""
+    torch.manual_seed(0)
+    model = PackedBertForMaskedLM(tiny_model().config).train()
+    decoder = model.get_output_embeddings()
+    assert isinstance(decoder, VocabPaddedLinear)
+    assert decoder.weight is model.bert.embeddings.word_embeddings.weight
+    batch = collator()(packed_blocks(4, 64))
+    products = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: products.append(w.shape[0]) or linear(x, w, b))
+    torch.manual_seed(1)
+    plain = loss_and_gradients(model, batch)
+    assert 1024 not in products
+    monkeypatch.setattr(VocabPaddedLinear, "padded_on", ("cpu",))
+    torch.manual_seed(1)
+    assert_same_training(loss_and_gradients(model, batch), plain)
+    assert 1024 in products
+    with torch.no_grad():  # the parent's forward (perplexity evaluation) gets the vocabulary's width
+        assert model(input_ids=batch["input_ids"]).logits.shape == (4, 64, VOCAB)
 
 
 def test_collator_takes_the_trainer_rows():

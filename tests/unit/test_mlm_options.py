@@ -227,6 +227,11 @@ def test_packed_token_masking_takes_the_masked_positions_step(monkeypatch, tmp_p
         return training_step(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "training_step", recording_step)
+    import pipeline.train.fast_mlm as fast_mlm
+
+    sparse_layers = []
+    layer_at = fast_mlm.bert_layer
+    monkeypatch.setattr(fast_mlm, "bert_layer", lambda *args, **kwargs: sparse_layers.append(1) or layer_at(*args, **kwargs))
     corpus, validation = corpus_and_validation(texts)
     cfg = tiny_train_config(tiny_base).model_copy(update={
         "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 16, "mlm_probability": probability, "checkpoint_steps": 0,
@@ -237,8 +242,10 @@ def test_packed_token_masking_takes_the_masked_positions_step(monkeypatch, tmp_p
     shapes = seen[0][1]
     if packed:
         assert shapes == {"input_ids": (8, 16), "masked_positions": (8, 2), "masked_labels": (8, 2)}
+        assert len(sparse_layers) == 3  # mlm_sparse_last_layer: the last layer on the masked rows, every step
     else:
         assert set(shapes) == {"input_ids", "attention_mask", "labels"}
+        assert not sparse_layers
     assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base  # it learned
     # The saved folder is an ordinary BertForMaskedLM checkpoint.
     model, info = AutoModelForMaskedLM.from_pretrained(result.model_dir, output_loading_info=True)
@@ -275,18 +282,20 @@ def test_replayed_attention_trains_masked_lm_and_saves_an_ordinary_checkpoint(tm
 
     import pipeline.train.fast_mlm as fast_mlm
 
-    calls = []
-    op = fast_mlm.dropout_attention
+    calls, sparse_layers = [], []
+    op, layer_at = fast_mlm.dropout_attention, fast_mlm.bert_layer
     monkeypatch.setattr(fast_mlm, "dropout_attention", lambda *args: calls.append(1) or op(*args))
+    monkeypatch.setattr(fast_mlm, "bert_layer", lambda *args, **kwargs: sparse_layers.append(1) or layer_at(*args, **kwargs))
     corpus, validation = corpus_and_validation(texts)
     cfg = tiny_train_config(tiny_base).model_copy(update={
         "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 32, "mlm_batch_size": 4, "checkpoint_steps": 0,
-        "mlm_learning_rate": 1e-3, "mlm_attention": "replayed",
+        "mlm_learning_rate": 1e-3, "mlm_attention": "replayed", "mlm_sparse_last_layer": False,
     })
     with caplog.at_level("INFO", logger="pipeline.train.mlm"):
         result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
     assert "replayed attention" in caplog.text
     assert len(calls) == 3 * 2  # every training step, every layer of the tiny BERT; none in evaluation
+    assert not sparse_layers  # mlm_sparse_last_layer=false: every layer over every row
     assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base
     model = AutoModelForMaskedLM.from_pretrained(result.model_dir)
     assert mlm_perplexity(model, AutoTokenizer.from_pretrained(result.model_dir), validation, cfg) == pytest.approx(
