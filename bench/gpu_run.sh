@@ -6,14 +6,15 @@
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (floor, throughput, real, profile, accuracy; default the first four); RECIPES the accuracy recipe file;
+# PHASES picks the parts (floor, throughput, real, profile, accuracy; default floor, throughput, profile); RECIPES the
+# accuracy recipe file;
 # THROUGHPUT_MODES the fast runs (THROUGHPUT_TIMEOUT seconds for all, default 300); PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds (the accuracy processes get what the throughput runs leave).
 BUDGET=${BUDGET:-570}
-PHASES=${PHASES:-floor,throughput,real,profile}
+PHASES=${PHASES:-floor,throughput,profile}
 RECIPES_FILE=${RECIPES:-bench/recipes/round1.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
@@ -46,8 +47,8 @@ log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' |
 # ---- training throughput: bert-base, seq 128, batch 256; synthetic blocks, then real text
 if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR="--repeats 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; FLOOR="--steps 20"; fi
 if [[ $PHASES == *floor* ]]; then
-  log "floor: the step's matrix products alone, and one encoder layer in bf16 and float8"
-  timeout 150 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 --float8 \
+  log "floor: the step's matrix products alone (FLOOR_OPTIONS=--float8: one encoder layer in bf16 and float8 too)"
+  timeout 150 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 ${FLOOR_OPTIONS:-} \
     --out "$OUT/gemm_floor.jsonl" > "$OUT/floor.log" 2>&1
   log "floor rc=$?"
   grep -E "products|ceiling|encoder layer|skipped|failed" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
@@ -55,7 +56,7 @@ fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
-  timeout ${THROUGHPUT_TIMEOUT:-300} "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:sdpaattn,default:eagerattn,default:fp8} \
+  timeout ${THROUGHPUT_TIMEOUT:-300} "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:denselast,default:nopadvocab,default:fusedqkv} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"
