@@ -6,15 +6,15 @@
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (floor, throughput, real, profile, accuracy; default floor, throughput, profile); RECIPES the
-# accuracy recipe file;
-# THROUGHPUT_MODES the fast runs (THROUGHPUT_TIMEOUT seconds for all, default 300); PROFILE_MODE the one profiled.
+# PHASES picks the parts (check, floor, throughput, real, profile, accuracy; default check, floor, throughput); RECIPES
+# the accuracy recipe file;
+# THROUGHPUT_MODES the fast runs (THROUGHPUT_TIMEOUT seconds for all, default 330); PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds (the accuracy processes get what the throughput runs leave).
 BUDGET=${BUDGET:-570}
-PHASES=${PHASES:-floor,throughput,profile}
+PHASES=${PHASES:-check,floor,throughput}
 RECIPES_FILE=${RECIPES:-bench/recipes/round1.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 
-if ! "$PY" -c "import pydantic_settings, datasets, torchao" 2>/dev/null; then
+if ! "$PY" -c "import pydantic_settings, datasets, torchao, pytest" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $CARRY/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -46,6 +46,12 @@ log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' |
 
 # ---- training throughput: bert-base, seq 128, batch 256; synthetic blocks, then real text
 if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR="--repeats 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; FLOOR="--steps 20"; fi
+if [[ $PHASES == *check* ]]; then
+  log "check: the masked-LM step's tests, the GPU-only ones included"
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
+  log "check rc=$?"
+  tail -n 15 "$OUT/check.log" | grep -E "passed|failed|error|SKIPPED|FAILED" | tee -a "$OUT/summary.txt"
+fi
 if [[ $PHASES == *floor* ]]; then
   log "floor: the step's matrix products alone (FLOOR_OPTIONS=--float8: one encoder layer in bf16 and float8 too)"
   timeout 150 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 ${FLOOR_OPTIONS:-} \
@@ -56,7 +62,7 @@ fi
 if [[ $PHASES == *throughput* ]]; then
   log "throughput, synthetic"
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
-  timeout ${THROUGHPUT_TIMEOUT:-300} "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:denselast,default:nopadvocab,default:fusedqkv} \
+  timeout ${THROUGHPUT_TIMEOUT:-330} "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode ${THROUGHPUT_MODES:-default,default:denselast,default:nopadvocab,default:fusedqkv,default:cudnnattn} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"

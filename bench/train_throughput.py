@@ -83,7 +83,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
     PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, training_attention, use_eager_attention,
-    use_float8_linears, use_replayed_attention,
+    TRAINING_ATTENTION, use_float8_linears,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
@@ -96,7 +96,7 @@ SIZES = {
 }
 Batch = tuple[torch.Tensor, ...]
 # --compile-mode suffix -> the attention a fast run uses instead of the trainer's own choice
-ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "replayed"}
+ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "replayed", "cudnnattn": "cudnn"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,8 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
                              "keep SDPA's fused kernel); attention is the trainer's default choice "
                              "(TrainConfig.mlm_attention=auto) unless ':sdpaattn' (transformers' SDPA, traced by the "
-                             "compiler), ':eagerattn' (outside the compiled graph) or ':replayattn' (one op the "
-                             "compiler keeps whole, its backward replaying it) names it; "
+                             "compiler), ':eagerattn' (outside the compiled graph), ':replayattn' (one op the "
+                             "compiler keeps whole, its backward replaying it) or ':cudnnattn' (cuDNN's op with its "
+                             "own backward) names it; "
                              "':fp8' trains the encoder's linear layers with float8 products (TrainConfig.mlm_float8; "
                              "skipped where float8 cannot run); "
                              "':denselast' runs the last encoder layer over every row (TrainConfig.mlm_sparse_last_layer"
@@ -508,8 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
             attention = training_attention("auto", model, compiled_on_gpu=compiled and args.device == "cuda")
         if attention == "eager":
             use_eager_attention(model)
-        elif attention == "replayed":
-            use_replayed_attention(model)
+        elif attention in TRAINING_ATTENTION:
+            TRAINING_ATTENTION[attention](model)
         if float8:
             use_float8_linears(model)  # as adapt_mlm does with TrainConfig.mlm_float8
         return model, attention
@@ -524,8 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "sdpaattn", "eagerattn", "replayattn", "fp8", "denselast", "nopadvocab",
-                                      "fusedqkv", "cdtune"}:
+        if unknown := set(options) - {"noattndrop", "fp8", "denselast", "nopadvocab", "fusedqkv", "cdtune", *ATTENTION_OPTIONS}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout = "noattndrop" not in options
         named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]

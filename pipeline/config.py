@@ -71,10 +71,11 @@ class TrainConfig(BaseModel):
         False, description="float8 matrix products in the encoder's linear layers while masked-LM training "
         "(torchao; CUDA compute capability 8.9+, e.g. H100; emulated and slow on a CPU)",
     )
-    mlm_attention: Literal["auto", "sdpa", "replayed"] = Field(
+    mlm_attention: Literal["auto", "sdpa", "replayed", "cudnn"] = Field(
         "auto", description="attention with dropout while masked-LM training: replayed (one op the compiler keeps "
-        "whole, SDPA's fused kernel, backward replaying the forward), sdpa (transformers' own), or auto: replayed "
-        "where the model is compiled on a GPU (1.86x against 1.68x the eager baseline on an H100, bench/RESULTS.md)",
+        "whole, SDPA's fused kernel, backward replaying the forward), cudnn (on a GPU cuDNN's fused op with its own "
+        "backward, no replay; not yet timed), sdpa (transformers' own), or auto: replayed where the model is "
+        "compiled on a GPU (1.86x against 1.68x the eager baseline on an H100, bench/RESULTS.md)",
     )
     mlm_sparse_last_layer: bool = Field(
         True, description="BERT: the last encoder layer computes only the masked rows the loss reads (the same "

@@ -318,17 +318,53 @@ def use_replayed_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation(REPLAYED_SDPA)
 
 
+# ---------------------------------------------------------------- cuDNN's attention with dropout, called as its own op
+#
+# On a GPU, SDPA's dispatcher picks cuDNN's fused attention (H100 profile, bench/RESULTS.md), whose
+# forward returns the random seed and offset of its dropout mask and whose backward takes them.
+# Called as that op (aten._scaled_dot_product_cudnn_attention), it bypasses the dispatcher's
+# choice of the math path under the compiler; autograd and the compiler pair it with its own
+# backward, so nothing is replayed. The op exists on CUDA only and takes no fallback, so this
+# path is kept to what the profile saw it run: self-attention, dropout, no mask.
+
+CUDNN_SDPA = "finsent_cudnn_sdpa"
+
+
+def _cudnn_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature: cuDNN's op on a GPU for self-attention with
+    dropout, no mask, not causal; the replayed op (or transformers' SDPA) otherwise."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
+    if (not query.is_cuda or dropout == 0.0 or attention_mask is not None or causal or query.shape[2] != key.shape[2]
+            or kwargs.get("position_bias") is not None):
+        return _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    output = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, True, dropout, False, False, scale=scaling)[0]
+    return output.transpose(1, 2).contiguous(), None
+
+
+def use_cudnn_attention(model: torch.nn.Module) -> None:
+    """Attention with dropout as cuDNN's fused op and its own backward (no replay) on a GPU;
+    measured by ``bench/train_throughput.py`` (``:cudnnattn``)."""
+    AttentionInterface.register(CUDNN_SDPA, _cudnn_sdpa_forward)
+    model.set_attn_implementation(CUDNN_SDPA)
+
+
+TRAINING_ATTENTION = {"replayed": use_replayed_attention, "cudnn": use_cudnn_attention}
+
+
 def training_attention(setting: str, model: torch.nn.Module, compiled_on_gpu: bool) -> str:
-    """The attention a masked-LM run trains with, ``"replayed"`` or ``"sdpa"``, for
+    """The attention a masked-LM run trains with, ``"replayed"``, ``"cudnn"`` or ``"sdpa"``, for
     ``TrainConfig.mlm_attention``. ``auto`` replays where the model is compiled on a GPU (the
     Trainer's effective ``torch_compile``, off on a CPU): there it measured fastest; uncompiled,
-    SDPA already runs its fused kernel and a replay only adds a forward. Models whose attention
-    is not one of transformers' attention functions (MPNet) keep their own."""
+    SDPA already runs its fused kernel and a replay only adds a forward. ``cudnn`` is chosen by
+    name only until a GPU has timed it. Models whose attention is not one of transformers'
+    attention functions (MPNet) keep their own."""
     takes_functions = getattr(model, "_supports_attention_backend", False)
     if setting == "auto":
         return "replayed" if compiled_on_gpu and takes_functions else "sdpa"
-    if setting == "replayed" and not takes_functions:
-        raise ValueError(f"mlm_attention=replayed: {type(model).__name__} does not take transformers' attention functions")
+    if setting in TRAINING_ATTENTION and not takes_functions:
+        raise ValueError(f"mlm_attention={setting}: {type(model).__name__} does not take transformers' attention functions")
     return setting
 
 

@@ -50,6 +50,7 @@ from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
 from pipeline.train.device import training_device_args
 from pipeline.train.fast_mlm import (
     PACKED_MLM_CLASSES,
+    TRAINING_ATTENTION,
     PackedBertForMaskedLM,
     StaticMaskCollator,
     float8_unsupported,
@@ -58,7 +59,6 @@ from pipeline.train.fast_mlm import (
     plain_linears,
     training_attention,
     use_float8_linears,
-    use_replayed_attention,
 )
 from pipeline.train.masking import (
     build_nsp_pairs,
@@ -320,10 +320,10 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         if cfg.mlm_float8:
             _train_in_float8(model)
         attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
-        if attention == "replayed":
+        if attention in TRAINING_ATTENTION:
             own_attention = model.config._attn_implementation
-            use_replayed_attention(model)
-            log.info("masked-LM training with replayed attention (SDPA's fused kernel under torch.compile)")
+            TRAINING_ATTENTION[attention](model)
+            log.info("masked-LM training with %s attention (a fused kernel with dropout under torch.compile)", attention)
         counter = _step_counter_class()()
         trainer = Trainer(
             model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter], data_collator=collator,
@@ -336,7 +336,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         model, save_model = trainer.model, trainer.save_model
         if cfg.mlm_float8:
             plain_linears(model)  # evaluated and saved in full precision, as the base was
-        if attention == "replayed":
+        if attention in TRAINING_ATTENTION:
             model.set_attn_implementation(own_attention)  # a function registered in this process only
         history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps
     perplexity_adapted = mlm_perplexity(model, tokenizer, eval_texts, cfg)

@@ -3,9 +3,11 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
-    PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, VocabPaddedLinear, dropout_attention,
-    num_predictions, plain_linears, training_attention, use_eager_attention, use_float8_linears, use_replayed_attention,
+    TRAINING_ATTENTION, PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, VocabPaddedLinear,
+    dropout_attention, num_predictions, plain_linears, training_attention, use_eager_attention, use_float8_linears,
 )
+
+on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_run.sh runs it there)")
 
 VOCAB = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -241,25 +243,84 @@ def test_replayed_dropout_attention_passes_opcheck_and_compiles():
         torch.testing.assert_close(ours, reference)
 
 
-def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch):
+@pytest.mark.parametrize("attention", ["replayed", "cudnn"])
+def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch, attention):
+    """cuDNN's op exists on a GPU only: elsewhere ``cudnn`` runs the replayed op."""
     import pipeline.train.fast_mlm as fast_mlm
 
     calls = []
     monkeypatch.setattr(fast_mlm, "dropout_attention", lambda *args: calls.append(1) or dropout_attention(*args))
     batch = collator()(packed_blocks(4, 64))
     grads = {}
-    for name in ("sdpa", "replayed"):
+    for name in ("sdpa", attention):
         torch.manual_seed(0)
         model = PackedBertForMaskedLM(tiny_model().config).train()
-        if name == "replayed":
-            use_replayed_attention(model)
+        if name != "sdpa":
+            TRAINING_ATTENTION[name](model)
         torch.manual_seed(5)
         model(**batch).loss.backward()
         grads[name] = {key: p.grad for key, p in model.named_parameters() if p.grad is not None}
     assert len(calls) == 2  # once per layer: the op, not transformers' SDPA, ran the replayed model's attention
-    assert grads["replayed"].keys() == grads["sdpa"].keys()
+    assert grads[attention].keys() == grads["sdpa"].keys()
     for key, grad in grads["sdpa"].items():
-        torch.testing.assert_close(grads["replayed"][key], grad, msg=key)
+        torch.testing.assert_close(grads[attention][key], grad, msg=key)
+
+
+@on_a_gpu
+def test_cudnn_attention_on_a_gpu_is_sdpas_cudnn_kernel_with_its_own_backward():
+    """The same random state gives the same dropout mask: output and gradients equal SDPA's own
+    cuDNN kernel and its backward."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipeline.train.fast_mlm import _cudnn_sdpa_forward
+
+    inputs = [tensor.detach().to("cuda", torch.bfloat16).requires_grad_() for tensor in attention_inputs()]
+    grad_output = torch.randn(2, 16, 3, 8, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for ours in (True, False):
+        torch.manual_seed(3)
+        heads_first = [tensor.transpose(1, 2) for tensor in inputs]
+        if ours:
+            output, _ = _cudnn_sdpa_forward(SimpleNamespace(is_causal=False), *heads_first, None, dropout=0.3, scaling=0.4)
+        else:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                output = torch.nn.functional.scaled_dot_product_attention(*heads_first, dropout_p=0.3, scale=0.4)
+            output = output.transpose(1, 2)
+        output.backward(grad_output)
+        results.append([output.detach()] + [tensor.grad for tensor in inputs])
+        for tensor in inputs:
+            tensor.grad = None
+    assert (results[0][0] == 0).any()  # dropout ran
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference)
+
+
+@on_a_gpu
+def test_cudnn_attention_compiles_whole_and_draws_the_eager_runs_masks():
+    """Compiled, the model is one graph and its attention still takes cuDNN's op: with dropout in
+    attention only, the compiled step's gradients match the eager step's from the same seed (a
+    math-path attention would draw other masks)."""
+    from torch._dynamo.utils import counters
+
+    config = tiny_model().config
+    config.hidden_dropout_prob = 0.0
+    batch = {name: tensor.cuda() for name, tensor in collator()(packed_blocks(4, 64)).items()}
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = PackedBertForMaskedLM(config).cuda().train()
+        TRAINING_ATTENTION["cudnn"](model)
+        torch._dynamo.reset()
+        counters.clear()
+        step = torch.compile(model) if compiled else model
+        torch.manual_seed(5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            step(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.02
 
 
 def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_takes_it():
@@ -269,8 +330,10 @@ def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_t
     assert training_attention("auto", tiny_mpnet(), compiled_on_gpu=True) == "sdpa"  # MPNet's attention is its own
     assert training_attention("sdpa", bert, compiled_on_gpu=True) == "sdpa"
     assert training_attention("replayed", bert, compiled_on_gpu=False) == "replayed"
-    with pytest.raises(ValueError, match="PackedMPNetForMaskedLM does not take"):
-        training_attention("replayed", tiny_mpnet(), compiled_on_gpu=True)
+    assert training_attention("cudnn", bert, compiled_on_gpu=True) == "cudnn"  # by name only, until timed
+    for setting in TRAINING_ATTENTION:
+        with pytest.raises(ValueError, match=f"mlm_attention={setting}: PackedMPNetForMaskedLM does not take"):
+            training_attention(setting, tiny_mpnet(), compiled_on_gpu=True)
 
 
 def test_float8_linears_train_close_to_full_precision_and_convert_back():
