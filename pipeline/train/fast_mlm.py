@@ -155,6 +155,8 @@ class PackedBertForMaskedLM(_MaskedPositionsLoss, BertForMaskedLM):
 
 def _one_product(features: torch.Tensor, *linears: torch.nn.Linear) -> tuple[torch.Tensor, ...]:
     """Several linear layers of the same input as one product, their outputs split apart again."""
+    if any(type(linear) is not torch.nn.Linear for linear in linears):  # a float8 layer's product is its own
+        raise ValueError("fused_qkv needs plain linear layers, not float8 ones")
     weight = torch.cat([linear.weight for linear in linears])
     bias = torch.cat([linear.bias for linear in linears])
     return F.linear(features, weight, bias).split([linear.out_features for linear in linears], dim=-1)

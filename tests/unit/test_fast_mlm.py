@@ -357,6 +357,10 @@ def test_float8_linears_train_close_to_full_precision_and_convert_back():
     assert abs(losses[1] - losses[0]) < 0.02 * losses[0]
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
     assert not torch.equal(grads[0], grads[1])  # the float8 products did run
+    model.fused_qkv = True  # one product from the concatenated weights would skip float8's own
+    with pytest.raises(ValueError, match="plain linear layers"):
+        model(**batch)
+    model.fused_qkv = False
 
     parameters = list(model.parameters())
     plain_linears(model)
