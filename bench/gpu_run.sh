@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Both benchmarks on one GPU node, in one go: the training-throughput runs first (alone on the
-# GPU, so their timings are clean), then the accuracy recipes, all seeds at once as parallel
+# The benchmarks on one GPU node, in one go: the masked-LM step's tests first (some run on a GPU
+# only), then the product floor and the training-throughput runs (alone on the GPU, so their
+# timings are clean), then, if asked, the accuracy recipes, all seeds at once as parallel
 # processes (MiniLM fine-tuning leaves an H100 mostly idle, so they share it).
 #
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (check, floor, throughput, real, profile, accuracy; default check, floor, throughput); RECIPES
-# the accuracy recipe file;
-# THROUGHPUT_MODES the fast runs (THROUGHPUT_TIMEOUT seconds for all, default 330); PROFILE_MODE the one profiled.
+# PHASES picks the parts (check, floor, throughput, real, profile, accuracy; default check, floor, throughput);
+# RECIPES the accuracy recipe file; THROUGHPUT_MODES the fast runs (THROUGHPUT_TIMEOUT seconds for all, default 330); PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
