@@ -67,6 +67,7 @@ class Linear:
 
 
 def padded_vocab(vocab_size: int) -> int:
+    """The vocabulary projection's width on a GPU (``VocabPaddedLinear``)."""
     return vocab_size + -vocab_size % VocabPaddedLinear.multiple
 
 
@@ -125,9 +126,10 @@ def run_all(work: list[Callable[[], None]]) -> Callable[[], None]:
 
 def shape_rates(config: BertConfig, tokens: int, head_rows: int, device: str, dtype: torch.dtype,
                 repeats: int) -> dict[str, float]:
-    """TFLOP/s of each distinct linear layer's three products (rows x inputs -> outputs), and of
-    the query, key and value projections fused into one (hidden -> 3 x hidden), which would show
-    whether fusing them pays."""
+    """TFLOP/s of each distinct linear layer's three products (rows x inputs -> outputs), of the
+    query, key and value projections fused into one (hidden -> 3 x hidden), which would show
+    whether fusing them pays, and of the vocabulary projection unpadded, which shows what the
+    padding gains."""
     hidden = config.hidden_size
     shapes = dict.fromkeys(step_linears(config, tokens, head_rows, sparse=True)
                            + [Linear(tokens, hidden, 3 * hidden), Linear(head_rows, hidden, config.vocab_size)])

@@ -82,8 +82,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
-    PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, training_attention, use_eager_attention,
-    TRAINING_ATTENTION, use_float8_linears,
+    TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, training_attention,
+    use_eager_attention, use_float8_linears,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
