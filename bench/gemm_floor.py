@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import train_throughput as tt  # noqa: E402
-from pipeline.train.fast_mlm import VocabPaddedLinear, float8_unsupported, num_predictions  # noqa: E402
+from pipeline.train.fast_mlm import PackedBertForMaskedLM, float8_unsupported, num_predictions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ class Linear:
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """The vocabulary projection's width on a GPU (``VocabPaddedLinear``)."""
-    return vocab_size + -vocab_size % VocabPaddedLinear.multiple
+    """The vocabulary projection's width in the trainer's step on a GPU."""
+    return vocab_size + -vocab_size % PackedBertForMaskedLM.vocab_multiple
 
 
 def step_linears(config: BertConfig, tokens: int, head_rows: int, sparse: bool) -> list[Linear]:

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.last_layer_on_masked_rows = sparse_last  # as adapt_mlm sets it from TrainConfig.mlm_sparse_last_layer
         model.fused_qkv = fused_qkv
         if not pad_vocab:
-            model.get_output_embeddings().padded_on = ()
+            model.vocab_multiple = 1
         if attention == "auto":  # as adapt_mlm chooses
             attention = training_attention("auto", model, compiled_on_gpu=compiled and args.device == "cuda")
         if attention == "eager":

@@ -20,7 +20,7 @@ label, hence these small classes. Two more savings, both exact:
   (``last_layer_on_masked_rows``; ``TrainConfig.mlm_sparse_last_layer``). Nothing else reads
   the other rows of that layer.
 * On a GPU the vocabulary projection runs padded to a multiple of 64 outputs
-  (:class:`VocabPaddedLinear`): 30,522 outputs leave the product's rows misaligned for the
+  (``vocab_multiple``): 30,522 outputs leave the product's rows misaligned for the
   tensor-core kernels, and an H100 ran that product at 243 TFLOP/s against 600-720 for the
   encoder's (``bench/gemm_floor.py``)."""
 
@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, BertForMaskedLM, MPNetForMaskedLM
+from transformers.activations import gelu
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -93,40 +94,25 @@ class StaticMaskCollator:
         return {"input_ids": masked, "masked_positions": positions, "masked_labels": labels}
 
 
-class VocabPaddedLinear(torch.nn.Linear):
-    """The vocabulary projection with its outputs padded, on a GPU, to a multiple of ``multiple``
-    with zero rows, the padded logits cut off again: the same function and parameters. A model's
-    own projection becomes one in place (its class is swapped), so the tie to the input
-    embeddings and the state-dict keys stay as they are."""
-
-    multiple = 64
-    padded_on = ("cuda",)  # device types; a CPU gains nothing from aligned rows
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pad = -self.out_features % self.multiple
-        if pad == 0 or features.device.type not in self.padded_on:
-            return super().forward(features)
-        bias = None if self.bias is None else F.pad(self.bias, (0, pad))
-        return F.linear(features, F.pad(self.weight, (0, 0, 0, pad)), bias)[..., : self.out_features]
-
-
 class _MaskedPositionsLoss:
     """``forward(input_ids, masked_positions=, masked_labels=)``: mean cross-entropy over the
     k masked positions of each row, the head applied to those rows only. Blocks are full, so
-    no attention mask is passed and SDPA may take a fused kernel."""
+    no attention mask is passed and SDPA may take a fused kernel.
+
+    On a GPU the head's vocabulary projection runs with its outputs padded to a multiple of
+    ``vocab_multiple`` by zero rows, the padded logits cut off again: the same function and
+    parameters. Only here: the parent's ``forward`` (evaluation, Hugging Face's collator) stays
+    as transformers wrote it."""
 
     base_model_prefix: str
-    head_attribute: str  # the masked-LM head: transform + decoder tied to the embeddings
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.get_output_embeddings().__class__ = VocabPaddedLinear
+    vocab_multiple = 64
+    pad_vocab_on = ("cuda",)  # device types; a CPU gains nothing from aligned rows
 
     def forward(self, input_ids=None, masked_positions=None, masked_labels=None, **kwargs):
         if masked_positions is None:
             return super().forward(input_ids=input_ids, **kwargs)
         rows = masked_positions.unsqueeze(-1).expand(-1, -1, self.config.hidden_size)
-        logits = getattr(self, self.head_attribute)(self.hidden_at(input_ids, rows))
+        logits = self.vocabulary_logits(self.head_features(self.hidden_at(input_ids, rows)))
         loss = F.cross_entropy(logits.flatten(0, 1).float(), masked_labels.flatten())
         return MaskedLMOutput(loss=loss)
 
@@ -135,9 +121,20 @@ class _MaskedPositionsLoss:
         positions' gather index, ``[B, k, hidden]``."""
         return getattr(self, self.base_model_prefix)(input_ids=input_ids).last_hidden_state.gather(1, rows)
 
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The masked-LM head up to its vocabulary projection (which is tied to the embeddings)."""
+        raise NotImplementedError
+
+    def vocabulary_logits(self, features: torch.Tensor) -> torch.Tensor:
+        decoder = self.get_output_embeddings()
+        pad = -decoder.out_features % self.vocab_multiple
+        if pad == 0 or features.device.type not in self.pad_vocab_on:
+            return decoder(features)
+        bias = None if decoder.bias is None else F.pad(decoder.bias, (0, pad))
+        return F.linear(features, F.pad(decoder.weight, (0, 0, 0, pad)), bias)[..., : decoder.out_features]
+
 
 class PackedBertForMaskedLM(_MaskedPositionsLoss, BertForMaskedLM):
-    head_attribute = "cls"
     last_layer_on_masked_rows = True
     fused_qkv = False  # query, key and value as one product (bench: ':fusedqkv'); not yet timed on a GPU
 
@@ -151,6 +148,9 @@ class PackedBertForMaskedLM(_MaskedPositionsLoss, BertForMaskedLM):
         if self.last_layer_on_masked_rows:
             return bert_layer(last, hidden, rows, fused_qkv=self.fused_qkv)
         return bert_layer(last, hidden, fused_qkv=self.fused_qkv).gather(1, rows)
+
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cls.predictions.transform(hidden)
 
 
 def _one_product(features: torch.Tensor, *linears: torch.nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -192,7 +192,9 @@ def bert_layer(layer: BertLayer, hidden: torch.Tensor, rows: torch.Tensor | None
 
 
 class PackedMPNetForMaskedLM(_MaskedPositionsLoss, MPNetForMaskedLM):
-    head_attribute = "lm_head"
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head  # MPNetLMHead.forward up to its decoder
+        return head.layer_norm(gelu(head.dense(hidden)))
 
 
 # The base's model type -> its masked-LM class with the masked-positions loss.

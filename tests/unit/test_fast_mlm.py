@@ -3,7 +3,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
-    TRAINING_ATTENTION, PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator, VocabPaddedLinear,
+    TRAINING_ATTENTION, PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator,
     dropout_attention, num_predictions, plain_linears, training_attention, use_eager_attention, use_float8_linears,
 )
 
@@ -150,15 +150,14 @@ def test_last_layer_on_masked_rows_and_fused_projections_train_as_transformers_l
     assert len(products) == (int(sparse_last) if fused_qkv else 2 * config.num_hidden_layers)
 
 
-def test_vocab_projection_padded_on_a_gpu_is_the_same_function_and_keeps_the_tie(monkeypatch):
-    """On a GPU the vocabulary projection runs with its outputs padded to a multiple of 64
-    (1000 -> 1024 here); on a CPU it does not. Made to pad on the CPU, it trains exactly as
-    unpadded, and the decoder stays tied to the input embeddings."""
+@pytest.mark.parametrize("make_model", [lambda: PackedBertForMaskedLM(tiny_model().config), tiny_mpnet])
+def test_vocab_projection_padded_on_a_gpu_is_the_same_function(monkeypatch, make_model):
+    """On a GPU the masked-positions loss runs the vocabulary projection with its outputs padded
+    to a multiple of 64 (1000 -> 1024 here); on a CPU it does not. Made to pad on the CPU, it
+    trains exactly as unpadded. The parent's forward (full head, Hugging Face's labels) is left
+    as transformers wrote it, padding or not."""
     torch.manual_seed(0)
-    model = PackedBertForMaskedLM(tiny_model().config).train()
-    decoder = model.get_output_embeddings()
-    assert isinstance(decoder, VocabPaddedLinear)
-    assert decoder.weight is model.bert.embeddings.word_embeddings.weight
+    model = make_model().train()
     batch = collator()(packed_blocks(4, 64))
     products = []
     linear = torch.nn.functional.linear
@@ -166,12 +165,15 @@ def test_vocab_projection_padded_on_a_gpu_is_the_same_function_and_keeps_the_tie
     torch.manual_seed(1)
     plain = loss_and_gradients(model, batch)
     assert 1024 not in products
-    monkeypatch.setattr(VocabPaddedLinear, "padded_on", ("cpu",))
+    monkeypatch.setattr(type(model), "pad_vocab_on", ("cpu",))
     torch.manual_seed(1)
     assert_same_training(loss_and_gradients(model, batch), plain)
-    assert 1024 in products
-    with torch.no_grad():  # the parent's forward (perplexity evaluation) gets the vocabulary's width
-        assert model(input_ids=batch["input_ids"]).logits.shape == (4, 64, VOCAB)
+    assert products.count(1024) == 1
+    model.eval()
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], labels=labels_for(batch))
+    assert full.logits.shape == (4, 64, VOCAB) and products.count(1024) == 1
+    assert torch.isfinite(full.loss)
 
 
 def test_collator_takes_the_trainer_rows():
