@@ -48,13 +48,13 @@ log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' |
 if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR="--repeats 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; FLOOR="--steps 20"; fi
 if [[ $PHASES == *check* ]]; then
   log "check: the masked-LM step's tests, the GPU-only ones included"
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
   log "check rc=$?"
   tail -n 15 "$OUT/check.log" | grep -E "passed|failed|error|SKIPPED|FAILED" | tee -a "$OUT/summary.txt"
 fi
 if [[ $PHASES == *floor* ]]; then
   log "floor: the step's matrix products alone (FLOOR_OPTIONS=--float8: one encoder layer in bf16 and float8 too)"
-  timeout 150 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 ${FLOOR_OPTIONS:-} \
+  timeout 120 "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 ${FLOOR_OPTIONS:-} \
     --out "$OUT/gemm_floor.jsonl" > "$OUT/floor.log" 2>&1
   log "floor rc=$?"
   grep -E "products|ceiling|encoder layer|skipped|failed" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
