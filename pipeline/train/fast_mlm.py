@@ -102,7 +102,10 @@ class _MaskedPositionsLoss:
     On a GPU the head's vocabulary projection runs with its outputs padded to a multiple of
     ``vocab_multiple`` by zero rows, the padded logits cut off again: the same function and
     parameters. Only here: the parent's ``forward`` (evaluation, Hugging Face's collator) stays
-    as transformers wrote it."""
+    as transformers wrote it.
+
+    Each model class defines ``head_features(hidden)``: its masked-LM head up to the vocabulary
+    projection (which is tied to the embeddings)."""
 
     base_model_prefix: str
     vocab_multiple = 64
@@ -120,10 +123,6 @@ class _MaskedPositionsLoss:
         """The encoder's output at the masked positions, ``[B, k, hidden]``; ``rows`` is the
         positions' gather index, ``[B, k, hidden]``."""
         return getattr(self, self.base_model_prefix)(input_ids=input_ids).last_hidden_state.gather(1, rows)
-
-    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The masked-LM head up to its vocabulary projection (which is tied to the embeddings)."""
-        raise NotImplementedError
 
     def vocabulary_logits(self, features: torch.Tensor) -> torch.Tensor:
         decoder = self.get_output_embeddings()
@@ -303,11 +302,17 @@ dropout_attention.register_autograd(_dropout_attention_grad, setup_context=_drop
 REPLAYED_SDPA = "finsent_replayed_sdpa"
 
 
+def _takes_fused_dropout_op(module, attention_mask, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
+    """Whether an attention call is one the fused dropout ops below serve: dropout, no mask, not
+    causal, no position bias."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
+    return dropout != 0.0 and attention_mask is None and not causal and kwargs.get("position_bias") is None
+
+
 def _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature; the custom op where it applies (dropout, no
     mask, not causal), transformers' SDPA otherwise."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
-    if dropout == 0.0 or attention_mask is not None or causal or kwargs.get("position_bias") is not None:
+    if not _takes_fused_dropout_op(module, attention_mask, dropout, is_causal, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -337,9 +342,8 @@ CUDNN_SDPA = "finsent_cudnn_sdpa"
 def _cudnn_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: cuDNN's op on a GPU for self-attention with
     dropout, no mask, not causal; the replayed op (or transformers' SDPA) otherwise."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
-    if (not query.is_cuda or dropout == 0.0 or attention_mask is not None or causal or query.shape[2] != key.shape[2]
-            or kwargs.get("position_bias") is not None):
+    self_attention_on_gpu = query.is_cuda and query.shape[2] == key.shape[2]
+    if not (self_attention_on_gpu and _takes_fused_dropout_op(module, attention_mask, dropout, is_causal, kwargs)):
         return _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     output = torch.ops.aten._scaled_dot_product_cudnn_attention(
