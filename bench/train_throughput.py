@@ -82,8 +82,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
-    TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, training_attention,
-    use_eager_attention, use_float8_linears,
+    TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, residual_stream_in_autocast_dtype,
+    training_attention, use_eager_attention, use_float8_linears,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
@@ -97,6 +97,11 @@ SIZES = {
 Batch = tuple[torch.Tensor, ...]
 # --compile-mode suffix -> the attention a fast run uses instead of the trainer's own choice
 ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "replayed", "cudnnattn": "cudnn"}
+# --compile-mode suffix -> (the switch it flips, recorded under that name in the JSON; True where the suffix turns it off)
+STEP_OPTIONS = {
+    "denselast": ("sparse_last_layer", True), "nopadvocab": ("padded_vocab", True), "fusedqkv": ("fused_qkv", False),
+    "bf16res": ("bf16_residual", False), "cdtune": ("coordinate_descent_tuning", False),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "skipped where float8 cannot run); "
                              "':denselast' runs the last encoder layer over every row (TrainConfig.mlm_sparse_last_layer"
                              "=false); ':nopadvocab' leaves the vocabulary projection at the vocabulary's size on a GPU; "
-                             "':fusedqkv' computes query, key and value as one product; ':cdtune' lets the compiler "
+                             "':fusedqkv' computes query, key and value as one product; ':bf16res' keeps the residual "
+                             "stream between layers in bf16 (TrainConfig.mlm_bf16_residual); ':cdtune' lets the compiler "
                              "tune its generated kernels' block sizes (torch._inductor.config.coordinate_descent_tuning)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
@@ -379,6 +385,36 @@ class ReplayCollator:
         return dict(batch)
 
 
+def trainer_model(config: BertConfig, seed: int, device: str, attention_dropout: bool, attention: str, float8: bool,
+                  compiled: bool, switches: dict[str, bool]) -> tuple[PackedBertForMaskedLM, str]:
+    """The trainer's model, set up as ``adapt_mlm`` sets it up from a TrainConfig, with the
+    baseline's initial weights; returns it and the attention it trains with."""
+    model_config = copy.deepcopy(config)
+    if not attention_dropout:
+        model_config.attention_probs_dropout_prob = 0.0
+    model = build_model(model_config, seed, device, PackedBertForMaskedLM)
+    model.last_layer_on_masked_rows = switches["sparse_last_layer"]
+    model.fused_qkv = switches["fused_qkv"]
+    if not switches["padded_vocab"]:
+        model.vocab_multiple = 1
+    if switches["bf16_residual"]:
+        residual_stream_in_autocast_dtype(model)
+    if attention == "auto":
+        attention = training_attention("auto", model, compiled_on_gpu=compiled and device == "cuda")
+    if attention == "eager":
+        use_eager_attention(model)
+    elif attention in TRAINING_ATTENTION:
+        TRAINING_ATTENTION[attention](model)
+    if float8:
+        use_float8_linears(model)
+    return model, attention
+
+
+def step_switches(options: list[str]) -> dict[str, bool]:
+    """The step's switches a ``--compile-mode`` spec's suffixes set (the defaults where none is named)."""
+    return {switch: (option in options) != off_by_option for option, (switch, off_by_option) in STEP_OPTIONS.items()}
+
+
 def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mode: str, args: argparse.Namespace,
                 flops_per_token: float) -> dict:
     """The project's masked-LM Trainer for warm-up + timed (+ profiled) steps; the clock reads at
@@ -495,26 +531,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = baseline_maker(config, args)
 
-    def fast_model(attention_dropout: bool, attention: str, float8: bool, compiled: bool, sparse_last: bool,
-                   pad_vocab: bool, fused_qkv: bool) -> tuple[PackedBertForMaskedLM, str]:
-        model_config = copy.deepcopy(config)
-        if not attention_dropout:
-            model_config.attention_probs_dropout_prob = 0.0
-        model = build_model(model_config, args.seed, args.device, PackedBertForMaskedLM)  # the baseline's initial weights
-        model.last_layer_on_masked_rows = sparse_last  # as adapt_mlm sets it from TrainConfig.mlm_sparse_last_layer
-        model.fused_qkv = fused_qkv
-        if not pad_vocab:
-            model.vocab_multiple = 1
-        if attention == "auto":  # as adapt_mlm chooses
-            attention = training_attention("auto", model, compiled_on_gpu=compiled and args.device == "cuda")
-        if attention == "eager":
-            use_eager_attention(model)
-        elif attention in TRAINING_ATTENTION:
-            TRAINING_ATTENTION[attention](model)
-        if float8:
-            use_float8_linears(model)  # as adapt_mlm does with TrainConfig.mlm_float8
-        return model, attention
-
     runs = {}
     if args.real:
         padded = padded_batches(texts[:rows], tokenizer, args.batch, args.seq, args.seed, args.device)
@@ -525,22 +541,22 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "fp8", "denselast", "nopadvocab", "fusedqkv", "cdtune", *ATTENTION_OPTIONS}:
+        if unknown := set(options) - {"noattndrop", "fp8", *STEP_OPTIONS, *ATTENTION_OPTIONS}:
             raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
         attention_dropout = "noattndrop" not in options
         named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]
         attention = named[0] if named else "auto"
         float8 = "fp8" in options
+        switches = step_switches(options)
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
         if float8 and (reason := float8_unsupported(args.device)) is not None:
             print(f"{name}: skipped, {reason}", flush=True)
             runs[name] = {"skipped": reason}
             continue
         try:
-            model, attention = fast_model(attention_dropout, attention, float8, compiled=mode != "none",
-                                          sparse_last="denselast" not in options, pad_vocab="nopadvocab" not in options,
-                                          fused_qkv="fusedqkv" in options)
-            with inductor_config.patch(coordinate_descent_tuning="cdtune" in options):
+            model, attention = trainer_model(config, args.seed, args.device, attention_dropout, attention, float8,
+                                             compiled=mode != "none", switches=switches)
+            with inductor_config.patch(coordinate_descent_tuning=switches["coordinate_descent_tuning"]):
                 runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
         except Exception as error:  # one failing option must not lose the other runs of a GPU node's single call
             traceback.print_exc()
@@ -550,8 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] = {"failed": repr(error)}
             continue
         runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, float8=float8,
-                          sparse_last_layer="denselast" not in options, padded_vocab="nopadvocab" not in options,
-                          fused_qkv="fusedqkv" in options, coordinate_descent_tuning="cdtune" in options)
+                          **switches)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
     ratio = runs["fast"].get("ratio")  # None when the first fast run was skipped

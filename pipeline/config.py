@@ -81,6 +81,11 @@ class TrainConfig(BaseModel):
         True, description="BERT: the last encoder layer computes only the masked rows the loss reads (the same "
         "loss and gradients with less work)",
     )
+    mlm_bf16_residual: bool = Field(
+        False, description="under bf16 autocast (a GPU), the residual stream between layers in bf16 instead of "
+        "float32: layer norms still compute in float32, parameters and optimizer stay float32 (half the bytes of the "
+        "memory-bound kernels; not yet timed on a GPU)",
+    )
     checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
     # Fine-tuning
     # Defaults: the best recipe of bench/accuracy.py on the canonical Financial PhraseBank split (bench/RESULTS.md).

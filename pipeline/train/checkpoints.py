@@ -80,8 +80,8 @@ def fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> d
     ]
     if cfg.mlm_from_scratch:
         keys += ["scratch_vocab_size", "scratch_hidden_size", "scratch_layers", "scratch_heads"]
-    if cfg.mlm_float8:  # only when on, so that earlier runs' checkpoints keep their fingerprint
-        keys.append("mlm_float8")
+    # Only when on, so that earlier runs' checkpoints keep their fingerprint.
+    keys += [key for key in ("mlm_float8", "mlm_bf16_residual") if getattr(cfg, key)]
     digest = hashlib.sha256()
     for text in corpus_texts:
         digest.update(text.encode("utf-8", "replace") + b"\x00")

@@ -376,6 +376,33 @@ def training_attention(setting: str, model: torch.nn.Module, compiled_on_gpu: bo
     return setting
 
 
+# ---------------------------------------------------------------- the residual stream in the autocast dtype
+#
+# Autocast runs layer norms in float32 and returns their output in float32, so BERT's residual
+# stream (each layer's input, and the sum each layer norm normalises) stays float32 from layer
+# to layer. The compiled step's dropout + residual + layer-norm kernels then read and write 4
+# bytes an element where the products take 2, and write a bf16 copy for the next product besides;
+# on an H100 they and their backward took a fifth of the step (bench/RESULTS.md). Casting the
+# layer norms' output to the autocast dtype halves those bytes. The layer norm itself still
+# computes in float32, and parameters, their gradients and the optimizer stay float32: what
+# changes is the rounding of the stream between layers, as in training with bf16 activations.
+
+
+def _layer_norm_output_in_autocast_dtype(_module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
+    device = output.device.type
+    if output.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return output.to(torch.get_autocast_dtype(device))
+    return None
+
+
+def residual_stream_in_autocast_dtype(model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Under autocast, every layer norm of ``model`` returns the autocast dtype instead of float32
+    (``TrainConfig.mlm_bf16_residual``); outside autocast nothing changes. Returns the hooks'
+    handles, to remove them after training."""
+    return [module.register_forward_hook(_layer_norm_output_in_autocast_dtype)
+            for module in model.modules() if isinstance(module, torch.nn.LayerNorm)]
+
+
 # ---------------------------------------------------------------- float8 linear layers
 
 

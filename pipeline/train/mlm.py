@@ -24,7 +24,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   everywhere, under ``torch.compile`` on a GPU as one replayed op that keeps
   the fused kernel (``mlm_attention``); with ``mlm_float8`` float8 products in
   the encoder's linear layers (torchao; H100-class GPUs), evaluated and saved
-  in full precision;
+  in full precision; with ``mlm_bf16_residual`` the residual stream between
+  layers in bf16 under autocast;
   no host sync in the step loop between logging steps is known
   (``bench/train_throughput.py`` counts them on a GPU).
 
@@ -57,6 +58,7 @@ from pipeline.train.fast_mlm import (
     keep_attention_in_bf16,
     num_predictions,
     plain_linears,
+    residual_stream_in_autocast_dtype,
     training_attention,
     use_float8_linears,
 )
@@ -319,6 +321,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
         if cfg.mlm_float8:
             _train_in_float8(model)
+        residual_hooks = residual_stream_in_autocast_dtype(model) if cfg.mlm_bf16_residual else []
         attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
         if attention in TRAINING_ATTENTION:
             own_attention = model.config._attn_implementation
@@ -336,6 +339,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         model, save_model = trainer.model, trainer.save_model
         if cfg.mlm_float8:
             plain_linears(model)  # evaluated and saved in full precision, as the base was
+        for hook in residual_hooks:
+            hook.remove()
         if attention in TRAINING_ATTENTION:
             model.set_attn_implementation(own_attention)  # a function registered in this process only
         history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps

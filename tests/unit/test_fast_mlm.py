@@ -4,7 +4,7 @@ from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
     TRAINING_ATTENTION, PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator,
-    dropout_attention, num_predictions, plain_linears, training_attention, use_eager_attention, use_float8_linears,
+    dropout_attention, num_predictions, plain_linears, residual_stream_in_autocast_dtype, training_attention, use_eager_attention, use_float8_linears,
 )
 
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_run.sh runs it there)")
@@ -174,6 +174,44 @@ def test_vocab_projection_padded_on_a_gpu_is_the_same_function(monkeypatch, make
         full = model(input_ids=batch["input_ids"], labels=labels_for(batch))
     assert full.logits.shape == (4, 64, VOCAB) and products.count(1024) == 1
     assert torch.isfinite(full.loss)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_a_gpu)])
+def test_bf16_residual_stream_under_autocast_trains_close_to_the_float32_stream(device):
+    """With the layer norms' outputs in bf16 under bf16 autocast, the layers take bf16 hidden
+    states (float32 without), parameters and gradients stay float32, and loss and gradients stay
+    close to the float32 stream's. Outside autocast nothing changes; removed, the hooks are gone."""
+    torch.manual_seed(0)
+    model = PackedBertForMaskedLM(tiny_model().config).to(device).train()
+    model.set_attn_implementation("eager")  # deterministic on a GPU too: each run is compared with another
+    batch = {key: tensor.to(device) for key, tensor in collator()(packed_blocks(4, 64)).items()}
+    streams = []
+    for layer in model.bert.encoder.layer:  # a query projection's input is its layer's input
+        layer.attention.self.query.register_forward_pre_hook(lambda _module, inputs: streams.append(inputs[0].dtype))
+
+    def run(autocast: bool) -> tuple:
+        streams.clear()
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            return loss_and_gradients(model, batch)
+
+    float32_stream, plain = run(autocast=True), run(autocast=False)
+    assert streams == [torch.float32] * 2
+    handles = residual_stream_in_autocast_dtype(model)
+    assert len(handles) == 2 * 2 + 2  # two per layer, the embeddings' and the head's
+    bf16_stream = run(autocast=True)
+    assert streams == [torch.bfloat16] * 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(grad.dtype == torch.float32 for grad in bf16_stream[1].values())
+    assert abs(bf16_stream[0] - float32_stream[0]) < 0.01 * float32_stream[0]
+    grads = [torch.cat([g.flatten() for g in result[1].values()]) for result in (float32_stream, bf16_stream)]
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.99
+    assert not torch.equal(*grads)  # the stream was rounded
+    assert_same_training(run(autocast=False), plain)
+    assert streams == [torch.float32] * 2
+    for handle in handles:
+        handle.remove()
+    assert_same_training(run(autocast=True), float32_stream)
 
 
 def test_collator_takes_the_trainer_rows():

@@ -274,6 +274,38 @@ def test_float8_masked_lm_trains_and_saves_a_full_precision_checkpoint(tmp_path,
         result.perplexity_adapted, rel=1e-6)  # the perplexity reported is the saved model's
 
 
+def test_bf16_residual_trains_with_a_bf16_stream_under_autocast_and_removes_its_hooks(tmp_path, tiny_base, texts,
+                                                                                     monkeypatch):
+    """mlm_bf16_residual under bf16 autocast (asked for on a CPU here): the layers take bf16 hidden
+    states in every training step, the hooks are gone afterwards (evaluation and the saved model
+    see the model as it was), and a checkpoint made with it does not resume a run without it."""
+    import pipeline.train.mlm as mlm
+    from pipeline.train.checkpoints import fingerprint
+
+    streams, models = [], []
+    install = mlm.residual_stream_in_autocast_dtype
+
+    def recording_install(model):
+        models.append(model)
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.register_forward_pre_hook(
+                lambda _module, inputs: streams.append(inputs[0].dtype) if torch.is_grad_enabled() else None)
+        return install(model)
+
+    monkeypatch.setattr(mlm, "residual_stream_in_autocast_dtype", recording_install)
+    corpus, validation = corpus_and_validation(texts)
+    cfg = tiny_train_config(tiny_base).model_copy(update={
+        "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 32, "mlm_batch_size": 4, "checkpoint_steps": 0,
+        "mlm_learning_rate": 1e-3, "bf16": True, "mlm_bf16_residual": True,
+    })
+    result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
+    assert streams == [torch.bfloat16] * (3 * 2)  # every step, both layers of the tiny BERT
+    assert not any(module._forward_hooks for module in models[0].modules() if isinstance(module, torch.nn.LayerNorm))
+    assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base
+    assert fingerprint(str(tiny_base), corpus, cfg) != fingerprint(str(tiny_base), corpus, cfg.model_copy(
+        update={"mlm_bf16_residual": False}))
+
+
 def test_replayed_attention_trains_masked_lm_and_saves_an_ordinary_checkpoint(tmp_path, tiny_base, texts, caplog,
                                                                               monkeypatch):
     """mlm_attention=replayed runs the model's attention through the replayed op while training
