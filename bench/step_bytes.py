@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+import torch._functorch.config
+import torch._inductor.config
 from torch._inductor import compile_fx, metrics
 from torch._inductor.scheduler import ExternKernelSchedulerNode
 from transformers import BertConfig
@@ -54,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-batch", type=int, default=256, help="the batch the per-step figures are for")
     parser.add_argument("--options", default="default,bf16res",
                         help="comma-separated specs: 'default' or ':'-joined suffixes of bench/train_throughput.py")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also print, for each spec at the larger batch, the N groups of generated kernels "
+                             "(kernels made of the same operations) that move the most bytes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "step_bytes.jsonl")
     return parser.parse_args(argv)
@@ -61,14 +66,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def count_kernel_bytes() -> None:
     """Makes the compiler count each kernel's bytes (it does so only when its metrics log is on)
-    without printing that log: the graph's kernel list is long."""
+    without printing that log (the graph's kernel list is long), and compile afresh each time: a
+    graph loaded from the compiler's caches is not counted."""
     torch._logging.set_logs(inductor_metrics=True)
     compile_fx.inductor_metrics_log.propagate = False
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
 
 
-def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argparse.Namespace) -> dict[str, int]:
+def operations(node) -> str:
+    """The aten operations a scheduled kernel was made from, e.g. ``add,native_layer_norm``."""
+    names = {str(origin.target).removeprefix("aten.").removesuffix(".default")
+             for part in node.get_nodes() for origin in (getattr(part.node, "origins", None) or ())}
+    return ",".join(sorted(names))
+
+
+def top_groups(kernels: list[tuple[str, int]], count: int) -> list[tuple[str, int, int]]:
+    """(operations, kernels, bytes) of the ``count`` groups of kernels with the most bytes."""
+    groups: dict[str, list[int]] = {}
+    for name, size in kernels:
+        groups.setdefault(name, []).append(size)
+    ranked = sorted(groups.items(), key=lambda item: -sum(item[1]))[:count]
+    return [(name, len(sizes), sum(sizes)) for name, sizes in ranked]
+
+
+def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argparse.Namespace) -> dict:
     """Compiles one forward and backward of the trainer's model for ``spec`` at ``batch`` rows and
-    returns the bytes of the generated kernels and of the library kernels, and their numbers."""
+    returns the bytes of the generated kernels and of the library kernels, their numbers, and the
+    generated kernels' groups with the most bytes."""
     options = [] if spec == "default" else spec.split(":")
     if unknown := set(options) - set(tt.STEP_OPTIONS) - set(tt.ATTENTION_OPTIONS):
         raise SystemExit(f"--options {spec}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -85,11 +110,12 @@ def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argpars
     with torch.autocast(args.device, dtype=torch.bfloat16):
         loss = torch.compile(model)(**inputs).loss
     loss.backward()
-    library = [elements for node, elements in metrics.nodes_num_elem if isinstance(node, ExternKernelSchedulerNode)]
-    generated = [elements for node, elements in metrics.nodes_num_elem if not isinstance(node, ExternKernelSchedulerNode)]
     # nodes_num_elem holds each kernel's bytes // 4
-    return {"generated_bytes": 4 * sum(generated), "generated_kernels": len(generated),
-            "library_bytes": 4 * sum(library), "library_kernels": len(library)}
+    library = [4 * elements for node, elements in metrics.nodes_num_elem if isinstance(node, ExternKernelSchedulerNode)]
+    generated = [(operations(node), 4 * elements) for node, elements in metrics.nodes_num_elem
+                 if not isinstance(node, ExternKernelSchedulerNode)]
+    return {"generated_bytes": sum(size for _, size in generated), "generated_kernels": len(generated),
+            "library_bytes": sum(library), "library_kernels": len(library), "top": top_groups(generated, args.top)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,12 +137,19 @@ def main(argv: list[str] | None = None) -> dict:
             figures[f"{kind}_bytes_per_token"] = round(per_token, 1)
             figures[f"{kind}_gb_per_step"] = round((fixed + per_token * args.report_batch * args.seq) / 1e9, 3)
             figures[f"{kind}_kernels"] = large[f"{kind}_kernels"]
+        if args.top:
+            figures["top_groups"] = [{"operations": name, "kernels": kernels, "bytes": size}
+                                     for name, kernels, size in large["top"]]
         specs[spec] = figures
         print(f"{spec:>32}: generated kernels {figures['generated_bytes_per_token'] / 1e3:8.1f} kB/token, "
               f"{figures['generated_gb_per_step']:6.2f} GB a step at batch {args.report_batch} "
               f"({figures['generated_kernels']} kernels); library {figures['library_gb_per_step']:6.2f} GB "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+        for name, kernels, size in large["top"]:
+            print(f"{size / 1e6:12.1f} MB in {kernels:3d} kernels at batch {batches[1]}: {name}", flush=True)
     first = next(iter(specs.values()))
+    if not first["generated_gb_per_step"]:
+        raise SystemExit("the compiler counted no bytes: its metrics log did not run")
     for spec, figures in specs.items():
         figures["generated_vs_first"] = round(figures["generated_gb_per_step"] / first["generated_gb_per_step"], 4)
     report = {
