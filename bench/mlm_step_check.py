@@ -1,12 +1,20 @@
-"""Does masked-LM adaptation through the masked-positions step adapt as well as Hugging Face's?
+"""Does masked-LM adaptation adapt as well with a faster step as without it?
 
 Runs the project's ``adapt_mlm`` twice on the canonical split's train sentences, from the same
-base, seed, steps and blocks: once as it runs now (static k predictions per block, the head on
-those rows only) and once with Hugging Face's collator and the head on every position (what it
-ran before). Both adapted models' validation perplexity is measured the same way (token masks at
-a fixed seed, full head). Prints one JSON line per run.
+base, seed, steps and blocks, and measures both adapted models' validation perplexity the same
+way (token masks at a fixed seed, full head). ``--compare`` picks the two runs:
+
+* ``step``: the masked-positions step as it runs now (static k predictions per block, the head on
+  those rows only) against Hugging Face's collator and the head on every position (what it ran
+  before);
+* ``bf16-residual``: under bf16 autocast (on a CPU too), the residual stream between layers in
+  float32 (autocast's own) against bf16 (``TrainConfig.mlm_bf16_residual``). With ``--seeds 0,1``
+  the spread between seeds shows how large a difference the rounding would have to make to matter.
+
+Prints one JSON line per run.
 
     python bench/mlm_step_check.py --steps 100
+    python bench/mlm_step_check.py --compare bf16-residual --steps 60 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--base", help="base model folder or hub id; default: the offline MiniLM")
+    parser.add_argument("--compare", choices=["step", "bf16-residual"], default="step")
+    parser.add_argument("--seeds", default="0", help="comma-separated; both runs for each")
     args = parser.parse_args()
 
     from bench.accuracy import canonical_split
@@ -38,17 +48,25 @@ def main() -> None:
     train, validation = splits["train"]["text"].tolist(), splits["validation"]["text"].tolist()
     base = resolve_base_model(args.base or OFFLINE_MINILM)
     cfg = TrainConfig(base_model=base, mlm_steps=args.steps, mlm_batch_size=args.batch, checkpoint_steps=0,
-                      mlm_margin=-1.0, mlm_max_corpus_texts=len(train), seed=0)
+                      mlm_margin=-1.0, mlm_max_corpus_texts=len(train))
     packed_collator = mlm._packed_collator
-    for step, collator in (("masked_positions", packed_collator), ("hugging_face", lambda *a, **k: None)):
-        mlm._packed_collator = collator  # None: adapt_mlm's fallback, Hugging Face's collator and full head
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as work:
-            result = mlm.adapt_mlm(base, train, validation, Path(work), cfg)
-        print(json.dumps({
-            "step": step, "steps": result.steps, "blocks": result.blocks, "perplexity_base": round(result.perplexity_base, 2),
-            "perplexity_adapted": round(result.perplexity_adapted, 2), "wall_s": round(time.perf_counter() - started, 1),
-        }), flush=True)
+    if args.compare == "step":
+        runs = [("masked_positions", {}, packed_collator),
+                ("hugging_face", {}, lambda *a, **k: None)]  # None: adapt_mlm's fallback, Hugging Face's collator
+    else:
+        runs = [("float32_stream", {"bf16": True}, packed_collator),
+                ("bf16_stream", {"bf16": True, "mlm_bf16_residual": True}, packed_collator)]
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name, overrides, collator in runs:
+            mlm._packed_collator = collator
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as work:
+                result = mlm.adapt_mlm(base, train, validation, Path(work), cfg.model_copy(update={"seed": seed, **overrides}))
+            print(json.dumps({
+                "run": name, "seed": seed, "steps": result.steps, "blocks": result.blocks,
+                "perplexity_base": round(result.perplexity_base, 2), "perplexity_adapted": round(result.perplexity_adapted, 2),
+                "wall_s": round(time.perf_counter() - started, 1),
+            }), flush=True)
     mlm._packed_collator = packed_collator
 
 
