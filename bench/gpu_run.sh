@@ -7,7 +7,7 @@
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
-# PHASES picks the parts (check, floor, throughput, real, profile, accuracy; default check, floor, throughput);
+# PHASES picks the parts (check, floor, throughput, real, profile, bytes, accuracy; default check, floor, throughput);
 # RECIPES the accuracy recipe file; THROUGHPUT_MODES the fast runs, most telling first (THROUGHPUT_TIMEOUT seconds for all, default 360); PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
@@ -45,7 +45,7 @@ EOF
 log "machine: $(head -c 2000 "$OUT/machine.txt" | grep -m1 -E 'H100|H200|A100' || echo "$DEVICE")"
 
 # ---- training throughput: bert-base, seq 128, batch 256; synthetic blocks, then real text
-if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR="--repeats 2"; else TP="--size base --batch 256 --steps 40 --warmup 8"; FLOOR="--steps 20"; fi
+if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR="--repeats 2"; BYTES="--size tiny --batches 2,4"; else TP="--size base --batch 256 --steps 40 --warmup 8"; FLOOR="--steps 20"; BYTES="--size base --batches 8,16"; fi
 if [[ $PHASES == *check* ]]; then
   log "check: the masked-LM step's tests, the GPU-only ones included"
   timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
@@ -81,6 +81,13 @@ if [[ $PHASES == *profile* ]]; then
   timeout 120 "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode "${PROFILE_MODE:-default}" --profile 3 \
     --out "$OUT/train_throughput.jsonl" > "$OUT/profile.log" 2>&1
   log "profile rc=$?"
+fi
+if [[ $PHASES == *bytes* ]]; then
+  log "bytes: the compiler's count of the step's generated kernels' bytes, on this device (the CPU's count estimates it)"
+  timeout 200 "$PY" bench/step_bytes.py --device "$DEVICE" $BYTES --options default,bf16res --top 8 \
+    --out "$OUT/step_bytes.jsonl" > "$OUT/bytes.log" 2>&1
+  log "bytes rc=$?"
+  grep -E "generated kernels" "$OUT/bytes.log" | tee -a "$OUT/summary.txt"
 fi
 [[ $PHASES == *accuracy* ]] || { log "done"; exit 0; }
 
