@@ -61,10 +61,12 @@ def main() -> None:
             mlm._packed_collator = collator
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
-                result = mlm.adapt_mlm(base, train, validation, Path(work), cfg.model_copy(update={"seed": seed, **overrides}))
+                run_cfg = cfg.model_copy(update={"seed": seed, **overrides})
+                result = mlm.adapt_mlm(base, train, validation, Path(work), run_cfg)
             print(json.dumps({
                 "run": name, "seed": seed, "steps": result.steps, "blocks": result.blocks,
-                "perplexity_base": round(result.perplexity_base, 2), "perplexity_adapted": round(result.perplexity_adapted, 2),
+                "perplexity_base": round(result.perplexity_base, 2),
+                "perplexity_adapted": round(result.perplexity_adapted, 2),
                 "wall_s": round(time.perf_counter() - started, 1),
             }), flush=True)
     mlm._packed_collator = packed_collator

@@ -104,7 +104,8 @@ def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argpars
     model.pad_vocab_on = ("cpu", "cuda")  # as on a GPU, wherever this runs
     generator = torch.Generator().manual_seed(args.seed)
     blocks = tt.synthetic_blocks(batch, args.seq, config.vocab_size, generator)
-    inputs = {key: tensor.to(args.device) for key, tensor in tt.mask_collator(config.vocab_size, generator)(blocks).items()}
+    masked = tt.mask_collator(config.vocab_size, generator)(blocks)
+    inputs = {key: tensor.to(args.device) for key, tensor in masked.items()}
     torch._dynamo.reset()
     metrics.reset()
     with torch.autocast(args.device, dtype=torch.bfloat16):

@@ -82,8 +82,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
-    TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported, residual_stream_in_autocast_dtype,
-    training_attention, use_eager_attention, use_float8_linears,
+    TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported,
+    residual_stream_in_autocast_dtype, training_attention, use_eager_attention, use_float8_linears,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
@@ -97,7 +97,8 @@ SIZES = {
 Batch = tuple[torch.Tensor, ...]
 # --compile-mode suffix -> the attention a fast run uses instead of the trainer's own choice
 ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "replayed", "cudnnattn": "cudnn"}
-# --compile-mode suffix -> (the switch it flips, recorded under that name in the JSON; True where the suffix turns it off)
+# --compile-mode suffix -> (the switch it sets, recorded under that name in the JSON;
+#                          True where the suffix turns the switch off)
 STEP_OPTIONS = {
     "denselast": ("sparse_last_layer", True), "nopadvocab": ("padded_vocab", True), "fusedqkv": ("fused_qkv", False),
     "bf16res": ("bf16_residual", False), "cdtune": ("coordinate_descent_tuning", False),
@@ -130,9 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "skipped where float8 cannot run); "
                              "':denselast' runs the last encoder layer over every row (TrainConfig.mlm_sparse_last_layer"
                              "=false); ':nopadvocab' leaves the vocabulary projection at the vocabulary's size on a GPU; "
-                             "':fusedqkv' computes query, key and value as one product; ':bf16res' keeps the residual "
-                             "stream between layers in bf16 (TrainConfig.mlm_bf16_residual); ':cdtune' lets the compiler "
-                             "tune its generated kernels' block sizes (torch._inductor.config.coordinate_descent_tuning)")
+                             "':fusedqkv' computes query, key and value as one product; ':bf16res' keeps the "
+                             "residual stream between layers in bf16 (TrainConfig.mlm_bf16_residual); ':cdtune' lets "
+                             "the compiler tune its generated kernels' block sizes "
+                             "(torch._inductor.config.coordinate_descent_tuning)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--inputs", type=Path,

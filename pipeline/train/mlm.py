@@ -321,7 +321,13 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
         if cfg.mlm_float8:
             _train_in_float8(model)
-        residual_hooks = residual_stream_in_autocast_dtype(model) if cfg.mlm_bf16_residual else []
+        residual_hooks = []
+        if cfg.mlm_bf16_residual:
+            residual_hooks = residual_stream_in_autocast_dtype(model)
+            if args.bf16:
+                log.info("masked-LM training with the residual stream in bf16 (%d layer norms)", len(residual_hooks))
+            else:
+                log.warning("mlm_bf16_residual does nothing without bf16 autocast (BF16, on by default on a GPU)")
         attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
         if attention in TRAINING_ATTENTION:
             own_attention = model.config._attn_implementation

@@ -4,7 +4,8 @@ from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
     TRAINING_ATTENTION, PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator,
-    dropout_attention, num_predictions, plain_linears, residual_stream_in_autocast_dtype, training_attention, use_eager_attention, use_float8_linears,
+    dropout_attention, num_predictions, plain_linears, residual_stream_in_autocast_dtype, training_attention,
+    use_eager_attention, use_float8_linears,
 )
 
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_run.sh runs it there)")

@@ -275,7 +275,7 @@ def test_float8_masked_lm_trains_and_saves_a_full_precision_checkpoint(tmp_path,
 
 
 def test_bf16_residual_trains_with_a_bf16_stream_under_autocast_and_removes_its_hooks(tmp_path, tiny_base, texts,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, caplog):
     """mlm_bf16_residual under bf16 autocast (asked for on a CPU here): the layers take bf16 hidden
     states in every training step, the hooks are gone afterwards (evaluation and the saved model
     see the model as it was), and a checkpoint made with it does not resume a run without it."""
@@ -298,7 +298,9 @@ def test_bf16_residual_trains_with_a_bf16_stream_under_autocast_and_removes_its_
         "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 32, "mlm_batch_size": 4, "checkpoint_steps": 0,
         "mlm_learning_rate": 1e-3, "bf16": True, "mlm_bf16_residual": True,
     })
-    result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
+    with caplog.at_level("INFO", logger="pipeline.train.mlm"):
+        result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
+    assert "residual stream in bf16 (6 layer norms)" in caplog.text  # two a layer, the embeddings', the head's
     assert streams == [torch.bfloat16] * (3 * 2)  # every step, both layers of the tiny BERT
     assert not any(module._forward_hooks for module in models[0].modules() if isinstance(module, torch.nn.LayerNorm))
     assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base
