@@ -95,12 +95,9 @@ def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argpars
     returns the bytes of the generated kernels and of the library kernels, their numbers, and the
     generated kernels' groups with the most bytes."""
     options = [] if spec == "default" else spec.split(":")
-    if unknown := set(options) - set(tt.STEP_OPTIONS) - set(tt.ATTENTION_OPTIONS):
-        raise SystemExit(f"--options {spec}: unknown option(s) {', '.join(sorted(unknown))}")
-    named = [choice for option, choice in tt.ATTENTION_OPTIONS.items() if option in options]
-    model, _ = tt.trainer_model(config, args.seed, args.device, attention_dropout=True,
-                                attention=named[0] if named else "replayed", float8=False, compiled=True,
-                                switches=tt.step_switches(options))
+    attention, switches = tt.spec_options(f"--options {spec}", options, "replayed")
+    model, _ = tt.trainer_model(config, args.seed, args.device, attention_dropout=True, attention=attention,
+                                float8=False, compiled=True, switches=switches)
     model.pad_vocab_on = ("cpu", "cuda")  # as on a GPU, wherever this runs
     generator = torch.Generator().manual_seed(args.seed)
     blocks = tt.synthetic_blocks(batch, args.seq, config.vocab_size, generator)

@@ -412,9 +412,15 @@ def trainer_model(config: BertConfig, seed: int, device: str, attention_dropout:
     return model, attention
 
 
-def step_switches(options: list[str]) -> dict[str, bool]:
-    """The step's switches a ``--compile-mode`` spec's suffixes set (the defaults where none is named)."""
-    return {switch: (option in options) != off_by_option for option, (switch, off_by_option) in STEP_OPTIONS.items()}
+def spec_options(spec: str, options: list[str], default_attention: str,
+                 others: tuple[str, ...] = ()) -> tuple[str, dict[str, bool]]:
+    """The attention and the step's switches a spec's suffixes name (the defaults where none is
+    named); exits on a suffix that is neither one of those nor in ``others``."""
+    if unknown := set(options) - {*others, *STEP_OPTIONS, *ATTENTION_OPTIONS}:
+        raise SystemExit(f"{spec}: unknown option(s) {', '.join(sorted(unknown))}")
+    named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]
+    switches = {switch: (option in options) != off_by_option for option, (switch, off_by_option) in STEP_OPTIONS.items()}
+    return (named[0] if named else default_attention), switches
 
 
 def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mode: str, args: argparse.Namespace,
@@ -543,13 +549,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        if unknown := set(options) - {"noattndrop", "fp8", *STEP_OPTIONS, *ATTENTION_OPTIONS}:
-            raise SystemExit(f"--compile-mode {spec}: unknown option(s) {', '.join(sorted(unknown))}")
+        attention, switches = spec_options(f"--compile-mode {spec}", options, "auto", others=("noattndrop", "fp8"))
         attention_dropout = "noattndrop" not in options
-        named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]
-        attention = named[0] if named else "auto"
         float8 = "fp8" in options
-        switches = step_switches(options)
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
         if float8 and (reason := float8_unsupported(args.device)) is not None:
             print(f"{name}: skipped, {reason}", flush=True)

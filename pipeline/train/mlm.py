@@ -322,12 +322,11 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         if cfg.mlm_float8:
             _train_in_float8(model)
         residual_hooks = []
-        if cfg.mlm_bf16_residual:
+        if cfg.mlm_bf16_residual and args.bf16:
             residual_hooks = residual_stream_in_autocast_dtype(model)
-            if args.bf16:
-                log.info("masked-LM training with the residual stream in bf16 (%d layer norms)", len(residual_hooks))
-            else:
-                log.warning("mlm_bf16_residual does nothing without bf16 autocast (BF16, on by default on a GPU)")
+            log.info("masked-LM training with the residual stream in bf16 (%d layer norms)", len(residual_hooks))
+        elif cfg.mlm_bf16_residual:
+            log.warning("mlm_bf16_residual does nothing without bf16 autocast (BF16, on by default on a GPU)")
         attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
         if attention in TRAINING_ATTENTION:
             own_attention = model.config._attn_implementation
