@@ -64,7 +64,7 @@ if [[ $PHASES == *throughput* ]]; then
   # Each Trainer run compiles bert-base afresh (30-40 s on an H200 with a cold cache).
   # A run cut off by the limit loses the JSON line, but the log keeps the tok/s lines of the runs before it.
   timeout ${THROUGHPUT_TIMEOUT:-360} "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 \
-    --compile-mode ${THROUGHPUT_MODES:-default,default:bf16res,default:cudnnattn,default:fusedqkv,default:bf16res:cudnnattn:fusedqkv,none,default:denselast,default:nopadvocab} \
+    --compile-mode ${THROUGHPUT_MODES:-default,default:bf16res,default:cudnnattn,default:fusedqkv,default:bf16res:cudnnattn:fusedqkv,default:nodrop,none,default:denselast,default:nopadvocab} \
     --out "$OUT/train_throughput.jsonl" > "$OUT/throughput.log" 2>&1
   log "throughput synthetic rc=$?"
   grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/throughput.log" | tee -a "$OUT/summary.txt"

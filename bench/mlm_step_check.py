@@ -9,12 +9,15 @@ way (token masks at a fixed seed, full head). ``--compare`` picks the two runs:
   before);
 * ``bf16-residual``: under bf16 autocast (on a CPU too), the residual stream between layers in
   float32 (autocast's own) against bf16 (``TrainConfig.mlm_bf16_residual``). With ``--seeds 0,1``
-  the spread between seeds shows how large a difference the rounding would have to make to matter.
+  the spread between seeds shows how large a difference the rounding would have to make to matter;
+* ``dropout``: the model's own dropout (BERT's 0.1) against none while training
+  (``TrainConfig.mlm_dropout=0``), in float32.
 
 Prints one JSON line per run.
 
     python bench/mlm_step_check.py --steps 100
     python bench/mlm_step_check.py --compare bf16-residual --steps 60 --seeds 0,1
+    python bench/mlm_step_check.py --compare dropout --steps 60 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--base", help="base model folder or hub id; default: the offline MiniLM")
-    parser.add_argument("--compare", choices=["step", "bf16-residual"], default="step")
+    parser.add_argument("--compare", choices=["step", "bf16-residual", "dropout"], default="step")
     parser.add_argument("--seeds", default="0", help="comma-separated; both runs for each")
     args = parser.parse_args()
 
@@ -53,9 +56,11 @@ def main() -> None:
     if args.compare == "step":
         runs = [("masked_positions", {}, packed_collator),
                 ("hugging_face", {}, lambda *a, **k: None)]  # None: adapt_mlm's fallback, Hugging Face's collator
-    else:
+    elif args.compare == "bf16-residual":
         runs = [("float32_stream", {"bf16": True}, packed_collator),
                 ("bf16_stream", {"bf16": True, "mlm_bf16_residual": True}, packed_collator)]
+    else:
+        runs = [("own_dropout", {}, packed_collator), ("no_dropout", {"mlm_dropout": 0.0}, packed_collator)]
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, overrides, collator in runs:
             mlm._packed_collator = collator

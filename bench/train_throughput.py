@@ -83,7 +83,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.fast_mlm import (  # noqa: E402
     TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported,
-    residual_stream_in_autocast_dtype, training_attention, use_eager_attention, use_float8_linears,
+    residual_stream_in_autocast_dtype, set_dropout, training_attention, use_eager_attention, use_float8_linears,
 )
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
@@ -101,7 +101,7 @@ ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "re
 #                          True where the suffix turns the switch off)
 STEP_OPTIONS = {
     "denselast": ("sparse_last_layer", True), "nopadvocab": ("padded_vocab", True), "fusedqkv": ("fused_qkv", False),
-    "bf16res": ("bf16_residual", False), "cdtune": ("coordinate_descent_tuning", False),
+    "bf16res": ("bf16_residual", False), "cdtune": ("coordinate_descent_tuning", False), "nodrop": ("dropout", True),
 }
 
 
@@ -132,7 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "':denselast' runs the last encoder layer over every row (TrainConfig.mlm_sparse_last_layer"
                              "=false); ':nopadvocab' leaves the vocabulary projection at the vocabulary's size on a GPU; "
                              "':fusedqkv' computes query, key and value as one product; ':bf16res' keeps the "
-                             "residual stream between layers in bf16 (TrainConfig.mlm_bf16_residual); ':cdtune' lets "
+                             "residual stream between layers in bf16 (TrainConfig.mlm_bf16_residual); ':nodrop' "
+                             "trains without dropout anywhere (TrainConfig.mlm_dropout=0, a different recipe; the "
+                             "baseline keeps BERT's); ':cdtune' lets "
                              "the compiler tune its generated kernels' block sizes "
                              "(torch._inductor.config.coordinate_descent_tuning)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -401,6 +403,8 @@ def trainer_model(config: BertConfig, seed: int, device: str, attention_dropout:
         model.vocab_multiple = 1
     if switches["bf16_residual"]:
         residual_stream_in_autocast_dtype(model)
+    if not switches["dropout"]:
+        set_dropout(model, 0.0)
     if attention == "auto":
         attention = training_attention("auto", model, compiled_on_gpu=compiled and device == "cuda")
     if attention == "eager":
@@ -550,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
         attention, switches = spec_options(f"--compile-mode {spec}", options, "auto", others=("noattndrop", "fp8"))
-        attention_dropout = "noattndrop" not in options
+        attention_dropout = "noattndrop" not in options and switches["dropout"]
         float8 = "fp8" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
         if float8 and (reason := float8_unsupported(args.device)) is not None:

@@ -86,6 +86,12 @@ class TrainConfig(BaseModel):
         "layer norms still compute in float32, parameters and optimizer stay float32 (16 % fewer bytes in the "
         "compiled step's own kernels at bert-base; not yet timed on a GPU)",
     )
+    mlm_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="dropout probability of every dropout layer while masked-LM training "
+        "(hidden, attention, embeddings); unset keeps the model's own (BERT: 0.1). 0 draws no random masks, so the "
+        "compiled step's kernels do less and attention needs no replay (a different recipe: short pretraining runs "
+        "often train without dropout). The saved model keeps its own dropout for fine-tuning",
+    )
     checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
     # Fine-tuning
     # Defaults: the best recipe of bench/accuracy.py on the canonical Financial PhraseBank split (bench/RESULTS.md).

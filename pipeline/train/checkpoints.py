@@ -82,6 +82,7 @@ def fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> d
         keys += ["scratch_vocab_size", "scratch_hidden_size", "scratch_layers", "scratch_heads"]
     # Only when on, so that earlier runs' checkpoints keep their fingerprint.
     keys += [key for key in ("mlm_float8", "mlm_bf16_residual") if getattr(cfg, key)]
+    keys += ["mlm_dropout"] if cfg.mlm_dropout is not None else []
     digest = hashlib.sha256()
     for text in corpus_texts:
         digest.update(text.encode("utf-8", "replace") + b"\x00")

@@ -26,7 +26,7 @@ label, hence these small classes. Two more savings, both exact:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -364,16 +364,39 @@ TRAINING_ATTENTION = {"replayed": use_replayed_attention, "cudnn": use_cudnn_att
 def training_attention(setting: str, model: torch.nn.Module, compiled_on_gpu: bool) -> str:
     """The attention a masked-LM run trains with, ``"replayed"``, ``"cudnn"`` or ``"sdpa"``, for
     ``TrainConfig.mlm_attention``. ``auto`` replays where the model is compiled on a GPU (the
-    Trainer's effective ``torch_compile``, off on a CPU): there it measured fastest; uncompiled,
-    SDPA already runs its fused kernel and a replay only adds a forward. ``cudnn`` is chosen by
-    name only until a GPU has timed it. Models whose attention is not one of transformers'
-    attention functions (MPNet) keep their own."""
+    Trainer's effective ``torch_compile``, off on a CPU) and its attention has dropout: there it
+    measured fastest; uncompiled, SDPA already runs its fused kernel and a replay only adds a
+    forward, and without dropout the compiler keeps SDPA's fused kernel itself. ``cudnn`` is
+    chosen by name only until a GPU has timed it. Models whose attention is not one of
+    transformers' attention functions (MPNet) keep their own."""
     takes_functions = getattr(model, "_supports_attention_backend", False)
     if setting == "auto":
-        return "replayed" if compiled_on_gpu and takes_functions else "sdpa"
+        return "replayed" if compiled_on_gpu and takes_functions and _has_attention_dropout(model) else "sdpa"
     if setting in TRAINING_ATTENTION and not takes_functions:
         raise ValueError(f"mlm_attention={setting}: {type(model).__name__} does not take transformers' attention functions")
     return setting
+
+
+def _has_attention_dropout(model: torch.nn.Module) -> bool:
+    # transformers' attention modules pass their own ``dropout.p`` to the attention function.
+    return any(isinstance(getattr(module, "dropout", None), torch.nn.Dropout) and module.dropout.p > 0
+               for module in model.modules() if hasattr(module, "is_causal"))
+
+
+def set_dropout(model: torch.nn.Module, probability: float) -> Callable[[], None]:
+    """Every dropout layer of ``model`` drops with ``probability`` (``TrainConfig.mlm_dropout``);
+    transformers' layers read it at each call, attention included. The config is left as it is,
+    so a saved model keeps its own dropout. Returns a function that puts each layer's own back."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    own = [layer.p for layer in layers]
+    for layer in layers:
+        layer.p = probability
+
+    def restore() -> None:
+        for layer, p in zip(layers, own):
+            layer.p = p
+
+    return restore
 
 
 # ---------------------------------------------------------------- the residual stream in the autocast dtype

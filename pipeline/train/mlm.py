@@ -25,7 +25,8 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   the fused kernel (``mlm_attention``); with ``mlm_float8`` float8 products in
   the encoder's linear layers (torchao; H100-class GPUs), evaluated and saved
   in full precision; with ``mlm_bf16_residual`` the residual stream between
-  layers in bf16 under autocast;
+  layers in bf16 under autocast; with ``mlm_dropout`` another dropout
+  probability while training (0: none), the saved model keeping its own;
   no host sync in the step loop between logging steps is known
   (``bench/train_throughput.py`` counts them on a GPU).
 
@@ -59,6 +60,7 @@ from pipeline.train.fast_mlm import (
     num_predictions,
     plain_linears,
     residual_stream_in_autocast_dtype,
+    set_dropout,
     training_attention,
     use_float8_linears,
 )
@@ -327,6 +329,11 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             log.info("masked-LM training with the residual stream in bf16 (%d layer norms)", len(residual_hooks))
         elif cfg.mlm_bf16_residual:
             log.warning("mlm_bf16_residual does nothing without bf16 autocast (BF16, on by default on a GPU)")
+        restore_dropout = None
+        if cfg.mlm_dropout is not None:
+            restore_dropout = set_dropout(model, cfg.mlm_dropout)
+            log.info("masked-LM training with dropout %g in every dropout layer (the saved model keeps its own)",
+                     cfg.mlm_dropout)
         attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
         if attention in TRAINING_ATTENTION:
             own_attention = model.config._attn_implementation
@@ -346,6 +353,8 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             plain_linears(model)  # evaluated and saved in full precision, as the base was
         for hook in residual_hooks:
             hook.remove()
+        if restore_dropout is not None:
+            restore_dropout()
         if attention in TRAINING_ATTENTION:
             model.set_attn_implementation(own_attention)  # a function registered in this process only
         history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps

@@ -4,8 +4,8 @@ from transformers import BertConfig, BertForMaskedLM, MPNetConfig
 
 from pipeline.train.fast_mlm import (
     TRAINING_ATTENTION, PackedBertForMaskedLM, PackedMPNetForMaskedLM, StaticMaskCollator,
-    dropout_attention, num_predictions, plain_linears, residual_stream_in_autocast_dtype, training_attention,
-    use_eager_attention, use_float8_linears,
+    dropout_attention, num_predictions, plain_linears, residual_stream_in_autocast_dtype, set_dropout,
+    training_attention, use_eager_attention, use_float8_linears,
 )
 
 on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_run.sh runs it there)")
@@ -393,6 +393,25 @@ def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_t
     for setting in TRAINING_ATTENTION:
         with pytest.raises(ValueError, match=f"mlm_attention={setting}: PackedMPNetForMaskedLM does not take"):
             training_attention(setting, tiny_mpnet(), compiled_on_gpu=True)
+    set_dropout(bert, 0.0)
+    assert training_attention("auto", bert, compiled_on_gpu=True) == "sdpa"  # no dropout: nothing to replay
+
+
+def test_set_dropout_reaches_every_dropout_layer_and_puts_their_own_back():
+    model = PackedBertForMaskedLM(tiny_model().config)
+    model.bert.encoder.layer[0].output.dropout.p = 0.3  # one layer with a probability of its own
+    own = {name: module.p for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)}
+    assert len(own) == 1 + 2 * 3  # the embeddings', and each layer's attention, attention output and output
+    restore = set_dropout(model, 0.0)
+    model.train()
+    ids = packed_blocks(2, 32)
+    torch.manual_seed(0)
+    first = model.bert(input_ids=ids).last_hidden_state
+    torch.manual_seed(1)
+    assert torch.equal(first, model.bert(input_ids=ids).last_hidden_state)  # no random masks left, attention's included
+    restore()
+    assert {name: module.p for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)} == own
+    assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.1
 
 
 def test_float8_linears_train_close_to_full_precision_and_convert_back():

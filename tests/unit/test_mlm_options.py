@@ -334,3 +334,35 @@ def test_replayed_attention_trains_masked_lm_and_saves_an_ordinary_checkpoint(tm
     model = AutoModelForMaskedLM.from_pretrained(result.model_dir)
     assert mlm_perplexity(model, AutoTokenizer.from_pretrained(result.model_dir), validation, cfg) == pytest.approx(
         result.perplexity_adapted, rel=1e-6)
+
+
+def test_mlm_dropout_zero_trains_as_a_model_without_dropout_and_saves_the_models_own(tmp_path, tiny_base, texts):
+    """mlm_dropout=0 trains the tiny BERT (dropout 0.1) exactly as a copy of it configured without
+    dropout trains; the saved model keeps its 0.1 for fine-tuning, and a checkpoint made with the
+    option does not resume a run without it."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from pipeline.train.checkpoints import fingerprint
+
+    no_dropout = tmp_path / "no-dropout-base"
+    config = AutoConfig.from_pretrained(tiny_base)
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    AutoModelForMaskedLM.from_pretrained(tiny_base, config=config).save_pretrained(no_dropout)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(no_dropout)
+
+    corpus, validation = corpus_and_validation(texts)
+    cfg = tiny_train_config(tiny_base).model_copy(update={
+        "mlm_steps": 3, "mlm_margin": -1.0, "mlm_block_size": 32, "mlm_batch_size": 4, "checkpoint_steps": 0,
+        "mlm_learning_rate": 1e-3,
+    })
+    option = adapt_mlm(str(tiny_base), corpus, validation, tmp_path / "option", cfg.model_copy(update={"mlm_dropout": 0.0}))
+    configured = adapt_mlm(str(no_dropout), corpus, validation, tmp_path / "configured", cfg)
+    own = adapt_mlm(str(tiny_base), corpus, validation, tmp_path / "own", cfg)
+    assert option.perplexity_adapted == pytest.approx(configured.perplexity_adapted, rel=1e-6)
+    assert own.perplexity_adapted != pytest.approx(option.perplexity_adapted, rel=1e-6)  # the model's own 0.1 trains otherwise
+    saved = AutoConfig.from_pretrained(option.model_dir)
+    assert saved.hidden_dropout_prob == saved.attention_probs_dropout_prob == 0.1
+    assert "mlm_dropout" not in fingerprint(str(tiny_base), corpus, cfg)  # earlier checkpoints keep their fingerprint
+    assert fingerprint(str(tiny_base), corpus, cfg) != fingerprint(str(tiny_base), corpus, cfg.model_copy(
+        update={"mlm_dropout": 0.0}))
