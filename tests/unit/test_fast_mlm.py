@@ -382,7 +382,7 @@ def test_cudnn_attention_compiles_whole_and_draws_the_eager_runs_masks():
     assert distance(same_seed) < 0.05 < distance(other_seed)
 
 
-def test_training_attention_replays_only_where_compiled_on_a_gpu_and_the_model_takes_it():
+def test_training_attention_replays_only_where_compiled_on_a_gpu_with_dropout_and_the_model_takes_it():
     bert = PackedBertForMaskedLM(tiny_model().config)
     assert training_attention("auto", bert, compiled_on_gpu=True) == "replayed"
     assert training_attention("auto", bert, compiled_on_gpu=False) == "sdpa"  # uncompiled SDPA keeps its fused kernel
