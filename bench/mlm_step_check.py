@@ -11,13 +11,16 @@ way (token masks at a fixed seed, full head). ``--compare`` picks the two runs:
   float32 (autocast's own) against bf16 (``TrainConfig.mlm_bf16_residual``). With ``--seeds 0,1``
   the spread between seeds shows how large a difference the rounding would have to make to matter;
 * ``dropout``: the model's own dropout (BERT's 0.1) against none while training
-  (``TrainConfig.mlm_dropout=0``), in float32.
+  (``TrainConfig.mlm_dropout=0``), in float32;
+* ``fast-recipe``: under bf16 autocast, both recipe changes of the fastest step together (the
+  residual stream in bf16 and no dropout) against neither.
 
 Prints one JSON line per run.
 
     python bench/mlm_step_check.py --steps 100
     python bench/mlm_step_check.py --compare bf16-residual --steps 60 --seeds 0,1
     python bench/mlm_step_check.py --compare dropout --steps 60 --seeds 0,1
+    python bench/mlm_step_check.py --compare fast-recipe --steps 60 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--base", help="base model folder or hub id; default: the offline MiniLM")
-    parser.add_argument("--compare", choices=["step", "bf16-residual", "dropout"], default="step")
+    parser.add_argument("--compare", choices=["step", "bf16-residual", "dropout", "fast-recipe"], default="step")
     parser.add_argument("--seeds", default="0", help="comma-separated; both runs for each")
     args = parser.parse_args()
 
@@ -59,8 +62,12 @@ def main() -> None:
     elif args.compare == "bf16-residual":
         runs = [("float32_stream", {"bf16": True}, packed_collator),
                 ("bf16_stream", {"bf16": True, "mlm_bf16_residual": True}, packed_collator)]
-    else:
+    elif args.compare == "dropout":
         runs = [("own_dropout", {}, packed_collator), ("no_dropout", {"mlm_dropout": 0.0}, packed_collator)]
+    else:
+        runs = [("float32_stream_own_dropout", {"bf16": True}, packed_collator),
+                ("bf16_stream_no_dropout", {"bf16": True, "mlm_bf16_residual": True, "mlm_dropout": 0.0},
+                 packed_collator)]
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, overrides, collator in runs:
             mlm._packed_collator = collator

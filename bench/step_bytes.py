@@ -105,9 +105,10 @@ def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argpars
     inputs = {key: tensor.to(args.device) for key, tensor in masked.items()}
     torch._dynamo.reset()
     metrics.reset()
-    with torch.autocast(args.device, dtype=torch.bfloat16):
-        loss = torch.compile(model)(**inputs).loss
-    loss.backward()
+    with torch._inductor.config.patch(tt.inductor_options(switches)):
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            loss = torch.compile(model)(**inputs).loss
+        loss.backward()
     # nodes_num_elem holds each kernel's bytes // 4
     library = [4 * elements for node, elements in metrics.nodes_num_elem if isinstance(node, ExternKernelSchedulerNode)]
     generated = [(operations(node), 4 * elements) for node, elements in metrics.nodes_num_elem

@@ -102,7 +102,14 @@ ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "re
 STEP_OPTIONS = {
     "denselast": ("sparse_last_layer", True), "nopadvocab": ("padded_vocab", True), "fusedqkv": ("fused_qkv", False),
     "bf16res": ("bf16_residual", False), "cdtune": ("coordinate_descent_tuning", False), "nodrop": ("dropout", True),
+    "gemmtune": ("max_autotune_gemm", False),
 }
+# The switches that are torch._inductor.config options of the same name, patched around a run.
+INDUCTOR_SWITCHES = ("coordinate_descent_tuning", "max_autotune_gemm")
+
+
+def inductor_options(switches: dict[str, bool]) -> dict[str, bool]:
+    return {name: switches[name] for name in INDUCTOR_SWITCHES}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,7 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "trains without dropout anywhere (TrainConfig.mlm_dropout=0, a different recipe; the "
                              "baseline keeps BERT's); ':cdtune' lets "
                              "the compiler tune its generated kernels' block sizes "
-                             "(torch._inductor.config.coordinate_descent_tuning)")
+                             "(torch._inductor.config.coordinate_descent_tuning); ':gemmtune' lets it pick each "
+                             "matrix product among cuBLAS and its own Triton templates, into which it can fuse the "
+                             "pointwise work after the product (GELU, bias, dropout + residual), keeping a fusion "
+                             "only where it times faster (torch._inductor.config.max_autotune_gemm: max-autotune's "
+                             "product search without its pointwise search or CUDA graphs; minutes of compiling)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after each timed run, profile this many more steps and print the costliest kernels")
     parser.add_argument("--inputs", type=Path,
@@ -564,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             model, attention = trainer_model(config, args.seed, args.device, attention_dropout, attention, float8,
                                              compiled=mode != "none", switches=switches)
-            with inductor_config.patch(coordinate_descent_tuning=switches["coordinate_descent_tuning"]):
+            with inductor_config.patch(inductor_options(switches)):
                 runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
         except Exception as error:  # one failing option must not lose the other runs of a GPU node's single call
             traceback.print_exc()
