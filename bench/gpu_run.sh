@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The benchmarks on one GPU node, in one call sized to a lease of 15 minutes of device time
-# (the machine's start included): the phases run in the order PHASES names them, each within its
-# own time limit, all by BUDGET seconds. The default call answers the open question first:
+# (the machine's start included). PHASES names the phases in the order they run, comma-separated;
+# phases joined by '+' run at the same time (only those whose figures are not timings). Each has
+# its own time limit, and all end by BUDGET seconds. The default call answers the open question
+# first:
 #   throughput  the trainer's default step and the fastest combinations of the levers written so
 #               far, each against the eager baseline in the same process;
+#   tune        the fastest combination again with the compiler's product search (minutes of
+#               compiling), in a process of its own, so that a compile that outlasts its limit
+#               loses nothing else;
 #   accuracy    whether the recipe changes those combinations make (bf16 residual stream, no
 #               dropout while adapting) keep the adapted and fine-tuned scores, three seeds each
 #               way, all processes at once (MiniLM fine-tuning leaves a GPU mostly idle);
-#   check       the masked-LM step's tests, the GPU-only ones included (cuDNN's attention op);
-#   tune        the fastest combination again with the compiler's product search (minutes of
-#               compiling), in a process of its own with the time left, so that nothing above is
-#               lost if its compile outlasts the limit.
+#   check       the masked-LM step's tests, the GPU-only ones included (cuDNN's attention op),
+#               beside the accuracy processes.
 # Other phases, for calls of their own: floor (the step's matrix products alone), real (real text,
 # packed vs padded), profile, bytes (the compiler's byte count on this device).
 #
@@ -24,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds: a device call's limit is 600.
 BUDGET=${BUDGET:-585}
-PHASES=${PHASES:-throughput,accuracy,check,tune}
+PHASES=${PHASES:-throughput,tune,accuracy+check}
 RECIPES_FILE=${RECIPES:-bench/recipes/fast_recipe.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
@@ -61,7 +64,7 @@ limit() { local left=$((BUDGET - SECONDS)); echo $(( $1 < left ? $1 : (left > 1 
 
 phase_check() {
   log "check: the masked-LM step's tests, the GPU-only ones included"
-  timeout "$(limit ${CHECK_TIMEOUT:-60})" "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
+  timeout "$(limit ${CHECK_TIMEOUT:-150})" "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
   log "check rc=$?"
   tail -n 15 "$OUT/check.log" | grep -E "passed|failed|error|SKIPPED|FAILED" | tee -a "$OUT/summary.txt"
 }
@@ -95,7 +98,7 @@ phase_throughput() {
 
 # The compiler's product search: GELU, bias and dropout + residual fused into the products' epilogues.
 phase_tune() {
-  throughput_runs tune "${TUNE_TIMEOUT:-600}" "${TUNE_MODES:-default:bf16res:fusedqkv:nodrop:gemmtune}"
+  throughput_runs tune "${TUNE_TIMEOUT:-200}" "${TUNE_MODES:-default:bf16res:fusedqkv:nodrop:gemmtune}"
 }
 
 phase_real() {
@@ -135,7 +138,7 @@ phase_accuracy() {
   done
   local acc=/tmp/accuracy-runs acc_timeout
   rm -rf $acc && mkdir -p $acc
-  acc_timeout=$(limit "${ACCURACY_TIMEOUT:-150}")
+  acc_timeout=$(limit "${ACCURACY_TIMEOUT:-200}")
   log "accuracy: ${#recipes[@]} processes of $RECIPES_FILE, ${acc_timeout} s"
   for index in "${!recipes[@]}"; do
     IFS="|" read -r label variant seeds overrides <<< "${recipes[$index]}"
@@ -156,9 +159,13 @@ phase_accuracy() {
   "$PY" bench/accuracy.py --combine "$OUT/accuracy.jsonl" | tee -a "$OUT/summary.txt"
 }
 
-for phase in ${PHASES//,/ }; do
-  if ! declare -F "phase_$phase" > /dev/null; then log "unknown phase $phase"; continue; fi
-  if (( SECONDS >= BUDGET - 5 )); then log "$phase: skipped, the budget of $BUDGET s is spent"; continue; fi
-  "phase_$phase"
+for group in ${PHASES//,/ }; do
+  IFS=+ read -r -a phases <<< "$group"
+  for phase in "${phases[@]}"; do
+    if ! declare -F "phase_$phase" > /dev/null; then log "unknown phase $phase"; continue; fi
+    if (( SECONDS >= BUDGET - 5 )); then log "$phase: skipped, the budget of $BUDGET s is spent"; continue; fi
+    "phase_$phase" &
+  done
+  wait
 done
 log "done"
