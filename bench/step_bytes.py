@@ -20,7 +20,10 @@ compiled graph) is not counted.
     python bench/step_bytes.py --device cpu --size base --options default,bf16res,denselast
 
 Specs take the suffixes of ``bench/train_throughput.py`` (``bf16res``, ``denselast``,
-``nopadvocab``, ``fusedqkv``, an attention name); ``default`` is the trainer's default step.
+``nopadvocab``, ``fusedqkv``, ``gemmtune``, an attention name); ``default`` is the trainer's
+default step. With ``gemmtune`` on a GPU, a product the compiler's own template wins counts among
+the generated kernels, with whatever pointwise work it fused; on a CPU it changes nothing (the
+C++ product templates take frozen weights only).
 The last line printed is one JSON object; it is also appended to ``--out``.
 """
 
