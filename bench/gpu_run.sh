@@ -22,7 +22,8 @@
 # Then, on the node:  OUT=<results folder> bash bench/gpu_run.sh
 # THROUGHPUT_MODES / TUNE_MODES the fast runs, most telling first; RECIPES the accuracy recipe file;
 # <PHASE>_TIMEOUT a phase's limit in seconds; PROFILE_MODE the one profiled.
-# A smoke test of the plumbing on a CPU:  OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python bash bench/gpu_run.sh
+# A smoke test of the plumbing on a CPU (two cores need longer limits than a GPU node):
+#   OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python BUDGET=1500 ACCURACY_TIMEOUT=700 bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds: a device call's limit is 600.
@@ -77,15 +78,18 @@ phase_floor() {
   grep -E "products|ceiling|encoder layer|skipped|failed" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
 }
 
-# throughput_runs NAME LIMIT MODES: one bench process, its own baseline first. Each Trainer run
-# compiles bert-base afresh (30-45 s on an H100 with a cold cache). A run cut off by the limit
-# loses the JSON line, but the log keeps the tok/s lines of the runs before it.
+# throughput_runs NAME LIMIT MODES [ARGS...]: one bench process, its own baseline first; ARGS go to
+# the bench after the phase's defaults. Each Trainer run compiles bert-base afresh (30-45 s on an
+# H100 with a cold cache). A run cut off by the limit loses the JSON line, but the log keeps the
+# tok/s lines of the runs before it.
 throughput_runs() {
-  log "$1: $3"
-  timeout "$(limit "$2")" "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode "$3" \
-    --out "$OUT/train_throughput.jsonl" > "$OUT/$1.log" 2>&1
-  log "$1 rc=$?"
-  grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/$1.log" | tee -a "$OUT/summary.txt"
+  local name=$1 seconds=$2 modes=$3
+  shift 3
+  log "$name: $modes $*"
+  timeout "$(limit "$seconds")" "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --compile-mode "$modes" \
+    "$@" --out "$OUT/train_throughput.jsonl" > "$OUT/$name.log" 2>&1
+  log "$name rc=$?"
+  grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
 # The trainer's default step (round 4's 56.1 ms less the exact cuts since), every lever with the
@@ -102,19 +106,14 @@ phase_tune() {
   throughput_runs tune "${TUNE_TIMEOUT:-200}" "${TUNE_MODES:-default:bf16res:fusedqkv:nodrop:gemmtune}"
 }
 
+# Real text, packed against padded.
 phase_real() {
-  log "throughput, real text (packed vs padded)"
-  timeout "$(limit ${REAL_TIMEOUT:-110})" "$PY" bench/train_throughput.py --device "$DEVICE" $TP --seq 128 --real --inputs $CARRY/inputs \
-    --compile-mode default --out "$OUT/train_throughput.jsonl" > "$OUT/real.log" 2>&1
-  log "throughput real rc=$?"
-  grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/real.log" | tee -a "$OUT/summary.txt"
+  throughput_runs real "${REAL_TIMEOUT:-110}" default --real --inputs $CARRY/inputs
 }
 
+# The Trainer's steps and the baseline's, costliest kernels.
 phase_profile() {
-  log "profile: the Trainer's steps (${PROFILE_MODE:-default}) and the baseline's, costliest kernels"
-  timeout "$(limit ${PROFILE_TIMEOUT:-120})" "$PY" bench/train_throughput.py --device "$DEVICE" $TP --steps 10 --seq 128 --compile-mode "${PROFILE_MODE:-default}" --profile 3 \
-    --out "$OUT/train_throughput.jsonl" > "$OUT/profile.log" 2>&1
-  log "profile rc=$?"
+  throughput_runs profile "${PROFILE_TIMEOUT:-120}" "${PROFILE_MODE:-default}" --steps 10 --profile 3
 }
 
 phase_bytes() {
