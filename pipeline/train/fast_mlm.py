@@ -251,7 +251,19 @@ def _sdpa_seq_major(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 # transformers' attention functions return. SDPA's fused CUDA kernels write outputs and
 # gradients in their inputs' memory layout, so the .contiguous() calls below copy nothing there;
 # in [B, H, S, D] they copied four tensors a layer, and an H100's step took 63.2 ms instead of 56.1.
-@torch.library.custom_op("finsent::dropout_attention", mutates_args=())
+#
+# Both ops read or set the generator's state on the host, which a CUDA graph cannot replay: a
+# captured op would keep the state of the capture, and its backward would replay masks the
+# forward did not draw. Tagged cudagraph_unsafe, they run between the captured parts of the graph
+# (Inductor's graph partitions) under torch.compile's CUDA-graph modes. Untagged, by torch's
+# source, the forward op stays in a captured part (a fallback kernel takes its inputs' device)
+# while the read of its host-side state is split off, so the pair it returns crosses a partition
+# boundary, which CUDA-graph trees reject: round 4's "AssertionError: <class 'tuple'>"
+# (bench/RESULTS.md; the tagged ops are not yet run on a GPU).
+_HOST_RNG_STATE = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("finsent::dropout_attention", mutates_args=(), tags=_HOST_RNG_STATE)
 def dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA with dropout, no mask, not causal, on ``[B, S, H, D]`` inputs: ``(output [B, S, H, D]
@@ -266,7 +278,7 @@ def _(query, key, value, dropout_p, scale):
     return query.new_empty((*query.shape[:-1], value.shape[-1])), torch.empty(state_size, dtype=torch.uint8)
 
 
-@torch.library.custom_op("finsent::dropout_attention_backward", mutates_args=())
+@torch.library.custom_op("finsent::dropout_attention_backward", mutates_args=(), tags=_HOST_RNG_STATE)
 def dropout_attention_backward(grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                state: torch.Tensor, dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cuda = query.device.type == "cuda"

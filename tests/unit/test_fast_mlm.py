@@ -284,6 +284,35 @@ def test_replayed_dropout_attention_passes_opcheck_and_compiles():
         torch.testing.assert_close(ours, reference)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_a_gpu)])
+def test_replayed_attention_under_cuda_graphs_replays_each_steps_own_mask(device):
+    """With the identity as values, attention's output is its dropped-out weights, so the values'
+    gradient is output^T @ grad_output exactly when the backward replayed the forward's mask.
+    Compiled with CUDA graphs (reduce-overhead; on a CPU nothing is captured) it must hold at every
+    step, through warm-up, recording and replays, and every step must draw a new mask."""
+    seq = 32
+    torch._dynamo.reset()
+
+    def attend(query, key, value):
+        output, _ = dropout_attention(query.sin(), key, value, 0.3, 0.125)
+        return output * 2  # compiled kernels on both sides of the op
+
+    step = torch.compile(attend, mode="reduce-overhead")
+    g = torch.Generator().manual_seed(0)
+    query, key = (torch.randn(2, seq, 1, seq, generator=g).to(device).requires_grad_() for _ in range(2))
+    value = torch.eye(seq).expand(2, seq, seq).unsqueeze(2).contiguous().to(device).requires_grad_()  # [B, S, 1, S]
+    weights = []
+    for index in range(4):
+        grad_output = torch.randn(2, seq, 1, seq, generator=g).to(device)
+        value.grad = None
+        output = step(query, key, value)
+        output.backward(grad_output)
+        weights.append(output.detach().squeeze(2).clone())  # 2 x the dropped-out weights, [B, S, S]
+        expected = weights[-1].transpose(1, 2) @ grad_output.squeeze(2)
+        torch.testing.assert_close(value.grad.squeeze(2), expected, msg=f"step {index}")
+    assert not any(torch.equal(before, after) for before, after in zip(weights, weights[1:]))
+
+
 @pytest.mark.parametrize("attention", ["replayed", "cudnn"])
 def test_replayed_attention_trains_the_model_as_sdpa_does(monkeypatch, attention):
     """cuDNN's op exists on a GPU only: elsewhere ``cudnn`` runs the replayed op."""
