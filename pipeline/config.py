@@ -147,6 +147,11 @@ class TrainConfig(BaseModel):
     # GPU nodes: None means on when CUDA is there.
     bf16: bool | None = None
     torch_compile: bool = False
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode where torch_compile is on: reduce-overhead and max-autotune add "
+        "CUDA graphs (fixed shapes pay: masked-LM blocks; fine-tuning's varying batch shapes record a graph each), "
+        "max-autotune also searches kernels for minutes; not yet timed in the trainer on a GPU",
+    )
 
 
 class ReleaseConfig(BaseModel):

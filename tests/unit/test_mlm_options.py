@@ -197,6 +197,7 @@ def test_device_switches_follow_the_machine_and_bf16_on_a_cpu_only_when_asked(mo
     assert training_device_args(cfg) == {
         "bf16": True, "optim": "adamw_torch", "torch_compile": False, "dataloader_pin_memory": False, "use_cpu": True,
     }
+    assert "torch_compile_mode" not in training_device_args(cfg.model_copy(update={"torch_compile_mode": "max-autotune"}))
     assert training_device_args(cfg.model_copy(update={"bf16": None}))["bf16"] is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
@@ -204,6 +205,9 @@ def test_device_switches_follow_the_machine_and_bf16_on_a_cpu_only_when_asked(mo
         "bf16": True, "optim": "adamw_torch_fused", "torch_compile": True, "dataloader_pin_memory": True, "use_cpu": False,
         "accelerator_config": {"non_blocking": True},
     }
+    graphs = cfg.model_copy(update={"torch_compile_mode": "reduce-overhead"})
+    assert training_device_args(graphs)["torch_compile_mode"] == "reduce-overhead"
+    assert "torch_compile_mode" not in training_device_args(graphs.model_copy(update={"torch_compile": False}))
     auto = cfg.model_copy(update={"bf16": None, "torch_compile": False})
     assert training_device_args(auto)["bf16"] is True and training_device_args(auto)["torch_compile"] is False
     off = cfg.model_copy(update={"bf16": False})
