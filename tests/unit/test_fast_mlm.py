@@ -310,6 +310,7 @@ def test_replayed_attention_under_cuda_graphs_replays_each_steps_own_mask(device
         weights.append(output.detach().squeeze(2).clone())  # 2 x the dropped-out weights, [B, S, S]
         expected = weights[-1].transpose(1, 2) @ grad_output.squeeze(2)
         torch.testing.assert_close(value.grad.squeeze(2), expected, msg=f"step {index}")
+        del output  # the graph's output buffers are the next replay's: nothing of this step stays alive
     assert not any(torch.equal(before, after) for before, after in zip(weights, weights[1:]))
 
 
