@@ -469,7 +469,11 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     cfg = TrainConfig(
         mlm_steps=total_steps, mlm_batch_size=args.batch, mlm_learning_rate=args.lr, checkpoint_steps=0,
         bf16=args.dtype == "bf16", torch_compile=mode != "none", seed=args.seed,
+        torch_compile_mode="default" if mode == "none" else mode,
     )
+    # On a CPU the project's trainer does not compile; here the mode asked for decides.
+    compile_on_cpu = {} if args.device == "cuda" else {
+        "torch_compile": mode != "none", "torch_compile_mode": None if mode in ("none", "default") else mode}
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -477,9 +481,7 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     counters.clear()
     with tempfile.TemporaryDirectory() as output_dir, PeakMemory(args.device) as memory:
         training_args = mlm_training_arguments(
-            cfg, Path(output_dir), logging_steps=total_steps, disable_tqdm=True,
-            # On a CPU the project's trainer does not compile; here the mode asked for decides.
-            torch_compile=mode != "none", torch_compile_mode=None if mode in ("none", "default") else mode,
+            cfg, Path(output_dir), logging_steps=total_steps, disable_tqdm=True, **compile_on_cpu,
         )
         rows = [{"input_ids": [0]}] * (total_steps * args.batch)
         trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=ReplayCollator(batches),
