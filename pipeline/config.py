@@ -67,6 +67,13 @@ class TrainConfig(BaseModel):
     mlm_probability: float = Field(0.15, description="share of tokens selected; of those 80% [MASK], 10% random, 10% kept")
     mlm_max_corpus_texts: int = 2000
     mlm_margin: float = Field(0.0, description="adapted model is used only if its perplexity beats the base by this")
+    mlm_head_steps: int | None = Field(
+        None, ge=0, description="a base that ships without a masked-LM head (sentence-transformers models such as "
+        "the default MiniLM) gets a new random one, whose perplexity says nothing of the base: the new head is "
+        "first trained this many steps with the rest of the model frozen, and the base's perplexity measured with "
+        "it. Unset: as many steps as mlm_steps; 0: compare against the random head",
+    )
+    mlm_head_learning_rate: float = Field(1e-3, gt=0, description="learning rate of that head-only training")
     mlm_float8: bool = Field(
         False, description="float8 matrix products in the encoder's linear layers while masked-LM training "
         "(torchao; CUDA compute capability 8.9+, e.g. H100; emulated and slow on a CPU)",

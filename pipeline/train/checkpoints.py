@@ -77,6 +77,7 @@ def fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> d
     keys = [
         "mlm_steps", "mlm_from_scratch", "mlm_objective", "mlm_whole_word", "mlm_block_size", "mlm_batch_size",
         "mlm_learning_rate", "mlm_probability", "seed", "warmup_ratio", "weight_decay", "max_length",
+        "mlm_head_steps", "mlm_head_learning_rate",
     ]
     if cfg.mlm_from_scratch:
         keys += ["scratch_vocab_size", "scratch_hidden_size", "scratch_layers", "scratch_heads"]

@@ -64,13 +64,16 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
         mlflow.log_metric("mlm_perplexity_base", result.perplexity_base)
         if result.perplexity_adapted is not None:
             mlflow.log_metric("mlm_perplexity_adapted", result.perplexity_adapted)
+        if result.perplexity_random_head is not None:
+            mlflow.log_metric("mlm_perplexity_random_head", result.perplexity_random_head)
         for entry in result.history:
             if "loss" in entry:
                 mlflow.log_metric("mlm_train_loss", float(entry["loss"]), step=int(entry["step"]))
         # A retried task logs into the same run: values that may differ between tries are metrics, not params.
         mlflow.log_metrics({"mlm_resumed_from_step": result.resumed_from_step or 0, "mlm_steps_run": result.steps_run})
         mlflow.log_params({"mlm_used": result.used, "mlm_blocks": result.blocks, "mlm_corpus_texts": len(corpus),
-                           "mlm_start": result.start, "mlm_objective": result.objective, "mlm_whole_word": result.whole_word})
+                           "mlm_start": result.start, "mlm_objective": result.objective, "mlm_whole_word": result.whole_word,
+                           "mlm_head_fit_steps": result.head_fit_steps})
         mlflow.set_tag("mlm_decision", result.reason)
     return summary
 

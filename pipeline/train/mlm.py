@@ -16,6 +16,12 @@ Options (all from :class:`~pipeline.config.TrainConfig`):
   of :mod:`pipeline.train.fast_mlm`: exactly ``round(mlm_probability * block)``
   predictions per block, the vocabulary head on those positions only (for BERT
   with ``mlm_sparse_last_layer`` the last encoder layer too).
+* a base that ships without a masked-LM head (sentence-transformers models,
+  the default MiniLM among them) gets a new random head on load, and the
+  perplexity of a random head says nothing of the base. The new head is first
+  trained alone (``mlm_head_steps``, the rest of the model frozen), the base's
+  perplexity is measured with that head, and adaptation continues from there:
+  the gate then compares the base's encoder with the adapted one.
 * checkpoints every ``checkpoint_steps`` steps under ``out_dir/checkpoints``;
   a second call with the same ``out_dir`` and settings resumes from the last
   complete one.
@@ -77,6 +83,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 SCRATCH_INIT = "scratch-init"
+HEAD_FIT = "head-fit"  # inside the checkpoint folder: a retry reuses it, changed settings discard it
 
 
 @dataclass
@@ -95,6 +102,8 @@ class MlmResult:
     steps_run: int = 0  # optimizer steps taken by this call (steps - resumed_from_step when it finishes)
     checkpoint_dir: str | None = None
     history: list[dict] = field(default_factory=list)  # the Trainer's log_history, across resumes
+    head_fit_steps: int = 0  # steps of head-only training before perplexity_base (a base without a masked-LM head)
+    perplexity_random_head: float | None = None  # the base with its new, untrained head, when it had none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,14 +142,59 @@ def mlm_perplexity(model, tokenizer, texts: list[str], cfg: TrainConfig, batch_s
 # ---------------------------------------------------------------- models
 
 
-def _load_model(cls, path: str):
+def _load_model(cls, path: str, **kwargs):
     """fp32 master weights (transformers 5 loads a checkpoint's own dtype by
     default) with PyTorch's fused scaled-dot-product attention."""
     try:
-        return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError) as error:  # an architecture without SDPA support
         log.info("SDPA attention not available for %s (%s); using the default", path, error)
-        return cls.from_pretrained(path, dtype=torch.float32)
+        return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def _load_base(cls, path: str):
+    """The model and the names of its parameters that ``path`` lacked, initialised
+    anew on load: the masked-LM head of a base saved without one."""
+    model, info = _load_model(cls, path, output_loading_info=True)
+    missing = set(info["missing_keys"])
+    return model, sorted(name for name, _ in model.named_parameters() if name in missing)
+
+
+def fit_new_head(model, new_parameters: list[str], train_dataset, collator, eval_texts: list[str], tokenizer,
+                 cfg: TrainConfig, folder: Path, steps: int) -> float:
+    """Trains only ``new_parameters`` (a head the base lacked) for ``steps`` steps, every
+    other parameter frozen, and returns the validation perplexity with that head. The
+    head's weights and perplexity are kept in ``folder``; a second call loads them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer
+
+    record = folder / "head-fit.json"
+    if record.is_file():
+        model.load_state_dict(load_file(folder / "head.safetensors"), strict=False)
+        log.info("masked-LM head fitted earlier: %s", record)
+        return json.loads(record.read_text())["perplexity"]
+    trainable = set(new_parameters)
+    frozen = [p for name, p in model.named_parameters() if name not in trainable and p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    log.info("fitting the base's new masked-LM head (%d tensors) for %d steps, the rest frozen", len(trainable), steps)
+    # No compile: the frozen encoder runs forward only, and the full run compiles afresh anyway.
+    args = mlm_training_arguments(cfg, folder / "trainer", max_steps=steps, learning_rate=cfg.mlm_head_learning_rate,
+                                  save_strategy="no", torch_compile=False)
+    try:
+        Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator).train()
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    perplexity = mlm_perplexity(model, tokenizer, eval_texts, cfg)
+    if args.should_save:
+        shutil.rmtree(folder / "trainer", ignore_errors=True)
+        state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if name in trainable}
+        save_file(state, folder / "head.safetensors")
+        partial = record.with_suffix(".partial")
+        partial.write_text(json.dumps({"steps": steps, "perplexity": perplexity, "parameters": sorted(trainable)}))
+        partial.rename(record)  # last, so a kill never leaves a record without its weights
+    return perplexity
 
 
 def _scratch_base(out_dir: Path, corpus_texts: list[str], cfg: TrainConfig) -> Path:
@@ -270,10 +324,12 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     if nsp:
         if model_type != "bert":
             raise ValueError(f"mlm+nsp needs a BERT base model (NSP head); {base_model} is {model_type!r}")
-        model = _load_model(BertForPreTraining, base_model)
+        model, new_head = _load_base(BertForPreTraining, base_model)
     else:
-        model = _load_model(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
+        model, new_head = _load_base(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
     perplexity_base = mlm_perplexity(model, tokenizer, eval_texts, cfg)
+    if new_head and not cfg.mlm_from_scratch:
+        log.info("%s has no masked-LM head; new on load: %s", base_model, ", ".join(new_head))
     base_what = "random init" if cfg.mlm_from_scratch else "base"
     if cfg.mlm_steps <= 0:
         return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0, **common)
@@ -306,6 +362,25 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     collator = _packed_collator(model, tokenizer, columns["input_ids"], cfg) if not nsp and not cfg.mlm_whole_word else None
     if collator is None:
         collator = make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=cfg.mlm_whole_word)
+    if isinstance(model, PackedBertForMaskedLM):
+        model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
+    train_dataset = Dataset.from_dict(columns)
+    head_steps = cfg.mlm_steps if cfg.mlm_head_steps is None else cfg.mlm_head_steps
+    perplexity_random_head = None
+    if new_head and not cfg.mlm_from_scratch:
+        if head_steps > 0:
+            perplexity_random_head = perplexity_base
+            perplexity_base = fit_new_head(model, new_head, train_dataset, collator, eval_texts, tokenizer, cfg,
+                                           checkpoint_dir / HEAD_FIT, head_steps)
+            base_what = f"base with its new masked-LM head fitted {head_steps} steps"
+            log.info("validation perplexity of the base: %.2f with a random head, %.2f with the fitted head",
+                     perplexity_random_head, perplexity_base)
+        else:
+            base_what = "base with a random masked-LM head"
+            head_steps = 0
+    else:
+        head_steps = 0
+    common |= {"head_fit_steps": head_steps, "perplexity_random_head": perplexity_random_head}
     save = cfg.checkpoint_steps > 0
     args = mlm_training_arguments(cfg, checkpoint_dir)
     if not save:
@@ -319,8 +394,6 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         history, global_step, steps_run = state["log_history"], state["global_step"], 0
         save_model = functools.partial(model.save_pretrained, is_main_process=args.should_save)
     else:
-        if isinstance(model, PackedBertForMaskedLM):
-            model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
         if cfg.mlm_float8:
             _train_in_float8(model)
         residual_hooks = []
@@ -341,7 +414,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             log.info("masked-LM training with %s attention (a fused kernel with dropout under torch.compile)", attention)
         counter = _step_counter_class()()
         trainer = Trainer(
-            model=model, args=args, train_dataset=Dataset.from_dict(columns), callbacks=[counter], data_collator=collator,
+            model=model, args=args, train_dataset=train_dataset, callbacks=[counter], data_collator=collator,
         )
         if checkpoint is not None:
             log.info("resuming masked-LM training from %s (step %d of %d)", checkpoint, resumed_step, cfg.mlm_steps)
