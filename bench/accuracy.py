@@ -136,7 +136,9 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
         result = adapt_mlm(model_dir, corpus[: cfg.mlm_max_corpus_texts] + splits["train"]["text"].tolist(),
                            splits["validation"]["text"].tolist(), work / "mlm", cfg)
         model_dir, mlm = result.model_dir, {"used": result.used, "perplexity_base": result.perplexity_base,
-                                            "perplexity_adapted": result.perplexity_adapted}
+                                            "perplexity_adapted": result.perplexity_adapted,
+                                            "perplexity_random_head": result.perplexity_random_head,
+                                            "head_fit_steps": result.head_fit_steps}
     tuned = finetune(model_dir, splits["train"], splits["validation"], work / "finetune", cfg, corpus=corpus)
     model, tokenizer = load_classifier(tuned["model_dir"])
     test = splits["test"]

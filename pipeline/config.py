@@ -73,7 +73,7 @@ class TrainConfig(BaseModel):
         "first trained this many steps with the rest of the model frozen, and the base's perplexity measured with "
         "it. Unset: as many steps as mlm_steps; 0: compare against the random head",
     )
-    mlm_head_learning_rate: float = Field(1e-3, gt=0, description="learning rate of that head-only training")
+    mlm_head_learning_rate: float = Field(3e-3, gt=0, description="learning rate of that head-only training")
     mlm_float8: bool = Field(
         False, description="float8 matrix products in the encoder's linear layers while masked-LM training "
         "(torchao; CUDA compute capability 8.9+, e.g. H100; emulated and slow on a CPU)",

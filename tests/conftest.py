@@ -55,6 +55,18 @@ def tiny_base(tmp_path_factory, fpb_subset) -> Path:
     return build_bert_from_scratch(tmp_path_factory.mktemp("tiny-bert"), raw["text"].tolist(), vocab_size=1500, max_length=64)
 
 
+@pytest.fixture(scope="session")
+def headless_base(tmp_path_factory, tiny_base) -> Path:
+    """The tiny BERT's encoder alone, saved as BertModel: no ``cls.predictions`` weights,
+    as sentence-transformers bases (the default MiniLM) ship."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tmp_path_factory.mktemp("headless")
+    BertModel.from_pretrained(tiny_base, add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(folder)
+    return folder
+
+
 def tiny_train_config(base: Path) -> TrainConfig:
     return TrainConfig(
         base_model=str(base), max_length=64, mlm_steps=6, mlm_block_size=64, mlm_batch_size=8,

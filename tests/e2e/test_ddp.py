@@ -57,15 +57,19 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, no_dr
         assert curve(ddp, key) == pytest.approx(curve(single, key), rel=1e-3, abs=1e-4), key
 
 
-def test_masked_lm_adaptation_under_two_gloo_processes(tmp_path, tiny_base, ingested):
+@pytest.mark.parametrize("head", ["own", "new"])
+def test_masked_lm_adaptation_under_two_gloo_processes(tmp_path, tiny_base, headless_base, ingested, head):
+    """``new``: a base without a masked-LM head, whose head is fitted alone first (two Trainers
+    in a row, both under DistributedDataParallel)."""
     from transformers import AutoModelForMaskedLM
 
+    base = tiny_base if head == "own" else headless_base
     driver = str(REPO / "tests" / "e2e" / "ddp_driver.py")
     out = tmp_path / "mlm"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINSENT_")}
     env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(services.free_port()), driver, "mlm", str(tiny_base),
+                           "127.0.0.1", "--master_port", str(services.free_port()), driver, "mlm", str(base),
                            str(ingested.labeled_dir), str(out)], env=env, capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -73,6 +77,11 @@ def test_masked_lm_adaptation_under_two_gloo_processes(tmp_path, tiny_base, inge
     # Each process trained on other rows; gradients averaged over both keep the weights equal.
     assert ranks[0]["perplexity_adapted"] == ranks[1]["perplexity_adapted"] != ranks[0]["perplexity_base"]
     assert ranks[0]["used"] == ranks[1]["used"] == "adapted" and ranks[0]["model_dir"] == ranks[1]["model_dir"]
+    if head == "new":  # the fitted head is the same in both processes too
+        assert ranks[0]["head_fit_steps"] == ranks[1]["head_fit_steps"] == 6
+        assert ranks[0]["perplexity_base"] == ranks[1]["perplexity_base"] < ranks[0]["perplexity_random_head"]
+    else:
+        assert ranks[0]["head_fit_steps"] == 0
     folder = ranks[0]["model_dir"]
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "work-mlm" / "model" / name).is_file(), name

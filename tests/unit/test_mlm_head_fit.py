@@ -22,17 +22,6 @@ def texts(fpb_subset) -> list[str]:
     return raw.loc[raw["error"].isna(), "text"].tolist()
 
 
-@pytest.fixture(scope="module")
-def headless_base(tmp_path_factory, tiny_base):
-    """The tiny BERT's encoder alone, saved as BertModel: no ``cls.predictions`` weights."""
-    from transformers import AutoTokenizer, BertModel
-
-    folder = tmp_path_factory.mktemp("headless")
-    BertModel.from_pretrained(tiny_base, add_pooling_layer=False).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(folder)
-    return folder
-
-
 def config(base, **updates):
     return tiny_train_config(base).model_copy(update={"mlm_steps": 6, "checkpoint_steps": 0, **updates})
 
