@@ -160,6 +160,14 @@ def _load_base(cls, path: str):
     return model, sorted(name for name, _ in model.named_parameters() if name in missing)
 
 
+def _masked_lm_head_prefix(model) -> str:
+    """The name prefix of the module that holds the vocabulary projection: ``cls.predictions.``
+    for BERT, ``lm_head.`` for MPNet."""
+    decoder = model.get_output_embeddings()
+    name = next(name for name, module in model.named_modules() if module is decoder)
+    return name.rpartition(".")[0] + "."
+
+
 def fit_new_head(model, new_parameters: list[str], train_dataset, collator, eval_texts: list[str], tokenizer,
                  cfg: TrainConfig, folder: Path, steps: int) -> float:
     """Trains only ``new_parameters`` (a head the base lacked) for ``steps`` steps, every
@@ -324,12 +332,15 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     if nsp:
         if model_type != "bert":
             raise ValueError(f"mlm+nsp needs a BERT base model (NSP head); {base_model} is {model_type!r}")
-        model, new_head = _load_base(BertForPreTraining, base_model)
+        model, missing = _load_base(BertForPreTraining, base_model)
     else:
-        model, new_head = _load_base(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
-    perplexity_base = mlm_perplexity(model, tokenizer, eval_texts, cfg)
-    if new_head and not cfg.mlm_from_scratch:
+        model, missing = _load_base(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
+    # Perplexity reads the masked-LM head only: a new next-sentence head and pooler (mlm+nsp)
+    # are left to the adaptation itself.
+    new_head = [name for name in missing if name.startswith(_masked_lm_head_prefix(model))]
+    if new_head:
         log.info("%s has no masked-LM head; new on load: %s", base_model, ", ".join(new_head))
+    perplexity_base = mlm_perplexity(model, tokenizer, eval_texts, cfg)
     base_what = "random init" if cfg.mlm_from_scratch else "base"
     if cfg.mlm_steps <= 0:
         return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0, **common)
@@ -365,21 +376,17 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
     if isinstance(model, PackedBertForMaskedLM):
         model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
     train_dataset = Dataset.from_dict(columns)
-    head_steps = cfg.mlm_steps if cfg.mlm_head_steps is None else cfg.mlm_head_steps
-    perplexity_random_head = None
-    if new_head and not cfg.mlm_from_scratch:
-        if head_steps > 0:
-            perplexity_random_head = perplexity_base
-            perplexity_base = fit_new_head(model, new_head, train_dataset, collator, eval_texts, tokenizer, cfg,
-                                           checkpoint_dir / HEAD_FIT, head_steps)
-            base_what = f"base with its new masked-LM head fitted {head_steps} steps"
-            log.info("validation perplexity of the base: %.2f with a random head, %.2f with the fitted head",
-                     perplexity_random_head, perplexity_base)
-        else:
-            base_what = "base with a random masked-LM head"
-            head_steps = 0
-    else:
-        head_steps = 0
+    head_steps, perplexity_random_head = 0, None
+    if new_head:
+        head_steps = cfg.mlm_steps if cfg.mlm_head_steps is None else cfg.mlm_head_steps
+        base_what = "base with a random masked-LM head"
+    if head_steps:
+        perplexity_random_head = perplexity_base
+        perplexity_base = fit_new_head(model, new_head, train_dataset, collator, eval_texts, tokenizer, cfg,
+                                       checkpoint_dir / HEAD_FIT, head_steps)
+        base_what = f"base with its new masked-LM head fitted {head_steps} steps"
+        log.info("validation perplexity of the base: %.2f with a random head, %.2f with the fitted head",
+                 perplexity_random_head, perplexity_base)
     common |= {"head_fit_steps": head_steps, "perplexity_random_head": perplexity_random_head}
     save = cfg.checkpoint_steps > 0
     args = mlm_training_arguments(cfg, checkpoint_dir)

@@ -94,3 +94,12 @@ def test_a_base_with_its_own_head_is_not_refitted(tmp_path, tiny_base, texts):
     result = adapt_mlm(str(tiny_base), texts[:-40], texts[-40:], tmp_path, config(tiny_base))
     assert result.head_fit_steps == 0 and result.perplexity_random_head is None
     assert not (tmp_path / CHECKPOINTS / HEAD_FIT).exists()
+
+
+def test_mlm_nsp_from_a_headless_base_fits_the_masked_lm_head_only(tmp_path, headless_base, texts):
+    documents = [" ".join(texts[i : i + 5]) for i in range(0, len(texts) - 40, 5)]
+    cfg = config(headless_base, mlm_objective="mlm+nsp", mlm_margin=-1.0)
+    result = adapt_mlm(str(headless_base), documents, texts[-40:], tmp_path, cfg)
+    assert result.head_fit_steps == 6 and result.perplexity_base < result.perplexity_random_head
+    fitted = json.loads((tmp_path / CHECKPOINTS / HEAD_FIT / "head-fit.json").read_text())["parameters"]
+    assert fitted and all(name.startswith("cls.predictions.") for name in fitted)  # not the next-sentence head

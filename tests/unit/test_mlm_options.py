@@ -137,6 +137,7 @@ def test_mlm_nsp_trains_and_gives_a_classifier_folder(tmp_path, tiny_base, texts
     )
     result = adapt_mlm(str(tiny_base), corpus, validation, tmp_path, cfg)
     assert result.objective == "mlm+nsp" and result.start == "continue" and result.used == "adapted"
+    assert result.head_fit_steps == 0  # the base's masked-LM head is its own; only the NSP head is new
     assert result.blocks > 0 and result.steps == 6 and result.resumed_from_step == 0 and result.steps_run == 6
     assert math.isfinite(result.perplexity_base) and math.isfinite(result.perplexity_adapted)
     assert any("loss" in entry for entry in result.history)
