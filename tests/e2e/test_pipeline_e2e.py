@@ -31,7 +31,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, tiny_base):
+def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, headless_base):
     project = tmp_path_factory.mktemp("e2e-project")
     finsent = {
         "FINSENT_PROJECT_DIR": str(project),
@@ -41,7 +41,8 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, ti
         "FINSENT_TRACKING_URI": mlflow_server,
         "FINSENT_EXPERIMENT": "e2e",
         **TEST_INGEST_ENV,
-        "FINSENT_TRAIN__BASE_MODEL": str(tiny_base),
+        # Without a masked-LM head, as the default MiniLM ships: its head is fitted before the gate.
+        "FINSENT_TRAIN__BASE_MODEL": str(headless_base),
         "FINSENT_TRAIN__MAX_LENGTH": "64",
         "FINSENT_TRAIN__MLM_STEPS": "4",
         "FINSENT_TRAIN__MLM_BLOCK_SIZE": "64",
@@ -78,8 +79,10 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert champion.tags["data_digest"].endswith(".dir")
     run = client.get_run(champion.run_id)
     for metric in ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_accuracy_allagree", "test_ece",
-                   "test_macro_f1_allagree", "mlm_perplexity_base"):
+                   "test_macro_f1_allagree", "mlm_perplexity_base", "mlm_perplexity_random_head"):
         assert metric in run.data.metrics, metric
+    assert run.data.params["mlm_head_fit_steps"] == "4"
+    assert "head fitted 4 steps" in run.data.tags["mlm_decision"]
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/training_curves.png", "plots/reliability_diagram.png"} <= artifacts
     assert {"git_commit", "config_hash", "test_digest"} <= set(champion.tags)
