@@ -61,6 +61,19 @@ def test_a_headless_base_is_measured_with_its_head_fitted_and_only_the_head_trai
     assert again.perplexity_adapted == pytest.approx(result.perplexity_adapted, rel=1e-5)
 
 
+def test_a_changed_head_setting_fits_the_head_again(tmp_path, headless_base, texts):
+    corpus, validation = texts[:-40], texts[-40:]
+    first = adapt_mlm(str(headless_base), corpus, validation, tmp_path, config(headless_base, mlm_head_steps=3))
+    record = tmp_path / CHECKPOINTS / HEAD_FIT / "head-fit.json"
+    assert json.loads(record.read_text())["steps"] == 3
+    second = adapt_mlm(str(headless_base), corpus, validation, tmp_path,
+                       config(headless_base, mlm_head_steps=3, mlm_head_learning_rate=1e-6))
+    assert second.head_fit_steps == 3
+    # At 1e-6 the head barely moves from the random one: a stale fit reused would keep the first value.
+    assert second.perplexity_base > first.perplexity_base
+    assert json.loads(record.read_text())["perplexity"] == second.perplexity_base
+
+
 def test_encoder_stays_frozen_during_the_head_fit(tmp_path, headless_base, texts, monkeypatch):
     """The encoder's weights after the fit, seen from inside the first Trainer's run."""
     from transformers import Trainer
