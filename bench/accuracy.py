@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", default="", help="a name for this recipe in the results")
     parser.add_argument("--inputs", type=Path, help="a folder written by --export-inputs, instead of the data folders")
     parser.add_argument("--export-inputs", type=Path, metavar="DIR", help="write the split and corpus to DIR and exit")
+    parser.add_argument("--save-model", type=Path, metavar="DIR",
+                        help="keep each run's fine-tuned model in DIR/<variant>-seed<N> (e.g. as a distillation teacher)")
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSONL", help="summarise result lines and exit")
     return parser.parse_args(argv)
 
@@ -123,7 +126,8 @@ def train_config(overrides: list[str]):
     return cfg.model_validate({**cfg.model_dump(), **updates})
 
 
-def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path) -> tuple[dict, "np.ndarray"]:
+def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path,
+             save_to: Path | None = None) -> tuple[dict, "np.ndarray"]:
     from pipeline.train.base import resolve_base_model
     from pipeline.train.classify import finetune, load_classifier, predict_logits
     from pipeline.train.evaluate import classification_metrics, label_ids, softmax
@@ -144,6 +148,8 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
     test = splits["test"]
     probs = softmax(predict_logits(model, tokenizer, test["text"].tolist(), cfg.max_length))
     metrics = classification_metrics(label_ids(test["label"]), probs, test["agreement"].to_numpy())
+    if save_to is not None:
+        shutil.copytree(tuned["model_dir"], save_to, dirs_exist_ok=True)
     return {
         "variant": variant, "seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         from pipeline.data.sources import read_reuters
 
         splits, corpus = canonical_split(args.fpb_dir), []
-        if "mlm" in variants or cfg.self_training_texts > 0:
+        if "mlm" in variants or cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0:
             corpus = read_reuters(args.reuters_dir)["text"].tolist()
     if args.limit_rows:
         splits = {name: frame.head(args.limit_rows) for name, frame in splits.items()}
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in variants:
         for seed in seeds:
             with tempfile.TemporaryDirectory() as work:
-                run, probs = run_once(splits, corpus, cfg, variant, seed, Path(work))
+                saved = args.save_model / f"{variant}-seed{seed}" if args.save_model else None
+                run, probs = run_once(splits, corpus, cfg, variant, seed, Path(work), saved)
             runs.append(run)
             test_probs.append(probs)
             print("run:", json.dumps(run), flush=True)

@@ -146,6 +146,14 @@ class TrainConfig(BaseModel):
         "probabilities (see distill_weight); costs N + 1 fine-tunings; 0 is off")
     distill_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="share of the teachers' mean probabilities in each training row's target")
+    teacher_model: str | None = Field(
+        None, description="distillation from a fine-tuned classifier, typically a larger one (a folder, a hub id, or "
+        "a registered model's models:/ URI): the model trains from the base on targets mixing each row's own with "
+        "the teacher's probabilities (see distill_weight), plus distill_corpus_texts corpus sentences it labels; "
+        "its labels must be the project's, in any order")
+    distill_corpus_texts: int = Field(
+        0, ge=0, description="with teacher_model: a seeded sample of this many corpus sentences joins the training "
+        "set, the teacher's probabilities as targets (all of them, unfiltered: the unsure ones teach most)")
     train_sampling: Literal["group_by_length", "random", "sequential"] = Field(
         "group_by_length", description="group_by_length: length-bucketed shuffled batches, little padding")
     # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.

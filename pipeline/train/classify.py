@@ -5,7 +5,7 @@ back into the base, class-weighted loss, label smoothing or soft targets from
 annotator agreement, layer-wise learning-rate decay, warm-up, early stopping,
 length-grouped dynamic padding, R-Drop, a moving average of the weights, a
 weight soup of several members, self-training on corpus sentences, distillation
-of an ensemble, bf16 + fused AdamW on CUDA."""
+of an ensemble or of a larger fine-tuned teacher, bf16 + fused AdamW on CUDA."""
 
 from __future__ import annotations
 
@@ -174,7 +174,12 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     saved model is the weight soup of that many members; with
     ``self_training_texts`` > 0 it is a student trained on the labels plus
     ``corpus`` sentences a first model labeled; with ``distill_teachers`` > 0 it
-    is a student of that many teachers."""
+    is a student of that many teachers, with ``teacher_model`` a student of that
+    fine-tuned classifier (``pipeline.train.distill``)."""
+    if cfg.teacher_model:
+        from pipeline.train.distill import finetune_from_teacher
+
+        return finetune_from_teacher(model_dir, train, validation, out_dir, cfg, corpus)
     if cfg.distill_teachers > 0:
         return _finetune_distilled(model_dir, train, validation, out_dir, cfg, corpus)
     if cfg.self_training_texts > 0:
@@ -375,8 +380,10 @@ def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.
 
 
 @torch.no_grad()
-def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Logits in input order; batches are length-sorted so padding stays small."""
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                   bf16: bool = False) -> np.ndarray:
+    """Logits in input order, computed on the model's device (under bf16 autocast
+    with ``bf16``); batches are length-sorted so padding stays small."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -385,5 +392,6 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     for start in tqdm(range(0, len(texts), batch_size), desc="predict", leave=False):
         index = order[start : start + batch_size]
         batch = tokenizer([texts[i] for i in index], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        logits[index] = model(**batch).logits.float().numpy()
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits[index] = model(**batch.to(model.device)).logits.float().cpu().numpy()
     return logits

@@ -99,7 +99,7 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
     out = _run_dir(settings, run_id, f"finetune/trial-{trial['trial']}")
     (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
     corpus = None
-    if cfg.self_training_texts > 0 and settings.corpus_path.is_file():
+    if (cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0) and settings.corpus_path.is_file():
         corpus = pd.read_parquet(settings.corpus_path)["text"].tolist()
     result = finetune_classifier(
         model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg,
@@ -124,8 +124,13 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
             mlflow.log_metric(f"self_training_rows{suffix}", result["self_training"]["pseudo_rows"])
             mlflow.log_dict(result["self_training"], f"self_training{suffix}.json")
         if "distillation" in result:
-            mlflow.log_metric(f"distill_ensemble_val_macro_f1{suffix}", result["distillation"]["ensemble_val_macro_f1"])
-            mlflow.log_dict(result["distillation"], f"distillation{suffix}.json")
+            distillation = result["distillation"]
+            if "teacher" in distillation:
+                mlflow.log_metrics({f"distill_teacher_val_macro_f1{suffix}": distillation["teacher_val_macro_f1"],
+                                    f"distill_corpus_rows{suffix}": distillation["corpus_rows"]})
+            else:
+                mlflow.log_metric(f"distill_ensemble_val_macro_f1{suffix}", distillation["ensemble_val_macro_f1"])
+            mlflow.log_dict(distillation, f"distillation{suffix}.json")
         if "soup" in result:
             mlflow.log_metric(f"soup_members_kept{suffix}", len(result["soup"]["kept_seeds"]))
             mlflow.log_dict(result["soup"], f"soup{suffix}.json")
@@ -177,9 +182,9 @@ def build_model_card(settings: Settings, run_id: str, model_dir: Path) -> Path:
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     suffix = _trial_suffix(settings, model_dir.parent.name.removeprefix("trial-"))
     source, is_fpb = labeled_source(settings)
-    # The corpus shaped the model if the adapted masked-LM was kept or self-training used its sentences.
+    # The corpus shaped the model if the adapted masked-LM was kept or self-training or distillation used its sentences.
     adapted = params.get("mlm_used") == "adapted" and params.get("mlm_corpus_texts", "0") != "0"
-    corpus_used = adapted or metrics.get(f"self_training_rows{suffix}", 0) > 0
+    corpus_used = adapted or any(metrics.get(f"{key}{suffix}", 0) > 0 for key in ("self_training_rows", "distill_corpus_rows"))
     corpus = str(settings.reuters_dir or settings.corpus_path) if corpus_used else None
     card = ModelCardInputs(
         model_name=settings.model_name, run_id=run_id, base_model=cfg.base_model,

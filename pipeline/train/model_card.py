@@ -137,6 +137,10 @@ def render_model_card(card: ModelCardInputs) -> str:
         *([f"- Distillation: trained on targets mixing each sentence's own ({1 - cfg['distill_weight']:.2g}) with the "
            f"mean probabilities of {cfg['distill_teachers']} teacher models of the same recipe "
            f"({cfg['distill_weight']:.2g})"] if cfg.get("distill_teachers") else []),
+        *([f"- Distillation: trained on targets mixing each sentence's own ({1 - cfg['distill_weight']:.2g}) with the "
+           f"probabilities of the fine-tuned teacher `{cfg['teacher_model']}` ({cfg['distill_weight']:.2g}), plus "
+           f"{cfg.get('distill_corpus_texts', 0)} unlabeled corpus sentences with the teacher's probabilities as targets"]
+          if cfg.get("teacher_model") else []),
         f"- Maximum sequence length: {cfg.get('max_length')} tokens",
         f"- MLflow run: `{card.run_id}`; git commit: `{card.git_commit}`; config hash: `{card.config_hash}`",
         "",

@@ -114,7 +114,7 @@ def test_model_card_holds_licence_digests_metrics_and_limits():
     assert len(summary) <= 1600 and "CC BY-NC-SA 3.0" in summary and "model_card.md" in summary
 
 
-def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifier, mlflow_server):
+def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifier, mlflow_server, tmp_path):
     from pipeline.train import jobs
 
     settings = ingested.model_copy(update={"tracking_uri": mlflow_server, "experiment": "registry-test",
@@ -156,3 +156,9 @@ def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifie
         assert list(scored.columns) == ["label", "negative", "neutral", "positive"] and len(scored) == 2
         assert set(scored["label"]) <= {"negative", "neutral", "positive"}
         np.testing.assert_allclose(scored[["negative", "neutral", "positive"]].sum(axis=1), 1.0, rtol=1e-5)
+
+    # The registered model can teach a student (TrainConfig.teacher_model): its transformers folder comes back.
+    from pipeline.train.distill import teacher_folder
+
+    teacher = Path(teacher_folder(uri, tmp_path))
+    assert json.loads((teacher / "config.json").read_text()) == json.loads((tiny_classifier / "config.json").read_text())

@@ -1,10 +1,13 @@
-"""Self-training and ensemble distillation: corpus sentences, pseudo-label
-selection, teachers' targets in the training set, and teacher-then-student runs
-on the tiny BERT."""
+"""Self-training and distillation (of an ensemble, or of one fine-tuned teacher):
+corpus sentences, pseudo-label selection, teachers' targets in the training set,
+and teacher-then-student runs on the tiny BERT."""
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.config import LABELS
 from pipeline.data.ingest import load_split
@@ -121,3 +124,77 @@ def test_distillation_trains_a_student_on_targets_mixed_with_the_teachers_mean(t
     gold = np.array([LABELS.index(x) for x in validation["label"]])
     assert info["ensemble_val_accuracy"] == pytest.approx((ensemble == gold).mean(), abs=1e-4)
     assert (tmp_path / "model" / "config.json").is_file() and not list(tmp_path.glob("teacher-*"))
+
+
+def _reordered_teacher(classifier: Path, folder: Path, order: list[str]) -> Path:
+    """``classifier`` saved with its outputs in ``order`` (head rows permuted to match),
+    so it predicts the same but labels its columns another way."""
+    model, tokenizer = load_classifier(str(classifier))
+    rows = [LABELS.index(label) for label in order]
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight[rows].clone())
+        model.classifier.bias.copy_(model.classifier.bias[rows].clone())
+    model.config.id2label = dict(enumerate(order))
+    model.config.label2id = {label: i for i, label in enumerate(order)}
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_teachers_probabilities_and_the_corpus_it_labels_train_the_student(tmp_path, ingested, tiny_classifier, monkeypatch):
+    from pipeline.train import classify
+    from pipeline.train.evaluate import softmax
+    from pipeline.train.trainer import soft_targets
+
+    # Labels in FinBERT's order: the teacher's columns must be matched by name, not position.
+    teacher = _reordered_teacher(tiny_classifier, tmp_path / "teacher", ["positive", "negative", "neutral"])
+    reference, reference_tokenizer = load_classifier(str(tiny_classifier))
+    train = load_split(ingested.labeled_dir, "train").sample(n=96, random_state=0).reset_index(drop=True)
+    validation = load_split(ingested.labeled_dir, "validation")
+    corpus = pd.read_parquet(ingested.corpus_path)["text"].tolist()
+    training_frames = []
+
+    def recording_tokenized(frame, *args, **kwargs):
+        training_frames.append(frame)
+        return tokenized(frame, *args, **kwargs)
+
+    tokenized = classify._tokenized
+    monkeypatch.setattr(classify, "_tokenized", recording_tokenized)
+    cfg = ingested.train.model_copy(update={"epochs": 1, "teacher_model": str(teacher), "distill_weight": 0.3,
+                                            "distill_corpus_texts": 50})
+    result = finetune(str(ingested.train.base_model), train, validation, tmp_path / "student", cfg, corpus=corpus)
+
+    info = result["distillation"]
+    [student_frame] = [frame for frame in training_frames if "targets" in frame]
+    assert len(student_frame) == len(train) + info["corpus_rows"] and info["corpus_rows"] == 50
+    expected = softmax(classify.predict_logits(reference, reference_tokenizer, train["text"].tolist(), cfg.max_length))
+    own = soft_targets(np.array([LABELS.index(x) for x in train["label"]]), train["agreement"].to_numpy())
+    np.testing.assert_allclose(np.stack(student_frame["targets"][: len(train)]), 0.7 * own + 0.3 * expected, atol=1e-5)
+    # Every sampled sentence is kept, however unsure the teacher is, with its probabilities as the target.
+    transfer = student_frame.iloc[len(train):]
+    assert not set(transfer["text"]) & (set(train["text"]) | set(validation["text"]))
+    on_corpus = softmax(classify.predict_logits(reference, reference_tokenizer, transfer["text"].tolist(), cfg.max_length))
+    np.testing.assert_allclose(np.stack(transfer["targets"]), on_corpus, atol=1e-5)
+    assert list(transfer["label"]) == [LABELS[i] for i in on_corpus.argmax(axis=1)]
+    assert sum(info["corpus_labels"].values()) == 50
+    gold = np.array([LABELS.index(x) for x in validation["label"]])
+    on_validation = classify.predict_logits(reference, reference_tokenizer, validation["text"].tolist(), cfg.max_length)
+    assert info["teacher_val_accuracy"] == pytest.approx((on_validation.argmax(-1) == gold).mean(), abs=1e-4)
+    steps = max(entry["step"] for entry in result["history"])
+    assert steps == -(-(len(train) + 50) // cfg.batch_size)
+    assert (tmp_path / "student" / "model" / "config.json").is_file()
+
+
+def test_a_teacher_with_other_labels_or_beside_other_teachers_is_refused(tmp_path, ingested, tiny_classifier):
+    from pipeline.train.distill import label_order
+
+    assert label_order({0: "Positive", 1: "negative", 2: "NEUTRAL"}) == [1, 2, 0]
+    with pytest.raises(ValueError, match="not the project's"):
+        label_order({0: "bearish", 1: "neutral", 2: "bullish"})
+    train = load_split(ingested.labeled_dir, "train").head(32)
+    cfg = ingested.train.model_copy(update={"epochs": 1, "teacher_model": str(tiny_classifier), "distill_teachers": 2})
+    with pytest.raises(ValueError, match="its own teacher"):
+        finetune(str(ingested.train.base_model), train, train, tmp_path, cfg)
+    cfg = ingested.train.model_copy(update={"epochs": 1, "teacher_model": str(tiny_classifier), "distill_corpus_texts": 5})
+    with pytest.raises(ValueError, match="needs a corpus"):
+        finetune(str(ingested.train.base_model), train, train, tmp_path, cfg, corpus=None)

@@ -1,0 +1,110 @@
+"""Distillation from one fine-tuned teacher, typically a larger model than the
+student (Hinton et al., 2015): each training row's target mixes its own with the
+teacher's probabilities, and a seeded sample of unlabeled corpus sentences joins
+the training set with the teacher's probabilities as targets, a transfer set as
+in Turc et al., 2019 ("Well-read students learn better"). The sentences are not
+filtered by the teacher's confidence: where it is unsure is what the labels do
+not say. The student trains from the base; one model of the student's size comes
+out, so serving costs what the student costs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.config import LABELS, TrainConfig
+from pipeline.train.device import training_device_args
+from pipeline.train.evaluate import classification_metrics, label_ids, softmax
+
+
+def teacher_folder(teacher: str, download_dir: Path) -> str:
+    """A local folder or hub id as given (packaged bases resolved as for a base); a
+    registered model's ``models:/name@alias`` or ``models:/name/version`` URI is
+    downloaded from the MLflow registry (the tracking URI must be set) and its
+    transformers folder returned."""
+    from pipeline.train.base import resolve_base_model
+
+    if not teacher.startswith("models:/"):
+        return resolve_base_model(teacher)
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=teacher, dst_path=str(download_dir)))
+    # The project's pyfunc keeps the fine-tuned model as its ``hf_model`` artifact, a folder with a config.json.
+    folders = sorted(config.parent for config in (local / "artifacts").rglob("config.json"))
+    if not folders:
+        raise ValueError(f"{teacher} holds no transformers model folder under artifacts/; is it a finsent model?")
+    return str(folders[0])
+
+
+def label_order(id2label: dict[int, str]) -> list[int]:
+    """The teacher's output column for each of the project's labels, matched by
+    name (case-insensitive), so a teacher with its labels in another order
+    (FinBERT's are positive, negative, neutral) still fits."""
+    names = {str(name).lower(): int(index) for index, name in id2label.items()}
+    missing = [label for label in LABELS if label not in names]
+    if missing or len(names) != len(LABELS):
+        raise ValueError(f"the teacher's labels {sorted(names)} are not the project's {list(LABELS)}")
+    return [names[label] for label in LABELS]
+
+
+def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
+                          cfg: TrainConfig, corpus: list[str] | None) -> dict:
+    """Scores the training rows, the validation rows and ``distill_corpus_texts``
+    corpus sentences with ``cfg.teacher_model``, then fine-tunes ``model_dir`` on
+    the mixed targets plus the teacher-labeled sentences."""
+    from pipeline.train.classify import _refuse_under_torchrun, _row_targets, finetune, load_classifier, predict_logits
+    from pipeline.train.self_training import corpus_sentences, sample_candidates
+
+    _refuse_under_torchrun("teacher_model")
+    if cfg.distill_teachers > 0 or cfg.self_training_texts > 0:
+        raise ValueError("teacher_model is its own teacher: unset distill_teachers and self_training_texts")
+    sentences: list[str] = []
+    if cfg.distill_corpus_texts > 0:
+        known = set(train["text"]) | set(validation["text"])
+        candidates = [s for s in corpus_sentences(corpus or []) if s not in known]
+        if not candidates:
+            raise ValueError("distill_corpus_texts needs a corpus of unlabeled text with sentences in it; none was given")
+        sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
+
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory() as download:
+        folder = teacher_folder(cfg.teacher_model, Path(download))
+        # Read before loading: load_classifier names the outputs with the project's labels.
+        columns = label_order(AutoConfig.from_pretrained(folder).id2label)
+        model, tokenizer = load_classifier(folder)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = training_device_args(cfg)["bf16"]
+
+    def teacher_probs(texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(LABELS)), dtype=np.float32)
+        return softmax(predict_logits(model, tokenizer, texts, cfg.max_length, bf16=bf16)[:, columns])
+
+    on_train = teacher_probs(train["text"].tolist())
+    on_validation = teacher_probs(validation["text"].tolist())
+    on_corpus = teacher_probs(sentences)
+    del model
+
+    own = _row_targets(train, cfg.agreement_soft_labels)
+    targets = (1.0 - cfg.distill_weight) * own + cfg.distill_weight * on_train
+    transfer = pd.DataFrame({
+        "text": sentences, "label": [LABELS[i] for i in on_corpus.argmax(axis=1)],
+        "targets": list(on_corpus.astype(np.float32)), "agreement": 100,
+    })
+    rows = pd.concat([train.assign(targets=list(targets.astype(np.float32))), transfer], ignore_index=True)
+    student = finetune(model_dir, rows, validation, out_dir,
+                       cfg.model_copy(update={"teacher_model": None, "distill_corpus_texts": 0}))
+    teacher_val = classification_metrics(label_ids(validation["label"]), on_validation)
+    student["distillation"] = {
+        "teacher": cfg.teacher_model, "weight": cfg.distill_weight,
+        "teacher_val_macro_f1": round(float(teacher_val["macro_f1"]), 4),
+        "teacher_val_accuracy": round(float(teacher_val["accuracy"]), 4),
+        "corpus_rows": len(transfer),
+        "corpus_labels": {label: int((transfer["label"] == label).sum()) for label in LABELS},
+    }
+    return student
