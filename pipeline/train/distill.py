@@ -51,6 +51,16 @@ def label_order(id2label: dict[int, str]) -> list[int]:
     return [names[label] for label in LABELS]
 
 
+def teacher_columns(folder: str) -> list[int]:
+    """``label_order`` of the classifier saved in ``folder`` (or a hub id), read from
+    its config before the model loads: ``load_classifier`` renames the outputs."""
+    from transformers import AutoConfig
+
+    import pipeline.train.pooling  # noqa: F401  registers the mean-pooling heads, so a saved one's config reads
+
+    return label_order(AutoConfig.from_pretrained(folder).id2label)
+
+
 def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
                           cfg: TrainConfig, corpus: list[str] | None) -> dict:
     """Scores the training rows, the validation rows and ``distill_corpus_texts``
@@ -70,12 +80,9 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
             raise ValueError("distill_corpus_texts needs a corpus of unlabeled text with sentences in it; none was given")
         sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
 
-    from transformers import AutoConfig
-
     with tempfile.TemporaryDirectory() as download:
         folder = teacher_folder(cfg.teacher_model, Path(download))
-        # Read before loading: load_classifier names the outputs with the project's labels.
-        columns = label_order(AutoConfig.from_pretrained(folder).id2label)
+        columns = teacher_columns(folder)
         model, tokenizer = load_classifier(folder)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = training_device_args(cfg)["bf16"]

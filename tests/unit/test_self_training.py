@@ -198,3 +198,18 @@ def test_a_teacher_with_other_labels_or_beside_other_teachers_is_refused(tmp_pat
     cfg = ingested.train.model_copy(update={"epochs": 1, "teacher_model": str(tiny_classifier), "distill_corpus_texts": 5})
     with pytest.raises(ValueError, match="needs a corpus"):
         finetune(str(ingested.train.base_model), train, train, tmp_path, cfg, corpus=None)
+
+
+def test_a_mean_pooled_teachers_labels_read_in_a_fresh_process(tmp_path, tiny_classifier):
+    """The saved mean-pooling head's config type is the project's own; reading it
+    must not depend on something else having imported the head first."""
+    import json
+    import subprocess
+    import sys
+
+    assert json.loads((tiny_classifier / "config.json").read_text())["model_type"].startswith("finsent_mean_pool")
+    teacher = _reordered_teacher(tiny_classifier, tmp_path / "teacher", ["positive", "negative", "neutral"])
+    code = f"from pipeline.train.distill import teacher_columns; print(teacher_columns({str(teacher)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[1, 2, 0]"
