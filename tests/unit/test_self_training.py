@@ -213,3 +213,22 @@ def test_a_mean_pooled_teachers_labels_read_in_a_fresh_process(tmp_path, tiny_cl
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[1, 2, 0]"
+
+
+def test_a_teacher_runs_figures_reach_mlflow_and_the_card_names_teacher_and_corpus(ingested, tiny_classifier, mlflow_server):
+    from mlflow import MlflowClient
+
+    from pipeline.train import jobs
+
+    train = ingested.train.model_copy(update={"epochs": 1, "teacher_model": str(tiny_classifier),
+                                              "distill_corpus_texts": 10})
+    settings = ingested.model_copy(update={"tracking_uri": mlflow_server, "experiment": "teacher-test", "train": train})
+    run_id = jobs.start_run(settings)["run_id"]
+    result = jobs.finetune(settings, run_id, str(ingested.train.base_model))
+
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.data.metrics["distill_corpus_rows"] == 10 == result["distillation"]["corpus_rows"]
+    assert run.data.metrics["distill_teacher_val_macro_f1"] == result["distillation"]["teacher_val_macro_f1"]
+    card = jobs.build_model_card(settings, run_id, Path(result["model_dir"])).read_text()
+    assert f"fine-tuned teacher `{tiny_classifier}`" in card and "plus 10 unlabeled corpus sentences" in card
+    assert "Unlabeled corpus (" in card
