@@ -302,6 +302,13 @@ def _refuse_under_torchrun(option: str) -> None:
         raise ValueError(f"{option} runs in one process; unset it under torchrun")
 
 
+def _with_teacher_targets(train: pd.DataFrame, teacher_probs: np.ndarray, cfg: TrainConfig) -> pd.DataFrame:
+    """``train`` with each row's target its own (1 - ``distill_weight``) mixed with the teacher's probabilities."""
+    own = _row_targets(train, cfg.agreement_soft_labels)
+    targets = (1.0 - cfg.distill_weight) * own + cfg.distill_weight * teacher_probs
+    return train.assign(targets=list(targets.astype(np.float32)))
+
+
 def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
                         cfg: TrainConfig, corpus: list[str] | None) -> dict:
     """Ensemble distillation (Hinton et al., 2015): ``distill_teachers`` models
@@ -328,9 +335,7 @@ def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.Data
         teachers.append({"seed": teacher_cfg.seed, "val_macro_f1": result["best_val_macro_f1"]})
         del model
         shutil.rmtree(teacher_dir, ignore_errors=True)
-    own = _row_targets(train, cfg.agreement_soft_labels)
-    targets = (1.0 - cfg.distill_weight) * own + cfg.distill_weight * mean_probs["train"]
-    student = finetune(model_dir, train.assign(targets=list(targets.astype(np.float32))), validation, out_dir, single,
+    student = finetune(model_dir, _with_teacher_targets(train, mean_probs["train"], cfg), validation, out_dir, single,
                        corpus=corpus)
     ensemble_val = classification_metrics(label_ids(validation["label"]), mean_probs["validation"])
     student["distillation"] = {
@@ -350,13 +355,10 @@ def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.
     larger set; one model comes out."""
     import shutil
 
-    from pipeline.train.self_training import corpus_sentences, sample_candidates, select_pseudo_labels
+    from pipeline.train.self_training import sample_candidates, select_pseudo_labels, unlabeled_sentences
 
     _refuse_under_torchrun("self_training_texts")
-    known = set(train["text"]) | set(validation["text"])
-    sentences = [s for s in corpus_sentences(corpus) if s not in known]
-    if not sentences:
-        raise ValueError("self_training_texts needs a corpus of unlabeled text with sentences in it; none was given")
+    sentences = unlabeled_sentences(corpus, [train, validation], "self_training_texts")
     single = cfg.model_copy(update={"self_training_texts": 0})
     teacher = finetune(model_dir, train, validation, out_dir / "teacher", single)
     model, tokenizer = load_classifier(teacher["model_dir"])

@@ -66,18 +66,16 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
     """Scores the training rows, the validation rows and ``distill_corpus_texts``
     corpus sentences with ``cfg.teacher_model``, then fine-tunes ``model_dir`` on
     the mixed targets plus the teacher-labeled sentences."""
-    from pipeline.train.classify import _refuse_under_torchrun, _row_targets, finetune, load_classifier, predict_logits
-    from pipeline.train.self_training import corpus_sentences, sample_candidates
+    from pipeline.train.classify import (_refuse_under_torchrun, _with_teacher_targets, finetune, load_classifier,
+                                         predict_logits)
+    from pipeline.train.self_training import sample_candidates, unlabeled_sentences
 
     _refuse_under_torchrun("teacher_model")
     if cfg.distill_teachers > 0 or cfg.self_training_texts > 0:
         raise ValueError("teacher_model is its own teacher: unset distill_teachers and self_training_texts")
     sentences: list[str] = []
     if cfg.distill_corpus_texts > 0:
-        known = set(train["text"]) | set(validation["text"])
-        candidates = [s for s in corpus_sentences(corpus or []) if s not in known]
-        if not candidates:
-            raise ValueError("distill_corpus_texts needs a corpus of unlabeled text with sentences in it; none was given")
+        candidates = unlabeled_sentences(corpus, [train, validation], "distill_corpus_texts")
         sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
 
     with tempfile.TemporaryDirectory() as download:
@@ -88,8 +86,6 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
     bf16 = training_device_args(cfg)["bf16"]
 
     def teacher_probs(texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, len(LABELS)), dtype=np.float32)
         return softmax(predict_logits(model, tokenizer, texts, cfg.max_length, bf16=bf16)[:, columns])
 
     on_train = teacher_probs(train["text"].tolist())
@@ -97,13 +93,11 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
     on_corpus = teacher_probs(sentences)
     del model
 
-    own = _row_targets(train, cfg.agreement_soft_labels)
-    targets = (1.0 - cfg.distill_weight) * own + cfg.distill_weight * on_train
     transfer = pd.DataFrame({
         "text": sentences, "label": [LABELS[i] for i in on_corpus.argmax(axis=1)],
         "targets": list(on_corpus.astype(np.float32)), "agreement": 100,
     })
-    rows = pd.concat([train.assign(targets=list(targets.astype(np.float32))), transfer], ignore_index=True)
+    rows = pd.concat([_with_teacher_targets(train, on_train, cfg), transfer], ignore_index=True)
     student = finetune(model_dir, rows, validation, out_dir,
                        cfg.model_copy(update={"teacher_model": None, "distill_corpus_texts": 0}))
     teacher_val = classification_metrics(label_ids(validation["label"]), on_validation)

@@ -35,6 +35,16 @@ def corpus_sentences(texts: list[str], min_words: int = 6, max_words: int = 60) 
     return list(seen)
 
 
+def unlabeled_sentences(corpus: list[str] | None, labeled: list[pd.DataFrame], option: str) -> list[str]:
+    """``corpus_sentences`` of ``corpus`` that are in none of the ``labeled`` frames'
+    texts; a clear error naming ``option`` if none is left."""
+    known = set().union(*(set(frame["text"]) for frame in labeled))
+    sentences = [s for s in corpus_sentences(corpus or []) if s not in known]
+    if not sentences:
+        raise ValueError(f"{option} needs a corpus of unlabeled text with sentences in it; none was given")
+    return sentences
+
+
 def sample_candidates(sentences: list[str], count: int, seed: int) -> list[str]:
     """At most ``count`` sentences, a seeded sample so that runs are repeatable."""
     if len(sentences) <= count:
