@@ -98,6 +98,10 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
     suffix = _trial_suffix(settings, trial["trial"])
     out = _run_dir(settings, run_id, f"finetune/trial-{trial['trial']}")
     (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+    if cfg.teacher_model and cfg.teacher_model.startswith("models:/"):
+        # The teacher comes from this registry, and this step may be the first thing its process (an Airflow
+        # worker's, or `finsent finetune`) does: without connecting, MLflow would look in a local SQLite file.
+        registry.connect(settings)
     corpus = None
     if (cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0) and settings.corpus_path.is_file():
         corpus = pd.read_parquet(settings.corpus_path)["text"].tolist()

@@ -137,3 +137,28 @@ def test_second_run_sweeps_registers_the_best_and_the_gate_decides(pipeline_env)
     assert "champion" in second.tags["gate_reason"]
     champion = client.get_model_version_by_alias("finsent-sentiment", "champion")
     assert champion.version == ("2" if second.tags["gate_decision"] == "promote" else "1")
+
+
+def test_third_run_distills_the_champion_into_a_new_candidate(pipeline_env):
+    # The champion teaches: the train DAG's fine-tuning step downloads it from the registry by its models:/ URI,
+    # scores the training rows and 20 corpus sentences with it, and the student is registered as the candidate.
+    # (`dags test` runs the tasks in one process; a worker's fresh process is covered in test_evaluation.py.)
+    teacher = "models:/finsent-sentiment@champion"
+    env = {**pipeline_env, "FINSENT_TRAIN__TEACHER_MODEL": teacher, "FINSENT_TRAIN__DISTILL_CORPUS_TEXTS": "20",
+           "FINSENT_TRAIN__MLM_STEPS": "0", "FINSENT_TRAIN__EPOCHS": "1"}
+    client = MlflowClient(env["FINSENT_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("finsent-sentiment", "champion")
+    _dags_test("train", env)
+    third = client.get_model_version("finsent-sentiment", "3")
+    assert client.get_model_version_by_alias("finsent-sentiment", "candidate").version == "3"
+    metrics = client.get_run(third.run_id).data.metrics
+    assert metrics["distill_corpus_rows"] == 20
+    # The teacher scored the validation split as the champion did when it was trained.
+    champion_run = client.get_run(champion.run_id).data
+    best_trial = champion_run.params.get("sweep_best_trial")  # the champion may be the sweep's winner
+    champion_val = champion_run.metrics["best_val_macro_f1" + (f"_trial{best_trial}" if best_trial else "")]
+    assert metrics["distill_teacher_val_macro_f1"] == pytest.approx(champion_val, abs=5e-4)
+    distillation = json.loads(Path(client.download_artifacts(third.run_id, "distillation.json")).read_text())
+    assert distillation["teacher"] == teacher and sum(distillation["corpus_labels"].values()) == 20
+    card = Path(client.download_artifacts(third.run_id, "model_card.md")).read_text()
+    assert f"fine-tuned teacher `{teacher}`" in card and "20 unlabeled corpus sentences" in card

@@ -2,6 +2,9 @@
 registration with lineage tags, the card and a usable pyfunc."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -162,3 +165,18 @@ def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifie
 
     teacher = Path(teacher_folder(uri, tmp_path))
     assert json.loads((teacher / "config.json").read_text()) == json.loads((tiny_classifier / "config.json").read_text())
+
+    # A fine-tuning step runs in a process of its own (an Airflow worker's, or `finsent finetune`), where nothing
+    # has connected to the tracking server before the registered teacher is downloaded.
+    student = settings.model_copy(update={"train": settings.train.model_copy(update={"epochs": 1, "teacher_model": uri})})
+    (tmp_path / "settings.json").write_text(student.model_dump_json())
+    code = ("import sys; from pipeline.config import Settings; from pipeline.train import jobs; "
+            "settings = Settings.model_validate_json(open(sys.argv[1]).read()); "
+            "print(jobs.finetune(settings, sys.argv[2], sys.argv[3])['distillation']['teacher'])")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    student_run = jobs.start_run(student)["run_id"]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "settings.json"), student_run,
+                           str(settings.train.base_model)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == uri
