@@ -98,9 +98,11 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
     suffix = _trial_suffix(settings, trial["trial"])
     out = _run_dir(settings, run_id, f"finetune/trial-{trial['trial']}")
     (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
-    if cfg.teacher_model and cfg.teacher_model.startswith("models:/"):
-        # The teacher comes from this registry, and this step may be the first thing its process (an Airflow
-        # worker's, or `finsent finetune`) does: without connecting, MLflow would look in a local SQLite file.
+    if _main_process():
+        # Before training, not after: a teacher given as a models:/ URI is downloaded from this registry, and
+        # this step may be the first thing its process (an Airflow worker's, `finsent finetune`) does; without
+        # connecting, MLflow would look in a local SQLite file. An unreachable server also fails here, not
+        # after the training.
         registry.connect(settings)
     corpus = None
     if (cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0) and settings.corpus_path.is_file():
@@ -112,7 +114,6 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
     summary = {key: value for key, value in result.items() if key != "history"}
     if not _main_process():
         return {**summary, "config_hash": config_hash, "trial": trial}
-    registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
         for entry in result["history"]:
             step = int(round(entry.get("epoch", 0)))
