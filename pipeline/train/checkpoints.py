@@ -1,5 +1,6 @@
-"""Masked-LM checkpoints: which ones were written to the end, and whether
-they belong to a run with the same settings and corpus (then it resumes)."""
+"""Training checkpoints (masked-LM adaptation and fine-tuning): which ones were
+written to the end, and whether they belong to a run with the same settings and
+data (then it resumes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -18,7 +21,7 @@ FINGERPRINT = "fingerprint.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # What HF Trainer writes into a checkpoint; trainer_state.json comes last.
 _CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
 
 def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -44,9 +47,10 @@ def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path) -> tuple[int, Path | None]:
+def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path | None = None) -> tuple[int, Path | None]:
     """The last complete checkpoint of a run with the same settings, if any;
-    drops checkpoints of other settings and half-written checkpoint folders."""
+    drops checkpoints of other settings (and ``scratch_dir``, what such a run
+    built besides them) and half-written checkpoint folders."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / FINGERPRINT
     try:
@@ -55,11 +59,12 @@ def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path) -
         previous = None
     if previous != fingerprint:
         stale = [p for p in folder.iterdir() if p.name != FINGERPRINT]
-        if stale or scratch_dir.exists():
-            log.warning("masked-LM settings or corpus changed since the checkpoints in %s were written: starting over", folder)
+        if stale or (scratch_dir is not None and scratch_dir.exists()):
+            log.warning("settings or data changed since the checkpoints in %s were written: starting over", folder)
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        shutil.rmtree(scratch_dir, ignore_errors=True)
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
         marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
         return 0, None
     complete = complete_checkpoints(folder)
@@ -73,7 +78,7 @@ def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path) -
     return complete[-1]
 
 
-def fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> dict:
+def mlm_fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> dict:
     keys = [
         "mlm_steps", "mlm_from_scratch", "mlm_objective", "mlm_whole_word", "mlm_block_size", "mlm_batch_size",
         "mlm_learning_rate", "mlm_probability", "seed", "warmup_ratio", "weight_decay", "max_length",
@@ -89,3 +94,15 @@ def fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> d
         digest.update(text.encode("utf-8", "replace") + b"\x00")
     values = {key: getattr(cfg, key) for key in keys}
     return {"base_model": None if cfg.mlm_from_scratch else str(base_model), "corpus_sha256": digest.hexdigest(), **values}
+
+
+def finetune_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig,
+                         init_seed: int) -> dict:
+    """What a fine-tuning run's checkpoints belong to: the starting model, every
+    row of both splits (targets included: a teacher's probabilities change the
+    run) and the whole config, since any option may change the training."""
+    digest = hashlib.sha256()
+    for frame in (train, validation):
+        digest.update(frame.to_json(orient="split", double_precision=15).encode("utf-8"))
+    return {"model_dir": str(model_dir), "init_seed": init_seed, "rows_sha256": digest.hexdigest(),
+            "config": cfg.model_dump(mode="json")}

@@ -9,9 +9,10 @@ of an ensemble or of a larger fine-tuned teacher, bf16 + fused AdamW on CUDA."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Attention projections LoRA adapts, per architecture family (BERT/RoBERTa, DistilBERT, Llama-style).
 LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
+CHECKPOINTS = "checkpoints"
+FINISHED = "finished.json"  # in the checkpoint folder once a run has ended
 
 
 def _tokenized(frame: pd.DataFrame, tokenizer, max_length: int, soft_labels: bool = False):
@@ -119,12 +122,16 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
 
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"), num_train_epochs=cfg.epochs,
+        output_dir=str(out_dir / CHECKPOINTS), num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=64,
         # A float below 1 is read as the warm-up share of all steps.
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=1,
-        save_only_model=True, load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
+        # Every epoch's checkpoint holds optimizer, scheduler, RNG and early-stopping state, so that a
+        # killed run resumes from it (_train_member). A limit of 2 keeps the best and the last; at 1 the
+        # Trainer deletes the last when it ends, and the full history with it.
+        eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch", save_total_limit=2,
+        restore_callback_states_from_checkpoint=True,
+        load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
         train_sampling_strategy=cfg.train_sampling, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         **training_device_args(cfg),
     )
@@ -141,20 +148,46 @@ def build_trainer(model, tokenizer, train: pd.DataFrame, validation: pd.DataFram
     )
 
 
+class Member(NamedTuple):
+    trainer: FinetuneTrainer  # on its best epoch
+    tokenizer: object
+    trainable: int
+    total: int
+    resumed_from_epoch: int  # 0: trained from the first epoch
+
+
 def _train_member(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path, cfg: TrainConfig,
-                  init_seed: int) -> tuple[FinetuneTrainer, object, int, int]:
+                  init_seed: int) -> Member:
     """One fine-tuning run; the classifier head is initialised from ``init_seed``,
-    data order and dropout follow ``cfg.seed``. The trainer ends on its best epoch."""
+    data order and dropout follow ``cfg.seed``. The trainer ends on its best epoch.
+    A run cut off (a killed worker, a retried task) resumes from the last epoch
+    checkpoint in ``out_dir`` that the same model, rows and config wrote; one that
+    had ended is taken as it ended, without another step."""
     from transformers import set_seed
 
+    from pipeline.train.checkpoints import finetune_fingerprint, prepare_checkpoint_dir
+
+    checkpoints = out_dir / CHECKPOINTS
+    _, checkpoint = prepare_checkpoint_dir(checkpoints, finetune_fingerprint(model_dir, train, validation, cfg, init_seed))
     set_seed(init_seed)
     model, tokenizer = load_classifier(model_dir, cfg.pooling)
     if cfg.finetune_method == "lora":
         model = apply_lora(model, cfg)
     trainable, total = count_parameters(model)
     trainer = build_trainer(model, tokenizer, train, validation, out_dir, cfg)
-    trainer.train()
-    return trainer, tokenizer, trainable, total
+    resumed_from_epoch = 0
+    if checkpoint is not None:
+        resumed_from_epoch = int(round(json.loads((checkpoint / "trainer_state.json").read_text())["epoch"]))
+        if (checkpoints / FINISHED).is_file():
+            # It had ended (last epoch or early stopping): no epoch is left, and the Trainer only loads the best one.
+            trainer.args.num_train_epochs = resumed_from_epoch
+            log.info("fine-tuning in %s had ended at epoch %d: taking its best checkpoint", out_dir, resumed_from_epoch)
+        else:
+            log.info("resuming fine-tuning from %s (epoch %d of %d)", checkpoint, resumed_from_epoch, cfg.epochs)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.is_world_process_zero():
+        (checkpoints / FINISHED).write_text(json.dumps({"epoch": trainer.state.epoch}))
+    return Member(trainer, tokenizer, trainable, total, resumed_from_epoch)
 
 
 def _best_eval(history: list[dict]) -> dict:
@@ -186,7 +219,8 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
         return _finetune_self_training(model_dir, train, validation, out_dir, cfg, corpus or [])
     if cfg.soup_size > 1:
         return _finetune_soup(model_dir, train, validation, out_dir, cfg)
-    trainer, tokenizer, trainable, total = _train_member(model_dir, train, validation, out_dir, cfg, cfg.seed)
+    trainer, tokenizer, trainable, total, resumed_from_epoch = _train_member(
+        model_dir, train, validation, out_dir, cfg, cfg.seed)
     final_dir = out_dir / "model"
     result: dict = {}
     if cfg.finetune_method == "lora":
@@ -212,6 +246,7 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
         "trainable_params": trainable,
         "total_params": total,
         "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
+        "resumed_from_epoch": resumed_from_epoch,
         **result,
         "history": trainer.state.log_history,
     }
@@ -239,15 +274,16 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
     for index in range(cfg.soup_size):
         member_cfg = cfg.model_copy(update={"seed": cfg.seed + 1000 * index, "soup_size": 1})
         member_dir = out_dir / f"member-{index}"
-        trainer, tokenizer, trainable, total = _train_member(model_dir, train, validation, member_dir, member_cfg, cfg.seed)
+        trainer, tokenizer, trainable, total, resumed_from_epoch = _train_member(
+            model_dir, train, validation, member_dir, member_cfg, cfg.seed)
         model = trainer.model.merge_and_unload() if cfg.finetune_method == "lora" else trainer.model
         best = _best_eval(trainer.state.log_history)
         members.append({
             "seed": member_cfg.seed, "val_macro_f1": float(best["eval_macro_f1"]), "best_epoch": int(round(best["epoch"])),
+            "resumed_from_epoch": resumed_from_epoch,
             "state": {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
             "history": trainer.state.log_history,
         })
-        shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
         del trainer, model
 
     ranked = sorted(members, key=lambda m: m["val_macro_f1"], reverse=True)
@@ -273,6 +309,9 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
     final_dir = out_dir / "model"
     if evaluator.is_world_process_zero():
         _save(soup_model, tokenizer, final_dir)
+    # Only now: a retry before this point takes each finished member from its checkpoints instead of training it.
+    for index in range(cfg.soup_size):
+        shutil.rmtree(out_dir / f"member-{index}", ignore_errors=True)
     shutil.rmtree(out_dir / "soup", ignore_errors=True)
     best = ranked[0]
     return {
@@ -287,7 +326,8 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
         "total_params": total,
         "class_weights": None if evaluator.class_weights is None else [round(float(w), 6) for w in evaluator.class_weights],
         "soup": {
-            "members": [{"seed": m["seed"], "val_macro_f1": m["val_macro_f1"], "best_epoch": m["best_epoch"]} for m in members],
+            "members": [{key: m[key] for key in ("seed", "val_macro_f1", "best_epoch", "resumed_from_epoch")}
+                        for m in members],
             "kept_seeds": [m["seed"] for m in kept],
         },
         "history": best["history"],
@@ -334,9 +374,11 @@ def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.Data
             mean_probs[name] += softmax(predict_logits(model, tokenizer, rows, cfg.max_length)) / cfg.distill_teachers
         teachers.append({"seed": teacher_cfg.seed, "val_macro_f1": result["best_val_macro_f1"]})
         del model
-        shutil.rmtree(teacher_dir, ignore_errors=True)
     student = finetune(model_dir, _with_teacher_targets(train, mean_probs["train"], cfg), validation, out_dir, single,
                        corpus=corpus)
+    # Only now: a retry before this point takes each finished teacher from its checkpoints instead of training it.
+    for index in range(cfg.distill_teachers):
+        shutil.rmtree(out_dir / f"teacher-{index}", ignore_errors=True)
     ensemble_val = classification_metrics(label_ids(validation["label"]), mean_probs["validation"])
     student["distillation"] = {
         "teachers": teachers, "weight": cfg.distill_weight,

@@ -125,6 +125,8 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
             f"best_epoch{suffix}": result["best_epoch"], f"best_val_macro_f1{suffix}": result["best_val_macro_f1"],
             f"epochs_run{suffix}": result["epochs_run"], f"trainable_params{suffix}": result["trainable_params"],
         })
+        if "resumed_from_epoch" in result:  # a soup's members say it each in soup.json
+            mlflow.log_metric(f"finetune_resumed_from_epoch{suffix}", result["resumed_from_epoch"])
         if "self_training" in result:
             mlflow.log_metric(f"self_training_rows{suffix}", result["self_training"]["pseudo_rows"])
             mlflow.log_dict(result["self_training"], f"self_training{suffix}.json")

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.train.checkpoints import fingerprint, prepare_checkpoint_dir
+from pipeline.train.checkpoints import mlm_fingerprint, prepare_checkpoint_dir
 from pipeline.train.device import training_device_args
 from pipeline.train.fast_mlm import (
     PACKED_MLM_CLASSES,
@@ -322,7 +322,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
 
     checkpoint_dir = out_dir / CHECKPOINTS
     resumed_step, checkpoint = prepare_checkpoint_dir(
-        checkpoint_dir, fingerprint(base_model, corpus_texts, cfg), out_dir / SCRATCH_INIT
+        checkpoint_dir, mlm_fingerprint(base_model, corpus_texts, cfg), out_dir / SCRATCH_INIT
     )
     torch.manual_seed(cfg.seed)
     if cfg.mlm_from_scratch:

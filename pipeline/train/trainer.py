@@ -7,6 +7,7 @@ inference callers should not pay."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,7 +109,10 @@ class WeightAverageCallback(TrainerCallback):
     it is swapped into the model when the Trainer is about to evaluate or save, and
     the live weights are swapped back before the next step, so training itself
     follows the live weights. The best checkpoint the Trainer loads at the end is
-    therefore an averaged one."""
+    therefore an averaged one. Each checkpoint also keeps the live weights
+    (``LIVE_WEIGHTS``), so that a resumed run trains on from them, not from the average."""
+
+    LIVE_WEIGHTS = "live_weights.safetensors"
 
     def __init__(self, decay: float):
         self.decay = decay
@@ -116,9 +120,17 @@ class WeightAverageCallback(TrainerCallback):
         self._live: list[torch.Tensor] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from safetensors.torch import load_file
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.decay))
+        if state.global_step > 0:
+            # Resumed: the model holds the checkpoint's weights, the average (swapped in to save).
+            self.average.n_averaged.fill_(state.global_step)
+            live = load_file(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.LIVE_WEIGHTS)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(live[name])
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # Called before every step's first forward pass, the first of an epoch included.
@@ -126,23 +138,34 @@ class WeightAverageCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.average.update_parameters(model)
-        self._use_average_if_needed(control, model)
+        self._use_average_if_needed(args, state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._use_average_if_needed(control, model)
+        self._use_average_if_needed(args, state, control, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         # The model now holds the averaged weights (or the best averaged checkpoint); keep them.
         self._live = None
 
-    def _use_average_if_needed(self, control, model) -> None:
-        if self._live is not None or not (control.should_evaluate or control.should_save):
+    def _use_average_if_needed(self, args, state, control, model) -> None:
+        if not (control.should_evaluate or control.should_save):
             return
         params = list(model.parameters())
-        self._live = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for param, averaged in zip(params, self.average.module.parameters()):
-                param.copy_(averaged)
+        if self._live is None:
+            self._live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for param, averaged in zip(params, self.average.module.parameters()):
+                    param.copy_(averaged)
+        if control.should_save and state.is_world_process_zero:
+            # Into the checkpoint's folder before the Trainer writes it: its state file, written last,
+            # then marks a checkpoint complete only with the live weights in it.
+            from safetensors.torch import save_file
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            names = [name for name, _ in model.named_parameters()]
+            save_file({name: live.to("cpu").contiguous() for name, live in zip(names, self._live)},
+                      folder / self.LIVE_WEIGHTS)
 
     def _restore_live(self, model) -> None:
         if self._live is None:

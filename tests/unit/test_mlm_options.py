@@ -285,7 +285,7 @@ def test_bf16_residual_trains_with_a_bf16_stream_under_autocast_and_removes_its_
     states in every training step, the hooks are gone afterwards (evaluation and the saved model
     see the model as it was), and a checkpoint made with it does not resume a run without it."""
     import pipeline.train.mlm as mlm
-    from pipeline.train.checkpoints import fingerprint
+    from pipeline.train.checkpoints import mlm_fingerprint
 
     streams, models = [], []
     install = mlm.residual_stream_in_autocast_dtype
@@ -309,7 +309,7 @@ def test_bf16_residual_trains_with_a_bf16_stream_under_autocast_and_removes_its_
     assert streams == [torch.bfloat16] * (3 * 2)  # every step, both layers of the tiny BERT
     assert not any(module._forward_hooks for module in models[0].modules() if isinstance(module, torch.nn.LayerNorm))
     assert result.used == "adapted" and result.perplexity_adapted < result.perplexity_base
-    assert fingerprint(str(tiny_base), corpus, cfg) != fingerprint(str(tiny_base), corpus, cfg.model_copy(
+    assert mlm_fingerprint(str(tiny_base), corpus, cfg) != mlm_fingerprint(str(tiny_base), corpus, cfg.model_copy(
         update={"mlm_bf16_residual": False}))
 
 
@@ -347,7 +347,7 @@ def test_mlm_dropout_zero_trains_as_a_model_without_dropout_and_saves_the_models
     option does not resume a run without it."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    from pipeline.train.checkpoints import fingerprint
+    from pipeline.train.checkpoints import mlm_fingerprint
 
     no_dropout = tmp_path / "no-dropout-base"
     config = AutoConfig.from_pretrained(tiny_base)
@@ -368,6 +368,6 @@ def test_mlm_dropout_zero_trains_as_a_model_without_dropout_and_saves_the_models
     assert own.perplexity_adapted != pytest.approx(option.perplexity_adapted, rel=1e-6)  # the model's own 0.1 trains otherwise
     saved = AutoConfig.from_pretrained(option.model_dir)
     assert saved.hidden_dropout_prob == saved.attention_probs_dropout_prob == 0.1
-    assert "mlm_dropout" not in fingerprint(str(tiny_base), corpus, cfg)  # earlier checkpoints keep their fingerprint
-    assert fingerprint(str(tiny_base), corpus, cfg) != fingerprint(str(tiny_base), corpus, cfg.model_copy(
+    assert "mlm_dropout" not in mlm_fingerprint(str(tiny_base), corpus, cfg)  # earlier checkpoints keep their fingerprint
+    assert mlm_fingerprint(str(tiny_base), corpus, cfg) != mlm_fingerprint(str(tiny_base), corpus, cfg.model_copy(
         update={"mlm_dropout": 0.0}))

@@ -1,0 +1,201 @@
+"""A fine-tuning run killed with SIGKILL resumes from its last complete epoch
+checkpoint and ends with the weights and history of a run that was never cut off;
+a run that had ended is taken as it ended, without another step.
+
+Run as a script, this file is the driver of the run that gets killed:
+``python test_finetune_resume.py ARGS.json`` fine-tunes with the arguments in the
+file, each step after the first epoch slowed down so that the test can kill it
+before it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def drive(args_path: Path) -> None:
+    from transformers import Trainer
+
+    from pipeline.config import TrainConfig
+    from pipeline.data.ingest import load_split
+    from pipeline.train.classify import finetune
+
+    args = json.loads(args_path.read_text())
+    training_step = Trainer.training_step
+
+    def slow_training_step(self, *a, **kw):
+        if self.state.epoch >= 1:
+            time.sleep(1.0)
+        return training_step(self, *a, **kw)
+
+    Trainer.training_step = slow_training_step
+    labeled = Path(args["labeled_dir"])
+    finetune(args["base"], load_split(labeled, "train"), load_split(labeled, "validation"), Path(args["out_dir"]),
+             TrainConfig(**args["cfg"]))
+
+
+def kill_after_first_checkpoint(tmp_path: Path, args: dict, checkpoints: Path) -> None:
+    from pipeline.train.checkpoints import complete_checkpoints
+
+    args_path = tmp_path / "first.json"
+    args_path.write_text(json.dumps(args))
+    log_path = tmp_path / "first.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, __file__, str(args_path)], cwd=REPO, env=env, start_new_session=True,
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, f"first run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
+        assert complete_checkpoints(checkpoints), f"no checkpoint within 120 s:\n{log_path.read_text()[-3000:]}"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
+def count_training_steps(monkeypatch) -> list[int]:
+    """The global step of each training step taken in this process from now on."""
+    from transformers import Trainer
+
+    steps: list[int] = []
+    training_step = Trainer.training_step
+
+    def counted(self, *a, **kw):
+        steps.append(self.state.global_step)
+        return training_step(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "training_step", counted)
+    return steps
+
+
+def weights(model_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(model_dir) / "model.safetensors")
+
+
+def evaluations(history: list[dict]) -> list[tuple[float, float]]:
+    return [(entry["epoch"], entry["eval_macro_f1"]) for entry in history if "eval_macro_f1" in entry]
+
+
+@pytest.mark.parametrize("option", [{}, {"ema_decay": 0.9}], ids=["plain", "weight-average"])
+def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, caplog, monkeypatch, option):
+    from pipeline.data.ingest import load_split
+    from pipeline.train.checkpoints import complete_checkpoints
+    from pipeline.train.classify import finetune
+
+    cfg = ingested.train.model_copy(update=option)
+    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
+    base = str(ingested.train.base_model)
+    uncut = finetune(base, train, validation, tmp_path / "uncut", cfg)
+    assert uncut["resumed_from_epoch"] == 0
+
+    out = tmp_path / "cut"
+    checkpoints = out / "checkpoints"
+    kill_after_first_checkpoint(
+        tmp_path, {"base": base, "labeled_dir": str(ingested.labeled_dir), "out_dir": str(out), "cfg": cfg.model_dump()},
+        checkpoints,
+    )
+    last_step, last = complete_checkpoints(checkpoints)[-1]
+    assert not (checkpoints / "finished.json").exists() and not (out / "model").exists()
+    # A checkpoint cut off while saving (the state file is written last): resuming must skip it.
+    half_written = checkpoints / f"checkpoint-{last_step * 2}"
+    half_written.mkdir(exist_ok=True)
+    (half_written / "model.safetensors").write_bytes(b"\0" * 100)
+
+    steps = count_training_steps(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        resumed = finetune(base, train, validation, out, cfg)
+    epoch = resumed["resumed_from_epoch"]
+    assert 1 <= epoch < cfg.epochs
+    steps_per_epoch = last_step // epoch
+    assert len(steps) == (cfg.epochs - epoch) * steps_per_epoch, "the resumed run did not start from its checkpoint"
+    assert f"resuming fine-tuning from {last} (epoch {epoch} of {cfg.epochs})" in caplog.text
+    assert f"ignoring and removing the incomplete checkpoint {half_written}" in caplog.text
+    # The same weights and history as the run that was never cut off: optimizer, scheduler, RNG, data
+    # order and (with it) the moving average all came back from the checkpoint.
+    assert evaluations(resumed["history"]) == evaluations(uncut["history"])
+    assert resumed["best_epoch"] == uncut["best_epoch"] and resumed["epochs_run"] == cfg.epochs
+    expected, got = weights(uncut["model_dir"]), weights(resumed["model_dir"])
+    assert expected.keys() == got.keys()
+    assert all((expected[name] == got[name]).all() for name in expected), "resumed weights differ from the uncut run's"
+
+    # Once more (a retried task after the step ended): no further step, the same best model.
+    caplog.clear()
+    steps.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        again = finetune(base, train, validation, out, cfg)
+    assert not steps
+    assert f"had ended at epoch {cfg.epochs}: taking its best checkpoint" in caplog.text
+    assert again["resumed_from_epoch"] == cfg.epochs and evaluations(again["history"]) == evaluations(uncut["history"])
+    final = weights(again["model_dir"])
+    assert all((expected[name] == final[name]).all() for name in expected)
+
+    # Other settings do not resume from these checkpoints.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        changed = finetune(base, train, validation, out, cfg.model_copy(update={"epochs": 1}))
+    assert changed["resumed_from_epoch"] == 0 and changed["epochs_run"] == 1
+    assert "settings or data changed since the checkpoints" in caplog.text
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingested, monkeypatch):
+    from transformers import Trainer, TrainerCallback
+
+    from pipeline.data.ingest import load_split
+    from pipeline.train.classify import finetune
+
+    cfg = ingested.train.model_copy(update={"soup_size": 2, "soup_method": "uniform", "epochs": 2})
+    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
+    base = str(ingested.train.base_model)
+    uncut = finetune(base, train, validation, tmp_path / "uncut", cfg)
+    assert not list((tmp_path / "uncut").glob("member-*")), "members' checkpoints outlived the saved soup"
+
+    class StopInSecondMember(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if "member-1" in args.output_dir:
+                raise Interrupted  # as a killed worker: after member 1's first checkpoint
+
+    init = Trainer.__init__
+
+    def with_stop(self, *a, **kw):
+        init(self, *a, **kw)
+        self.add_callback(StopInSecondMember())
+
+    monkeypatch.setattr(Trainer, "__init__", with_stop)
+    with pytest.raises(Interrupted):
+        finetune(base, train, validation, tmp_path / "cut", cfg)
+    monkeypatch.setattr(Trainer, "__init__", init)
+
+    steps = count_training_steps(monkeypatch)
+    resumed = finetune(base, train, validation, tmp_path / "cut", cfg)
+    members = resumed["soup"]["members"]
+    assert [m["resumed_from_epoch"] for m in members] == [2, 1]  # the first had ended, the second resumes
+    # Only member 1's second epoch ran: no step of member 0, none from member 1's start.
+    assert steps and min(steps) == len(steps), "a member trained from its first step again"
+    assert [{**m, "resumed_from_epoch": 0} for m in members] == uncut["soup"]["members"]
+    expected, got = weights(uncut["model_dir"]), weights(resumed["model_dir"])
+    assert all((expected[name] == got[name]).all() for name in expected), "the resumed soup differs from the uncut one"
+
+
+if __name__ == "__main__":
+    drive(Path(sys.argv[1]))
