@@ -4,7 +4,12 @@ trained on the fly, and settings that point at all of them."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +77,31 @@ def tiny_train_config(base: Path) -> TrainConfig:
         base_model=str(base), max_length=64, mlm_steps=6, mlm_block_size=64, mlm_batch_size=8,
         mlm_max_corpus_texts=200, epochs=3, batch_size=16, learning_rate=2e-3,
     )
+
+
+def kill_after_first_checkpoint(driver: Path, args: dict, checkpoints: Path, work: Path, timeout: float = 120) -> None:
+    """Runs ``python driver ARGS.json`` in a process group of its own and kills it
+    with SIGKILL once ``checkpoints`` holds a complete checkpoint, as a lost
+    worker dies; fails if the run ends first or writes none in ``timeout`` s."""
+    from pipeline.train.checkpoints import complete_checkpoints
+
+    args_path, log_path = work / "first.json", work / "first.log"
+    args_path.write_text(json.dumps(args))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, str(driver), str(args_path)], cwd=REPO, env=env, start_new_session=True,
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, f"first run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
+        assert complete_checkpoints(checkpoints), f"no checkpoint within {timeout} s:\n{log_path.read_text()[-3000:]}"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
 
 
 # The tiny test BERT's vocabulary splits words finely and its max length is 64,

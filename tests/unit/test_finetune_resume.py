@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def drive(args_path: Path) -> None:
@@ -43,29 +38,6 @@ def drive(args_path: Path) -> None:
     labeled = Path(args["labeled_dir"])
     finetune(args["base"], load_split(labeled, "train"), load_split(labeled, "validation"), Path(args["out_dir"]),
              TrainConfig(**args["cfg"]))
-
-
-def kill_after_first_checkpoint(tmp_path: Path, args: dict, checkpoints: Path) -> None:
-    from pipeline.train.checkpoints import complete_checkpoints
-
-    args_path = tmp_path / "first.json"
-    args_path.write_text(json.dumps(args))
-    log_path = tmp_path / "first.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
-        [sys.executable, __file__, str(args_path)], cwd=REPO, env=env, start_new_session=True,
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert process.poll() is None, f"first run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
-        assert complete_checkpoints(checkpoints), f"no checkpoint within 120 s:\n{log_path.read_text()[-3000:]}"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session)
-        process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
 
 
 def count_training_steps(monkeypatch) -> list[int]:
@@ -98,6 +70,7 @@ def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, 
     from pipeline.data.ingest import load_split
     from pipeline.train.checkpoints import complete_checkpoints
     from pipeline.train.classify import finetune
+    from tests.conftest import kill_after_first_checkpoint
 
     cfg = ingested.train.model_copy(update=option)
     train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
@@ -108,8 +81,8 @@ def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, 
     out = tmp_path / "cut"
     checkpoints = out / "checkpoints"
     kill_after_first_checkpoint(
-        tmp_path, {"base": base, "labeled_dir": str(ingested.labeled_dir), "out_dir": str(out), "cfg": cfg.model_dump()},
-        checkpoints,
+        Path(__file__), {"base": base, "labeled_dir": str(ingested.labeled_dir), "out_dir": str(out),
+                         "cfg": cfg.model_dump()}, checkpoints, tmp_path,
     )
     last_step, last = complete_checkpoints(checkpoints)[-1]
     assert not (checkpoints / "finished.json").exists() and not (out / "model").exists()

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 30, 5
 
 
@@ -45,23 +41,11 @@ def drive(args_path: Path) -> None:
     (Path(args["out_dir"]) / "result.json").write_text(json.dumps(result.to_dict()))
 
 
-def start_driver(tmp_path: Path, args: dict) -> tuple[subprocess.Popen, Path]:
-    args_path = tmp_path / "first.json"
-    args_path.write_text(json.dumps(args))
-    log_path = tmp_path / "first.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
-        [sys.executable, __file__, str(args_path)], cwd=REPO, env=env, start_new_session=True,
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-    )
-    return process, log_path
-
-
 def test_killed_mlm_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_base, fpb_subset, caplog):
     from pipeline.data.sources import read_phrasebank
     from pipeline.train.checkpoints import complete_checkpoints
     from pipeline.train.mlm import adapt_mlm
-    from tests.conftest import tiny_train_config
+    from tests.conftest import kill_after_first_checkpoint, tiny_train_config
 
     raw, _ = read_phrasebank(fpb_subset)
     texts = raw.loc[raw["error"].isna(), "text"].tolist()
@@ -73,17 +57,7 @@ def test_killed_mlm_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny
             "cfg": cfg.model_dump()}
     checkpoints = out / "checkpoints"
 
-    first, first_log = start_driver(tmp_path, args)
-    try:
-        deadline = time.monotonic() + 60
-        while not complete_checkpoints(checkpoints) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, f"first run ended before it could be killed:\n{first_log.read_text()[-3000:]}"
-        assert complete_checkpoints(checkpoints), f"no checkpoint within 60 s:\n{first_log.read_text()[-3000:]}"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # its own process group (start_new_session)
-        first.wait(timeout=30)
-    assert first.returncode == -signal.SIGKILL
+    kill_after_first_checkpoint(Path(__file__), args, checkpoints, tmp_path, timeout=60)
     assert not (out / "result.json").exists()
     last_step, last = complete_checkpoints(checkpoints)[-1]
     assert 0 < last_step < STEPS
