@@ -194,6 +194,9 @@ class Settings(BaseSettings):
 
     project_dir: Path = Field(Path("."), description="the DVC repository that holds data/ and data.dvc")
     state_dir: Path = Field(Path(".finsent"), description="services' state, run outputs, DVC remote")
+    keep_checkpoints: bool = Field(
+        False, description="keep a run's training checkpoints once its model is registered; they serve only a "
+        "retried step, and a fine-tuning one holds the optimizer's state besides the weights (about 3× the model)")
     labeled_source: str | None = Field(
         None, description="labeled data URI: a Financial PhraseBank folder, hf://<dataset id>, or CSV/JSONL/Parquet "
         "files (path, folder or fsspec URL); unset: fpb_dir"

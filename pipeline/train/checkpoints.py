@@ -17,6 +17,7 @@ from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"  # the folder of a step's checkpoints, in its run folder
 FINGERPRINT = "fingerprint.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # What HF Trainer writes into a checkpoint; trainer_state.json comes last.
@@ -106,3 +107,14 @@ def finetune_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.Dat
         digest.update(frame.to_json(orient="split", double_precision=15).encode("utf-8"))
     return {"model_dir": str(model_dir), "init_seed": init_seed, "rows_sha256": digest.hexdigest(),
             "config": cfg.model_dump(mode="json")}
+
+
+def remove_checkpoint_folders(run_folder: Path) -> int:
+    """Removes every checkpoint folder under ``run_folder`` (once the run's model is
+    registered they serve no retry); returns the bytes freed."""
+    freed = 0
+    for folder in sorted(run_folder.rglob(CHECKPOINTS)):
+        if folder.is_dir():
+            freed += sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+            shutil.rmtree(folder)
+    return freed

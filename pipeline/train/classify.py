@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import LABELS, TrainConfig
+from pipeline.train.checkpoints import CHECKPOINTS
 from pipeline.train.evaluate import classification_metrics, label_ids, softmax
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # Attention projections LoRA adapts, per architecture family (BERT/RoBERTa, DistilBERT, Llama-style).
 LORA_TARGETS: tuple[tuple[str, str], ...] = (("query", "value"), ("q_lin", "v_lin"), ("q_proj", "v_proj"))
-CHECKPOINTS = "checkpoints"
 FINISHED = "finished.json"  # in the checkpoint folder once a run has ended
 
 

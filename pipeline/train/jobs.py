@@ -215,6 +215,12 @@ def register(settings: Settings, run_id: str, model_dir: str) -> dict:
     card = build_model_card(settings, run_id, model_path)
     config_hash = registry.train_config_hash(_trained_config(settings, model_path))
     version = registry.register_classifier(settings, run_id, model_path, model_card=card, tags={"config_hash": config_hash})
+    freed = 0
+    if not settings.keep_checkpoints:
+        from pipeline.train.checkpoints import remove_checkpoint_folders
+
+        freed = remove_checkpoint_folders(settings.runs_dir / run_id)
+        log.info("registered; removed the run's training checkpoints (%.0f MB)", freed / 1e6)
     return {
         "model_uri": f"models:/{version.name}@{registry.CANDIDATE}",
         "name": version.name,
@@ -222,4 +228,5 @@ def register(settings: Settings, run_id: str, model_dir: str) -> dict:
         "run_id": run_id,
         "config_hash": config_hash,
         "model_card": str(card),
+        "checkpoint_bytes_removed": freed,
     }

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.train.checkpoints import mlm_fingerprint, prepare_checkpoint_dir
+from pipeline.train.checkpoints import CHECKPOINTS, mlm_fingerprint, prepare_checkpoint_dir
 from pipeline.train.device import training_device_args
 from pipeline.train.fast_mlm import (
     PACKED_MLM_CLASSES,
@@ -81,7 +81,6 @@ from pipeline.train.masking import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 SCRATCH_INIT = "scratch-init"
 HEAD_FIT = "head-fit"  # inside the checkpoint folder: a retry reuses it, changed settings discard it
 

@@ -77,6 +77,9 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert int(champion.tags["parity_label_flips"]) == 0
     assert champion.tags["gate_decision"] == "promote"
     assert champion.tags["data_digest"].endswith(".dir")
+    # The training checkpoints served only retries: registration removed them, the models stay.
+    runs = Path(env["FINSENT_STATE_DIR"]) / "runs"
+    assert not list(runs.rglob("checkpoints")) and list(runs.glob("*/finetune/trial-0/model/config.json"))
     run = client.get_run(champion.run_id)
     for metric in ("test_accuracy", "test_macro_f1", "test_roc_auc_ovr", "test_accuracy_allagree", "test_ece",
                    "test_macro_f1_allagree", "mlm_perplexity_base", "mlm_perplexity_random_head"):

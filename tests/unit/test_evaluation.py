@@ -180,3 +180,12 @@ def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifie
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == uri
+
+    # Once the student is registered, its run's checkpoints, which serve only a retried step, go; its model stays.
+    run_folder = student.runs_dir / student_run
+    model_dir = run_folder / "finetune" / "trial-0" / "model"
+    assert [p.name for p in run_folder.rglob("checkpoints")] == ["checkpoints"]
+    registered = jobs.register(student, student_run, str(model_dir))
+    assert registered["checkpoint_bytes_removed"] > 0 and not list(run_folder.rglob("checkpoints"))
+    assert (model_dir / "config.json").is_file()
+    assert client.get_model_version_by_alias(settings.model_name, registry.CANDIDATE).version == registered["version"]
