@@ -127,6 +127,24 @@ def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, 
     assert "settings or data changed since the checkpoints" in caplog.text
 
 
+def test_a_run_that_stopped_early_is_not_trained_further_on_retry(tmp_path, ingested, monkeypatch):
+    from pipeline.data.ingest import load_split
+    from pipeline.train.classify import finetune
+
+    cfg = ingested.train.model_copy(update={"epochs": 8, "early_stopping_patience": 1})
+    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
+    first = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
+    assert first["stopped_early"], "the tiny model should stop before 8 epochs; pick a shorter patience"
+
+    steps = count_training_steps(monkeypatch)
+    again = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
+    assert not steps, "the retry trained on past the early stop"
+    assert again["resumed_from_epoch"] == first["epochs_run"] and again["stopped_early"]
+    assert evaluations(again["history"]) == evaluations(first["history"])
+    expected, got = weights(first["model_dir"]), weights(again["model_dir"])
+    assert all((expected[name] == got[name]).all() for name in expected)
+
+
 class Interrupted(Exception):
     pass
 
