@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # the folder of a step's checkpoints, in its run folder
 FINGERPRINT = "fingerprint.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-# What HF Trainer writes into a checkpoint; trainer_state.json comes last.
-_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+# What HF Trainer writes into a checkpoint; trainer_state.json comes last. The RNG state is
+# rng_state.pth in one process, rng_state_<rank>.pth from each process under torchrun.
+_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+_RNG_FILES = re.compile(r"^rng_state(_\d+)?\.pth$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
 
@@ -42,6 +44,7 @@ def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
         except (OSError, ValueError):
             continue
         files_ok = all((path / name).is_file() and (path / name).stat().st_size > 0 for name in _CHECKPOINT_FILES)
+        files_ok = files_ok and any(_RNG_FILES.match(file.name) and file.stat().st_size > 0 for file in path.iterdir())
         weights_ok = any((path / name).is_file() and (path / name).stat().st_size > 0 for name in _WEIGHT_FILES)
         if files_ok and weights_ok and state.get("global_step") == step:
             found.append((step, path))

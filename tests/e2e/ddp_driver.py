@@ -32,7 +32,8 @@ def main(model_dir: str, data_dir: str, out: str, batch_size: int) -> None:
     validation = validation.head(len(validation) // 2 * 2)
     result = finetune(model_dir, train, validation, Path(out).parent / f"work-{batch_size}", cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps({"history": result["history"], "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
+        Path(out).write_text(json.dumps({"history": result["history"], "resumed_from_epoch": result["resumed_from_epoch"],
+                                         "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
 
 
 def adapt(model_dir: str, data_dir: str, out: str) -> None:

@@ -45,9 +45,10 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, no_dr
     data = str(ingested.labeled_dir)
     single = _run([sys.executable, driver, str(no_dropout_base), data, str(tmp_path / "one.json"), "16"],
                   tmp_path / "one.json", tmp_path)
-    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(services.free_port()), driver, str(no_dropout_base), data,
-                str(tmp_path / "two.json"), "8"], tmp_path / "two.json", tmp_path)
+    torchrun = lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",  # noqa: E731
+                        "--master_addr", "127.0.0.1", "--master_port", str(services.free_port())]
+    ddp = _run([*torchrun(), driver, str(no_dropout_base), data, str(tmp_path / "two.json"), "8"],
+               tmp_path / "two.json", tmp_path)
     assert single["world_size"] == 1 and ddp["world_size"] == 2
     curve = lambda run, key: [h[key] for h in run["history"] if key in h]  # noqa: E731
     # The training loss curve, and validation scores of the gathered predictions (the validation loss
@@ -55,6 +56,13 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, no_dr
     for key in ("loss", "eval_macro_f1", "eval_accuracy"):
         assert len(curve(single, key)) == len(curve(ddp, key)) == 3, key
         assert curve(ddp, key) == pytest.approx(curve(single, key), rel=1e-3, abs=1e-4), key
+
+    # Run again (a retried task): both processes find the ended run's checkpoints and take them as they are.
+    again = _run([*torchrun(), driver, str(no_dropout_base), data, str(tmp_path / "again.json"), "8"],
+                 tmp_path / "again.json", tmp_path)
+    assert (ddp["resumed_from_epoch"], again["resumed_from_epoch"]) == (0, 3)
+    for key in ("loss", "eval_macro_f1", "eval_accuracy"):
+        assert curve(again, key) == curve(ddp, key), key
 
 
 @pytest.mark.parametrize("head", ["own", "new"])
