@@ -127,32 +127,61 @@ def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, 
     assert "settings or data changed since the checkpoints" in caplog.text
 
 
-def test_a_run_that_stopped_early_is_not_trained_further_on_retry(tmp_path, ingested, monkeypatch):
-    from pipeline.data.ingest import load_split
-    from pipeline.train.classify import finetune
-
-    # With a learning rate of 0 the weights stay put, so validation macro-F1 cannot improve after the first
-    # epoch and the run stops after the second, whatever the tiny model would have learned.
-    cfg = ingested.train.model_copy(update={"epochs": 8, "early_stopping_patience": 1, "learning_rate": 0.0})
-    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
-    first = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
-    assert first["stopped_early"] and first["epochs_run"] == 2
-
-    steps = count_training_steps(monkeypatch)
-    again = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
-    assert not steps, "the retry trained on past the early stop"
-    assert again["resumed_from_epoch"] == first["epochs_run"] and again["stopped_early"]
-    assert evaluations(again["history"]) == evaluations(first["history"])
-    expected, got = weights(first["model_dir"]), weights(again["model_dir"])
-    assert all((expected[name] == got[name]).all() for name in expected)
-
-
 class Interrupted(Exception):
     pass
 
 
-def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingested, monkeypatch):
+def interrupt_after_epoch(monkeypatch, epoch: int, in_folder: str = "") -> None:
+    """Every Trainer built from now on whose checkpoint folder's path holds
+    ``in_folder`` raises ``Interrupted`` right after saving the checkpoint of
+    ``epoch``, as a killed worker would stop there."""
     from transformers import Trainer, TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if round(state.epoch) == epoch and in_folder in args.output_dir:
+                raise Interrupted
+
+    init = Trainer.__init__
+
+    def with_stop(self, *a, **kw):
+        init(self, *a, **kw)
+        self.add_callback(Stop())
+
+    monkeypatch.setattr(Trainer, "__init__", with_stop)
+
+
+def test_early_stopping_carries_over_a_resume_and_a_stopped_run_is_not_trained_further(tmp_path, ingested, monkeypatch):
+    from transformers import Trainer
+
+    from pipeline.data.ingest import load_split
+    from pipeline.train.classify import finetune
+
+    # With a learning rate of 0 the weights stay put, so validation macro-F1 cannot improve after the first
+    # epoch: with patience 2 an uncut run stops after epoch 3, whatever the tiny model would have learned.
+    cfg = ingested.train.model_copy(update={"epochs": 8, "early_stopping_patience": 2, "learning_rate": 0.0})
+    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
+    init = Trainer.__init__
+    interrupt_after_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
+    monkeypatch.setattr(Trainer, "__init__", init)
+
+    # Resumed after epoch 2, the run has one epoch without improvement behind it: had the early-stopping
+    # counter started again from 0, it would stop after epoch 4.
+    resumed = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
+    assert resumed["resumed_from_epoch"] == 2
+    assert resumed["stopped_early"] and resumed["epochs_run"] == 3
+
+    steps = count_training_steps(monkeypatch)
+    again = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
+    assert not steps, "the retry trained on past the early stop"
+    assert again["resumed_from_epoch"] == 3 and again["stopped_early"]
+    assert evaluations(again["history"]) == evaluations(resumed["history"])
+
+
+def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingested, monkeypatch):
+    from transformers import Trainer
 
     from pipeline.data.ingest import load_split
     from pipeline.train.classify import finetune
@@ -163,18 +192,8 @@ def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingeste
     uncut = finetune(base, train, validation, tmp_path / "uncut", cfg)
     assert not list((tmp_path / "uncut").glob("member-*")), "members' checkpoints outlived the saved soup"
 
-    class StopInSecondMember(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if "member-1" in args.output_dir:
-                raise Interrupted  # as a killed worker: after member 1's first checkpoint
-
     init = Trainer.__init__
-
-    def with_stop(self, *a, **kw):
-        init(self, *a, **kw)
-        self.add_callback(StopInSecondMember())
-
-    monkeypatch.setattr(Trainer, "__init__", with_stop)
+    interrupt_after_epoch(monkeypatch, 1, in_folder="member-1")  # a killed worker, after member 1's first epoch
     with pytest.raises(Interrupted):
         finetune(base, train, validation, tmp_path / "cut", cfg)
     monkeypatch.setattr(Trainer, "__init__", init)
