@@ -80,18 +80,23 @@ def tiny_train_config(base: Path) -> TrainConfig:
 
 
 def kill_after_first_checkpoint(driver: Path, args: dict, checkpoints: Path, work: Path, timeout: float = 120) -> None:
-    """Runs ``python driver ARGS.json`` in a process group of its own and kills it
-    with SIGKILL once ``checkpoints`` holds a complete checkpoint, as a lost
-    worker dies; fails if the run ends first or writes none in ``timeout`` s."""
+    """Runs ``python driver ARGS.json`` and kills it as ``kill_at_first_checkpoint`` does."""
+    args_path = work / "first.json"
+    args_path.write_text(json.dumps(args))
+    kill_at_first_checkpoint([sys.executable, str(driver), str(args_path)], checkpoints, work / "first.log", timeout)
+
+
+def kill_at_first_checkpoint(command: list[str], checkpoints: Path, log_path: Path, timeout: float = 120,
+                             env: dict[str, str] | None = None) -> None:
+    """Runs ``command`` (``env`` added to the environment) in a process group of
+    its own and kills the group with SIGKILL once ``checkpoints`` holds a
+    complete checkpoint, as a lost worker dies; fails if the run ends first or
+    writes none in ``timeout`` s."""
     from pipeline.train.checkpoints import complete_checkpoints
 
-    args_path, log_path = work / "first.json", work / "first.log"
-    args_path.write_text(json.dumps(args))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
-        [sys.executable, str(driver), str(args_path)], cwd=REPO, env=env, start_new_session=True,
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while not complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
@@ -99,7 +104,7 @@ def kill_after_first_checkpoint(driver: Path, args: dict, checkpoints: Path, wor
         assert process.poll() is None, f"first run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
         assert complete_checkpoints(checkpoints), f"no checkpoint within {timeout} s:\n{log_path.read_text()[-3000:]}"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session)
+        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session): torchrun's workers too
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
 

@@ -1,16 +1,20 @@
 """Training checkpoints (masked-LM adaptation and fine-tuning): which ones were
 written to the end, and whether they belong to a run with the same settings and
-data (then it resumes)."""
+data (then it resumes). Also what a retried fine-tuning step takes as it was
+instead of computing it again: a saved model's result, a teacher's scores."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import TrainConfig
@@ -19,6 +23,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # the folder of a step's checkpoints, in its run folder
 FINGERPRINT = "fingerprint.json"
+RESULT = "finetune_result.json"  # a fine-tuning call's result, written once its model is saved
+TEACHER_SCORES = "teacher_scores.npz"  # a teacher's probabilities, kept for a retry
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # What HF Trainer writes into a checkpoint; trainer_state.json comes last. The RNG state is
 # rng_state.pth in one process, rng_state_<rank>.pth from each process under torchrun.
@@ -93,11 +99,29 @@ def mlm_fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) 
     # Only when on, so that earlier runs' checkpoints keep their fingerprint.
     keys += [key for key in ("mlm_float8", "mlm_bf16_residual") if getattr(cfg, key)]
     keys += ["mlm_dropout"] if cfg.mlm_dropout is not None else []
-    digest = hashlib.sha256()
-    for text in corpus_texts:
-        digest.update(text.encode("utf-8", "replace") + b"\x00")
     values = {key: getattr(cfg, key) for key in keys}
-    return {"base_model": None if cfg.mlm_from_scratch else str(base_model), "corpus_sha256": digest.hexdigest(), **values}
+    return {"base_model": None if cfg.mlm_from_scratch else str(base_model), "corpus_sha256": texts_sha256(corpus_texts),
+            **values}
+
+
+def texts_sha256(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "replace") + b"\x00")
+    return digest.hexdigest()
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """The digest of a model folder's weight files (a second or so for a
+    bert-base-sized model): what scores computed with them belong to."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin"):
+            digest.update(path.name.encode() + b"\x00")
+            with path.open("rb") as weights:
+                while chunk := weights.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()
 
 
 def finetune_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig,
@@ -121,3 +145,51 @@ def remove_checkpoint_folders(run_folder: Path) -> int:
             freed += sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
             shutil.rmtree(folder)
     return freed
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a file beside ``path``, then renamed onto it: a process killed
+    while writing leaves the old file or none, never half of one."""
+    partial = path.with_name(f".partial-{path.name}")
+    write(partial)
+    os.replace(partial, path)
+
+
+def saved_result(out_dir: Path, fingerprint: dict) -> dict | None:
+    """The result a fine-tuning call with this fingerprint saved in ``out_dir``,
+    if there is one and the model it names is still there."""
+    try:
+        saved = json.loads((out_dir / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("fingerprint") != fingerprint:
+        return None  # another call's (the student's of a composite step writes here too), or other settings
+    model = Path(saved["result"]["model_dir"])
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        return None
+    return saved["result"]
+
+
+def save_result(out_dir: Path, fingerprint: dict, result: dict) -> None:
+    text = json.dumps({"fingerprint": fingerprint, "result": result}, indent=1)
+    _write_atomically(out_dir / RESULT, lambda path: path.write_text(text))
+
+
+def cached_scores(path: Path, key: dict, score: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays ``score`` returns, kept in ``path`` (``.npz``) for a retry with
+    the same ``key``: a retried distillation step takes its teachers'
+    probabilities from there instead of loading and running the teachers again.
+    The student's checkpoints were trained on exactly these targets, so reading
+    them back (not scoring again, perhaps on other hardware) lets it resume."""
+    key_text = json.dumps(key, sort_keys=True)
+    try:
+        with np.load(path) as saved:
+            if str(saved["key"]) == key_text:
+                return {name: saved[name] for name in saved.files if name != "key"}
+    except (OSError, ValueError, KeyError):
+        pass
+    arrays = score()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The partial file's name ends in .npz as ``path``'s does, so np.savez adds no suffix of its own.
+    _write_atomically(path, lambda partial: np.savez(partial, key=np.array(key_text), **arrays))
+    return arrays

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -19,7 +21,8 @@ import pandas as pd
 import torch
 
 from pipeline.config import LABELS, TrainConfig
-from pipeline.train.checkpoints import CHECKPOINTS
+from pipeline.train.checkpoints import (CHECKPOINTS, TEACHER_SCORES, cached_scores, finetune_fingerprint, save_result,
+                                        saved_result, texts_sha256, weights_sha256)
 from pipeline.train.evaluate import classification_metrics, label_ids, softmax
 
 if TYPE_CHECKING:
@@ -165,7 +168,7 @@ def _train_member(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame,
     had ended is taken as it ended, without another step."""
     from transformers import set_seed
 
-    from pipeline.train.checkpoints import finetune_fingerprint, prepare_checkpoint_dir
+    from pipeline.train.checkpoints import prepare_checkpoint_dir
 
     checkpoints = out_dir / CHECKPOINTS
     _, checkpoint = prepare_checkpoint_dir(checkpoints, finetune_fingerprint(model_dir, train, validation, cfg, init_seed))
@@ -208,17 +211,72 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     ``self_training_texts`` > 0 it is a student trained on the labels plus
     ``corpus`` sentences a first model labeled; with ``distill_teachers`` > 0 it
     is a student of that many teachers, with ``teacher_model`` a student of that
-    fine-tuned classifier (``pipeline.train.distill``)."""
+    fine-tuned classifier (``pipeline.train.distill``).
+
+    Retried (a killed worker, a failed task) with the same model, rows, corpus
+    and config, a call whose model was saved is taken as it was: its result is
+    read back from ``out_dir/finetune_result.json`` (``from_saved_result``) and
+    nothing trains or scores. One cut off before that resumes each of its runs
+    from its checkpoints, takes members and teachers that had ended as they
+    were, and reads their scores back."""
+    fingerprint = _finetune_call_fingerprint(model_dir, train, validation, cfg, corpus)
+    saved = saved_result(out_dir, fingerprint)
+    if saved is not None:
+        log.info("fine-tuning in %s had ended and saved its model: taking it as it is", out_dir)
+        _remove_helpers(out_dir, cfg)  # a worker killed right after saving the result may have left them
+        return {**saved, "from_saved_result": True}
     if cfg.teacher_model:
         from pipeline.train.distill import finetune_from_teacher
 
-        return finetune_from_teacher(model_dir, train, validation, out_dir, cfg, corpus)
-    if cfg.distill_teachers > 0:
-        return _finetune_distilled(model_dir, train, validation, out_dir, cfg, corpus)
-    if cfg.self_training_texts > 0:
-        return _finetune_self_training(model_dir, train, validation, out_dir, cfg, corpus or [])
-    if cfg.soup_size > 1:
-        return _finetune_soup(model_dir, train, validation, out_dir, cfg)
+        result = finetune_from_teacher(model_dir, train, validation, out_dir, cfg, corpus)
+    elif cfg.distill_teachers > 0:
+        result = _finetune_distilled(model_dir, train, validation, out_dir, cfg, corpus)
+    elif cfg.self_training_texts > 0:
+        result = _finetune_self_training(model_dir, train, validation, out_dir, cfg, corpus or [])
+    elif cfg.soup_size > 1:
+        result = _finetune_soup(model_dir, train, validation, out_dir, cfg)
+    else:
+        result = _finetune_single(model_dir, train, validation, out_dir, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process trains; rank 0 wrote the model
+        save_result(out_dir, fingerprint, result)
+        # Only now: a retry before this point takes each finished member or teacher, and their scores, as they are.
+        _remove_helpers(out_dir, cfg)
+    return result
+
+
+def _finetune_call_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig,
+                               corpus: list[str] | None) -> dict:
+    """What a saved result belongs to: the fine-tuning runs' fingerprint, plus the
+    corpus and the teacher where the config reads them."""
+    fingerprint = finetune_fingerprint(model_dir, train, validation, cfg, cfg.seed)
+    if corpus is not None and (cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0):
+        fingerprint["corpus_sha256"] = texts_sha256(corpus)
+    if cfg.teacher_model:
+        from pipeline.train.distill import teacher_identity
+
+        fingerprint["teacher"] = teacher_identity(cfg.teacher_model)
+    return fingerprint
+
+
+def _remove_helpers(out_dir: Path, cfg: TrainConfig) -> None:
+    """Removes what ``finetune`` builds in ``out_dir`` besides the model for the
+    recipe ``cfg`` picks (its branches, in its order): members, teachers, scores."""
+    if cfg.teacher_model:
+        helpers = [out_dir / TEACHER_SCORES]
+    elif cfg.distill_teachers > 0:
+        helpers = [out_dir / f"teacher-{index}" for index in range(cfg.distill_teachers)]
+    elif cfg.self_training_texts > 0:
+        helpers = [out_dir / "teacher"]
+    elif cfg.soup_size > 1:
+        helpers = [*(out_dir / f"member-{index}" for index in range(cfg.soup_size)), out_dir / "soup"]
+    else:
+        helpers = []
+    for path in helpers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _finetune_single(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
+                     cfg: TrainConfig) -> dict:
     trainer, tokenizer, trainable, total, resumed_from_epoch = _train_member(
         model_dir, train, validation, out_dir, cfg, cfg.seed)
     final_dir = out_dir / "model"
@@ -268,8 +326,6 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
     averaged model's validation macro-F1 does not drop; uniform: all are averaged. One
     model comes out, so export and serving cost what a single model costs; training
     costs the members."""
-    import shutil
-
     members = []
     for index in range(cfg.soup_size):
         member_cfg = cfg.model_copy(update={"seed": cfg.seed + 1000 * index, "soup_size": 1})
@@ -309,10 +365,6 @@ def _finetune_soup(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame
     final_dir = out_dir / "model"
     if evaluator.is_world_process_zero():
         _save(soup_model, tokenizer, final_dir)
-    # Only now: a retry before this point takes each finished member from its checkpoints instead of training it.
-    for index in range(cfg.soup_size):
-        shutil.rmtree(out_dir / f"member-{index}", ignore_errors=True)
-    shutil.rmtree(out_dir / "soup", ignore_errors=True)
     best = ranked[0]
     return {
         "model_dir": str(final_dir),
@@ -358,8 +410,6 @@ def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.Data
     teachers disagree most, and spread their probability unevenly, where a
     sentence is ambiguous: that is what the student learns beyond the labels. One
     model comes out; training costs the teachers and the student."""
-    import shutil
-
     _refuse_under_torchrun("distill_teachers")
     single = cfg.model_copy(update={"distill_teachers": 0})
     texts = {"train": train["text"].tolist(), "validation": validation["text"].tolist()}
@@ -369,16 +419,12 @@ def _finetune_distilled(model_dir: str, train: pd.DataFrame, validation: pd.Data
         teacher_cfg = single.model_copy(update={"seed": cfg.seed + 1000 * (index + 1)})
         teacher_dir = out_dir / f"teacher-{index}"
         result = finetune(model_dir, train, validation, teacher_dir, teacher_cfg, corpus=corpus)
-        model, tokenizer = load_classifier(result["model_dir"])
-        for name, rows in texts.items():
-            mean_probs[name] += softmax(predict_logits(model, tokenizer, rows, cfg.max_length)) / cfg.distill_teachers
+        probs = _teacher_scores(result["model_dir"], texts, cfg.max_length, teacher_dir / TEACHER_SCORES)
+        for name in texts:
+            mean_probs[name] += probs[name] / cfg.distill_teachers
         teachers.append({"seed": teacher_cfg.seed, "val_macro_f1": result["best_val_macro_f1"]})
-        del model
     student = finetune(model_dir, _with_teacher_targets(train, mean_probs["train"], cfg), validation, out_dir, single,
                        corpus=corpus)
-    # Only now: a retry before this point takes each finished teacher from its checkpoints instead of training it.
-    for index in range(cfg.distill_teachers):
-        shutil.rmtree(out_dir / f"teacher-{index}", ignore_errors=True)
     ensemble_val = classification_metrics(label_ids(validation["label"]), mean_probs["validation"])
     student["distillation"] = {
         "teachers": teachers, "weight": cfg.distill_weight,
@@ -395,25 +441,21 @@ def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.
     ``self_training_texts`` most confident sentences, their targets the teacher's
     probabilities. Training costs the teacher, the scoring and a student on the
     larger set; one model comes out."""
-    import shutil
-
     from pipeline.train.self_training import sample_candidates, select_pseudo_labels, unlabeled_sentences
 
     _refuse_under_torchrun("self_training_texts")
     sentences = unlabeled_sentences(corpus, [train, validation], "self_training_texts")
     single = cfg.model_copy(update={"self_training_texts": 0})
     teacher = finetune(model_dir, train, validation, out_dir / "teacher", single)
-    model, tokenizer = load_classifier(teacher["model_dir"])
     candidates = sample_candidates(sentences, cfg.self_training_candidates, cfg.seed)
-    probs = softmax(predict_logits(model, tokenizer, candidates, cfg.max_length))
-    del model
+    probs = _teacher_scores(teacher["model_dir"], {"candidates": candidates}, cfg.max_length,
+                            out_dir / "teacher" / TEACHER_SCORES)["candidates"]
     shares = np.bincount(label_ids(train["label"]), minlength=len(LABELS)) / len(train)
     pseudo = select_pseudo_labels(candidates, probs, cfg.self_training_texts, shares)
     labeled = train if "targets" in train else train.assign(targets=None)
     augmented = pd.concat([labeled, pseudo.drop(columns="confidence").assign(agreement=100)],
                           ignore_index=True)
     student = finetune(model_dir, augmented, validation, out_dir, single)
-    shutil.rmtree(out_dir / "teacher", ignore_errors=True)
     student["self_training"] = {
         "corpus_sentences": len(sentences), "candidates": len(candidates), "pseudo_rows": len(pseudo),
         "pseudo_labels": {label: int((pseudo["label"] == label).sum()) for label in LABELS},
@@ -421,6 +463,18 @@ def _finetune_self_training(model_dir: str, train: pd.DataFrame, validation: pd.
         "teacher_val_macro_f1": teacher["best_val_macro_f1"],
     }
     return student
+
+
+def _teacher_scores(teacher_dir: str, texts: dict[str, list[str]], max_length: int, path: Path) -> dict[str, np.ndarray]:
+    """The probabilities the classifier in ``teacher_dir`` gives each list of
+    ``texts``, kept in ``path`` for a retry with the same weights and texts."""
+    def score() -> dict[str, np.ndarray]:
+        model, tokenizer = load_classifier(teacher_dir)
+        return {name: softmax(predict_logits(model, tokenizer, rows, max_length)) for name, rows in texts.items()}
+
+    key = {"teacher_weights_sha256": weights_sha256(Path(teacher_dir)), "max_length": max_length,
+           "texts_sha256": {name: texts_sha256(rows) for name, rows in texts.items()}}
+    return cached_scores(path, key, score)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import LABELS, TrainConfig
+from pipeline.train.checkpoints import TEACHER_SCORES, cached_scores, texts_sha256, weights_sha256
 from pipeline.train.device import training_device_args
 from pipeline.train.evaluate import classification_metrics, label_ids, softmax
 
@@ -38,6 +39,23 @@ def teacher_folder(teacher: str, download_dir: Path) -> str:
     if not folders:
         raise ValueError(f"{teacher} holds no transformers model folder under artifacts/; is it a finsent model?")
     return str(folders[0])
+
+
+def teacher_identity(teacher: str) -> str:
+    """What a teacher's scores are kept under: a registry alias resolved to the
+    version it names (it may move between a step and its retry), a local folder
+    with its weights' digest (it may be overwritten), a hub id as given."""
+    from pipeline.train.base import resolve_base_model
+
+    if teacher.startswith("models:/"):
+        name, _, alias = teacher.removeprefix("models:/").partition("@")
+        if not alias:
+            return teacher
+        import mlflow
+
+        return f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, alias).version}"
+    folder = Path(resolve_base_model(teacher))
+    return f"{folder} weights {weights_sha256(folder)}" if folder.is_dir() else teacher
 
 
 def label_order(id2label: dict[int, str]) -> list[int]:
@@ -78,20 +96,24 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
         candidates = unlabeled_sentences(corpus, [train, validation], "distill_corpus_texts")
         sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
 
-    with tempfile.TemporaryDirectory() as download:
-        folder = teacher_folder(cfg.teacher_model, Path(download))
-        columns = teacher_columns(folder)
-        model, tokenizer = load_classifier(folder)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = training_device_args(cfg)["bf16"]
+    texts = {"train": train["text"].tolist(), "validation": validation["text"].tolist(), "corpus": sentences}
 
-    def teacher_probs(texts: list[str]) -> np.ndarray:
-        return softmax(predict_logits(model, tokenizer, texts, cfg.max_length, bf16=bf16)[:, columns])
+    def score() -> dict[str, np.ndarray]:
+        with tempfile.TemporaryDirectory() as download:
+            folder = teacher_folder(cfg.teacher_model, Path(download))
+            columns = teacher_columns(folder)
+            model, tokenizer = load_classifier(folder)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        bf16 = training_device_args(cfg)["bf16"]
+        return {name: softmax(predict_logits(model, tokenizer, rows, cfg.max_length, bf16=bf16)[:, columns])
+                for name, rows in texts.items()}
 
-    on_train = teacher_probs(train["text"].tolist())
-    on_validation = teacher_probs(validation["text"].tolist())
-    on_corpus = teacher_probs(sentences)
-    del model
+    # Kept for a retry: a large teacher is minutes of scoring on a CPU, and the student's checkpoints resume
+    # only on the targets they were trained on.
+    key = {"teacher": teacher_identity(cfg.teacher_model), "max_length": cfg.max_length,
+           "texts_sha256": {name: texts_sha256(rows) for name, rows in texts.items()}}
+    probs = cached_scores(out_dir / TEACHER_SCORES, key, score)
+    on_train, on_validation, on_corpus = probs["train"], probs["validation"], probs["corpus"]
 
     transfer = pd.DataFrame({
         "text": sentences, "label": [LABELS[i] for i in on_corpus.argmax(axis=1)],

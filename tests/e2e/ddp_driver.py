@@ -1,6 +1,9 @@
 """Fine-tunes with the project's ``finetune`` under whatever launched it (plain
 python, or torchrun with several processes) and, on rank 0, writes the
-Trainer's log history to the JSON file named on the command line.
+Trainer's log history to the JSON file named on the command line:
+``ddp_driver.py MODEL DATA OUT BATCH [WORK]``, in the folder WORK beside OUT
+(default ``work-BATCH``). With ``SLOW_AFTER_FIRST_EPOCH`` set, every step after
+the first epoch sleeps a second, so that a test can kill the run there.
 
 ``ddp_driver.py mlm MODEL DATA OUT``: runs ``adapt_mlm`` instead, and every
 process writes its result to ``OUT.rank<N>.json``."""
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +23,18 @@ from pipeline.train.classify import finetune
 from pipeline.train.mlm import adapt_mlm
 
 
-def main(model_dir: str, data_dir: str, out: str, batch_size: int) -> None:
+def main(model_dir: str, data_dir: str, out: str, batch_size: int, work: str | None = None) -> None:
+    if os.environ.get("SLOW_AFTER_FIRST_EPOCH"):
+        from transformers import Trainer
+
+        training_step = Trainer.training_step
+
+        def slow_training_step(self, *args, **kwargs):
+            if self.state.epoch >= 1:
+                time.sleep(1.0)
+            return training_step(self, *args, **kwargs)
+
+        Trainer.training_step = slow_training_step
     cfg = TrainConfig(
         base_model=model_dir, max_length=64, epochs=3, batch_size=batch_size, learning_rate=2e-3,
         train_sampling="sequential", seed=0,
@@ -30,10 +45,13 @@ def main(model_dir: str, data_dir: str, out: str, batch_size: int) -> None:
     validation = pd.read_parquet(Path(data_dir) / "validation.parquet")
     # An even count: each process evaluates an equal half, so the mean of their losses is the overall mean.
     validation = validation.head(len(validation) // 2 * 2)
-    result = finetune(model_dir, train, validation, Path(out).parent / f"work-{batch_size}", cfg)
+    result = finetune(model_dir, train, validation, Path(out).parent / (work or f"work-{batch_size}"), cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps({"history": result["history"], "resumed_from_epoch": result["resumed_from_epoch"],
-                                         "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
+        Path(out).write_text(json.dumps({
+            "history": result["history"], "resumed_from_epoch": result["resumed_from_epoch"],
+            "from_saved_result": result.get("from_saved_result", False),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        }))
 
 
 def adapt(model_dir: str, data_dir: str, out: str) -> None:
@@ -49,4 +67,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "mlm":
         adapt(*sys.argv[2:5])
     else:
-        main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])

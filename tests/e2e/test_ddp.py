@@ -1,6 +1,7 @@
 """DistributedDataParallel on CPU: two gloo processes under torchrun, each with
 half the batch, follow the same loss curve as one process with the whole
-batch (same global batch, same order, no dropout). Masked-LM adaptation under
+batch (same global batch, same order, no dropout), and a two-process run
+killed mid-run resumes from its checkpoint. Masked-LM adaptation under
 torchrun keeps the processes' weights in step and writes one complete folder."""
 
 from __future__ import annotations
@@ -57,12 +58,25 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path, no_dr
         assert len(curve(single, key)) == len(curve(ddp, key)) == 3, key
         assert curve(ddp, key) == pytest.approx(curve(single, key), rel=1e-3, abs=1e-4), key
 
-    # Run again (a retried task): both processes find the ended run's checkpoints and take them as they are.
+    # Run again (a retried task): both processes read the saved run's result back and train nothing.
     again = _run([*torchrun(), driver, str(no_dropout_base), data, str(tmp_path / "again.json"), "8"],
                  tmp_path / "again.json", tmp_path)
-    assert (ddp["resumed_from_epoch"], again["resumed_from_epoch"]) == (0, 3)
+    assert (ddp["from_saved_result"], again["from_saved_result"]) == (False, True)
     for key in ("loss", "eval_macro_f1", "eval_accuracy"):
         assert curve(again, key) == curve(ddp, key), key
+
+    # Killed (the whole torchrun group) once the first epoch's checkpoint is complete: the retry resumes from
+    # it in both processes (each reads back its own RNG state, rng_state_<rank>.pth) and ends as the uncut run.
+    from tests.conftest import kill_at_first_checkpoint
+
+    command = [*torchrun(), driver, str(no_dropout_base), data, str(tmp_path / "cut.json"), "8", "work-cut"]
+    kill_at_first_checkpoint(command, tmp_path / "work-cut" / "checkpoints", tmp_path / "cut.log",
+                             env={"SLOW_AFTER_FIRST_EPOCH": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert not (tmp_path / "cut.json").exists()
+    resumed = _run(command, tmp_path / "cut.json", tmp_path)
+    assert resumed["resumed_from_epoch"] == 1
+    for key in ("loss", "eval_macro_f1", "eval_accuracy"):
+        assert curve(resumed, key) == curve(ddp, key), key
 
 
 @pytest.mark.parametrize("head", ["own", "new"])

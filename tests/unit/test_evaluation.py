@@ -184,6 +184,9 @@ def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifie
     # Once the student is registered, its run's checkpoints, which serve only a retried step, go; its model stays.
     run_folder = student.runs_dir / student_run
     model_dir = run_folder / "finetune" / "trial-0" / "model"
+    # The saved result, which a retried step reads back, names the version the alias pointed to, not the alias.
+    saved = json.loads((model_dir.parent / "finetune_result.json").read_text())
+    assert saved["fingerprint"]["teacher"] == f"models:/{settings.model_name}/{result['version']}"
     assert [p.name for p in run_folder.rglob("checkpoints")] == ["checkpoints"]
     registered = jobs.register(student, student_run, str(model_dir))
     assert registered["checkpoint_bytes_removed"] > 0 and not list(run_folder.rglob("checkpoints"))

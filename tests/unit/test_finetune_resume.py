@@ -1,6 +1,8 @@
 """A fine-tuning run killed with SIGKILL resumes from its last complete epoch
 checkpoint and ends with the weights and history of a run that was never cut off;
-a run that had ended is taken as it ended, without another step.
+a run that had ended is taken as it ended, without another step; a step whose
+model was saved is read back, and a distillation's teachers are neither trained
+nor run again.
 
 Run as a script, this file is the driver of the run that gets killed:
 ``python test_finetune_resume.py ARGS.json`` fine-tunes with the arguments in the
@@ -108,12 +110,18 @@ def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, 
     assert expected.keys() == got.keys()
     assert all((expected[name] == got[name]).all() for name in expected), "resumed weights differ from the uncut run's"
 
-    # Once more (a retried task after the step ended): no further step, the same best model.
-    caplog.clear()
+    # Once more (a task retried after the step saved its model): its result is read back, nothing trains.
     steps.clear()
+    again = finetune(base, train, validation, out, cfg)
+    assert not steps and again["from_saved_result"]
+    assert {**again, "from_saved_result": None} == {**resumed, "from_saved_result": None}
+    # A worker killed after training ended but before the result was written: the checkpoints say the run had
+    # ended, so the Trainer takes no step and only loads the best epoch.
+    (out / "finetune_result.json").unlink()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
         again = finetune(base, train, validation, out, cfg)
-    assert not steps
+    assert not steps and "from_saved_result" not in again
     assert f"had ended at epoch {cfg.epochs}: taking its best checkpoint" in caplog.text
     assert again["resumed_from_epoch"] == cfg.epochs and evaluations(again["history"]) == evaluations(uncut["history"])
     final = weights(again["model_dir"])
@@ -131,15 +139,16 @@ class Interrupted(Exception):
     pass
 
 
-def interrupt_after_epoch(monkeypatch, epoch: int, in_folder: str = "") -> None:
-    """Every Trainer built from now on whose checkpoint folder's path holds
-    ``in_folder`` raises ``Interrupted`` right after saving the checkpoint of
-    ``epoch``, as a killed worker would stop there."""
+def interrupt_after_epoch(monkeypatch, epoch: int, in_folder: str | None = None) -> None:
+    """Every Trainer built from now on (with ``in_folder``, only those of runs in
+    a folder of that name) raises ``Interrupted`` right after saving the
+    checkpoint of ``epoch``, as a killed worker would stop there."""
     from transformers import Trainer, TrainerCallback
 
     class Stop(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if round(state.epoch) == epoch and in_folder in args.output_dir:
+            # A run's checkpoints are in <its folder>/checkpoints.
+            if round(state.epoch) == epoch and in_folder in (None, Path(args.output_dir).parent.name):
                 raise Interrupted
 
     init = Trainer.__init__
@@ -174,6 +183,7 @@ def test_early_stopping_carries_over_a_resume_and_a_stopped_run_is_not_trained_f
     assert resumed["stopped_early"] and resumed["epochs_run"] == 3
 
     steps = count_training_steps(monkeypatch)
+    (tmp_path / "finetune_result.json").unlink()  # as if killed before the saved result: the checkpoints decide
     again = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
     assert not steps, "the retry trained on past the early stop"
     assert again["resumed_from_epoch"] == 3 and again["stopped_early"]
@@ -207,6 +217,90 @@ def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingeste
     assert [{**m, "resumed_from_epoch": 0} for m in members] == uncut["soup"]["members"]
     expected, got = weights(uncut["model_dir"]), weights(resumed["model_dir"])
     assert all((expected[name] == got[name]).all() for name in expected), "the resumed soup differs from the uncut one"
+
+
+
+def count_teacher_scorings(monkeypatch) -> list[int]:
+    """The number of texts of each call that scores texts with a classifier from now on."""
+    from pipeline.train import classify
+
+    calls: list[int] = []
+    predict = classify.predict_logits
+
+    def counted(model, tokenizer, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return predict(model, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(classify, "predict_logits", counted)
+    return calls
+
+
+@pytest.mark.parametrize("recipe", ["ensemble", "teacher", "self-training"])
+def test_a_distillation_retried_while_its_student_trains_neither_trains_nor_runs_its_teachers_again(
+        tmp_path, ingested, tiny_classifier, monkeypatch, recipe):
+    import pandas as pd
+    from transformers import Trainer
+
+    from pipeline.data.ingest import load_split
+    from pipeline.train.classify import finetune
+
+    options = {
+        "ensemble": {"distill_teachers": 2},
+        "teacher": {"teacher_model": str(tiny_classifier), "distill_corpus_texts": 40},
+        "self-training": {"self_training_texts": 30, "self_training_candidates": 120},
+    }[recipe]
+    cfg = ingested.train.model_copy(update={"epochs": 2, **options})
+    train = load_split(ingested.labeled_dir, "train").sample(n=96, random_state=0).reset_index(drop=True)
+    validation = load_split(ingested.labeled_dir, "validation")
+    corpus = pd.read_parquet(ingested.corpus_path)["text"].tolist()
+    base, out = str(ingested.train.base_model), tmp_path / "step"
+
+    init = Trainer.__init__
+    interrupt_after_epoch(monkeypatch, 1, in_folder="step")  # the student's run; teachers train in their own folders
+    scorings = count_teacher_scorings(monkeypatch)
+    with pytest.raises(Interrupted):
+        finetune(base, train, validation, out, cfg, corpus=corpus)
+    monkeypatch.setattr(Trainer, "__init__", init)
+    assert scorings, "the teachers scored nothing"
+
+    steps = count_training_steps(monkeypatch)
+    scorings.clear()
+    resumed = finetune(base, train, validation, out, cfg, corpus=corpus)
+    assert not scorings, "the retry ran a teacher again"
+    # The student trained on the targets its checkpoints were written with, so it resumed; no teacher step ran.
+    assert resumed["resumed_from_epoch"] == 1
+    steps_per_epoch = -(-max(entry["step"] for entry in resumed["history"]) // cfg.epochs)
+    assert len(steps) == steps_per_epoch and min(steps) == steps_per_epoch
+    helpers = [p.name for p in out.iterdir() if p.name.startswith("teacher")]
+    assert not helpers, f"{helpers} outlived the saved student"
+
+    # Retried once more, after the student was saved: read back, nothing trains or scores.
+    steps.clear()
+    again = finetune(base, train, validation, out, cfg, corpus=corpus)
+    assert again["from_saved_result"] and not steps and not scorings
+    assert {**again, "from_saved_result": None} == {**resumed, "from_saved_result": None}
+
+
+def test_a_teachers_scores_are_kept_for_its_weights_and_texts_only(tmp_path):
+    import numpy as np
+
+    from pipeline.train.checkpoints import cached_scores
+
+    calls = []
+
+    def score(value: float):
+        def compute():
+            calls.append(value)
+            return {"train": np.full((2, 3), value, dtype=np.float32)}
+        return compute
+
+    path = tmp_path / "teacher_scores.npz"
+    assert cached_scores(path, {"teacher": "a"}, score(1.0))["train"][0, 0] == 1.0
+    assert cached_scores(path, {"teacher": "a"}, score(2.0))["train"][0, 0] == 1.0 and calls == [1.0]
+    assert cached_scores(path, {"teacher": "b"}, score(3.0))["train"][0, 0] == 3.0 and calls == [1.0, 3.0]
+    path.write_bytes(b"cut off")  # an unreadable file is scored again, not an error
+    assert cached_scores(path, {"teacher": "b"}, score(4.0))["train"][0, 0] == 4.0
+    assert not list(tmp_path.glob(".partial-*"))
 
 
 if __name__ == "__main__":
