@@ -71,8 +71,8 @@ def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path | 
         stale = [p for p in folder.iterdir() if p.name != FINGERPRINT]
         if stale or (scratch_dir is not None and scratch_dir.exists()):
             log.warning("settings or data changed since the checkpoints in %s were written: starting over", folder)
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in stale:  # under torchrun every process does this at once: what another removed is gone
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
         marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))

@@ -41,19 +41,29 @@ def teacher_folder(teacher: str, download_dir: Path) -> str:
     return str(folders[0])
 
 
+def pinned_teacher(teacher: str) -> str:
+    """A registry alias (``models:/name@alias``) as the version it names now
+    (``models:/name/N``), so that the teacher scored is the one recorded even if
+    the alias moves meanwhile; anything else as given."""
+    if not teacher.startswith("models:/"):
+        return teacher
+    name, _, alias = teacher.removeprefix("models:/").partition("@")
+    if not alias:
+        return teacher
+    import mlflow
+
+    return f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, alias).version}"
+
+
 def teacher_identity(teacher: str) -> str:
-    """What a teacher's scores are kept under: a registry alias resolved to the
-    version it names (it may move between a step and its retry), a local folder
-    with its weights' digest (it may be overwritten), a hub id as given."""
+    """What a teacher's scores are kept under: a registry alias pinned to its
+    version (it may move between a step and its retry), a local folder with its
+    weights' digest (it may be overwritten), a hub id as given."""
     from pipeline.train.base import resolve_base_model
 
+    teacher = pinned_teacher(teacher)
     if teacher.startswith("models:/"):
-        name, _, alias = teacher.removeprefix("models:/").partition("@")
-        if not alias:
-            return teacher
-        import mlflow
-
-        return f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, alias).version}"
+        return teacher
     folder = Path(resolve_base_model(teacher))
     return f"{folder} weights {weights_sha256(folder)}" if folder.is_dir() else teacher
 
@@ -97,10 +107,11 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
         sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
 
     texts = {"train": train["text"].tolist(), "validation": validation["text"].tolist(), "corpus": sentences}
+    teacher = pinned_teacher(cfg.teacher_model)
 
     def score() -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory() as download:
-            folder = teacher_folder(cfg.teacher_model, Path(download))
+            folder = teacher_folder(teacher, Path(download))
             columns = teacher_columns(folder)
             model, tokenizer = load_classifier(folder)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +121,7 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
 
     # Kept for a retry: a large teacher is minutes of scoring on a CPU, and the student's checkpoints resume
     # only on the targets they were trained on.
-    key = {"teacher": teacher_identity(cfg.teacher_model), "max_length": cfg.max_length,
+    key = {"teacher": teacher_identity(teacher), "max_length": cfg.max_length,
            "texts_sha256": {name: texts_sha256(rows) for name, rows in texts.items()}}
     probs = cached_scores(out_dir / TEACHER_SCORES, key, score)
     on_train, on_validation, on_corpus = probs["train"], probs["validation"], probs["corpus"]
@@ -124,7 +135,7 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
                        cfg.model_copy(update={"teacher_model": None, "distill_corpus_texts": 0}))
     teacher_val = classification_metrics(label_ids(validation["label"]), on_validation)
     student["distillation"] = {
-        "teacher": cfg.teacher_model, "weight": cfg.distill_weight,
+        "teacher": cfg.teacher_model, "teacher_pinned": teacher, "weight": cfg.distill_weight,
         "teacher_val_macro_f1": round(float(teacher_val["macro_f1"]), 4),
         "teacher_val_accuracy": round(float(teacher_val["accuracy"]), 4),
         "corpus_rows": len(transfer),

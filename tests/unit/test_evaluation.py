@@ -172,14 +172,14 @@ def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifie
     (tmp_path / "settings.json").write_text(student.model_dump_json())
     code = ("import sys; from pipeline.config import Settings; from pipeline.train import jobs; "
             "settings = Settings.model_validate_json(open(sys.argv[1]).read()); "
-            "print(jobs.finetune(settings, sys.argv[2], sys.argv[3])['distillation']['teacher'])")
+            "d = jobs.finetune(settings, sys.argv[2], sys.argv[3])['distillation']; print(d['teacher'], d['teacher_pinned'])")
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     student_run = jobs.start_run(student)["run_id"]
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "settings.json"), student_run,
                            str(settings.train.base_model)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == uri
+    assert done.stdout.strip().splitlines()[-1] == f"{uri} models:/{settings.model_name}/{result['version']}"
 
     # Once the student is registered, its run's checkpoints, which serve only a retried step, go; its model stays.
     run_folder = student.runs_dir / student_run
