@@ -79,6 +79,22 @@ def tiny_train_config(base: Path) -> TrainConfig:
     )
 
 
+def slow_down_training(when, seconds: float = 1.0) -> None:
+    """Makes every Trainer step of this process sleep ``seconds`` once
+    ``when(trainer.state)`` holds, so that a test can kill a run between its
+    first checkpoint and its end."""
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def slow_training_step(self, *args, **kwargs):
+        if when(self.state):
+            time.sleep(seconds)
+        return training_step(self, *args, **kwargs)
+
+    Trainer.training_step = slow_training_step
+
+
 def kill_after_first_checkpoint(driver: Path, args: dict, checkpoints: Path, work: Path, timeout: float = 120) -> None:
     """Runs ``python driver ARGS.json`` and kills it as ``kill_at_first_checkpoint`` does."""
     args_path = work / "first.json"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,16 +24,9 @@ from pipeline.train.mlm import adapt_mlm
 
 def main(model_dir: str, data_dir: str, out: str, batch_size: int, work: str | None = None) -> None:
     if os.environ.get("SLOW_AFTER_FIRST_EPOCH"):
-        from transformers import Trainer
+        from tests.conftest import slow_down_training
 
-        training_step = Trainer.training_step
-
-        def slow_training_step(self, *args, **kwargs):
-            if self.state.epoch >= 1:
-                time.sleep(1.0)
-            return training_step(self, *args, **kwargs)
-
-        Trainer.training_step = slow_training_step
+        slow_down_training(lambda state: state.epoch >= 1)
     cfg = TrainConfig(
         base_model=model_dir, max_length=64, epochs=3, batch_size=batch_size, learning_rate=2e-3,
         train_sampling="sequential", seed=0,

@@ -15,28 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 
 def drive(args_path: Path) -> None:
-    from transformers import Trainer
-
     from pipeline.config import TrainConfig
     from pipeline.data.ingest import load_split
     from pipeline.train.classify import finetune
+    from tests.conftest import slow_down_training
 
     args = json.loads(args_path.read_text())
-    training_step = Trainer.training_step
-
-    def slow_training_step(self, *a, **kw):
-        if self.state.epoch >= 1:
-            time.sleep(1.0)
-        return training_step(self, *a, **kw)
-
-    Trainer.training_step = slow_training_step
+    slow_down_training(lambda state: state.epoch >= 1)
     labeled = Path(args["labeled_dir"])
     finetune(args["base"], load_split(labeled, "train"), load_split(labeled, "validation"), Path(args["out_dir"]),
              TrainConfig(**args["cfg"]))

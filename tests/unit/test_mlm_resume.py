@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,20 +22,12 @@ STEPS, EVERY = 30, 5
 
 def drive(args_path: Path) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
-    from transformers import Trainer
-
     from pipeline.config import TrainConfig
     from pipeline.train.mlm import adapt_mlm
+    from tests.conftest import slow_down_training
 
     args = json.loads(args_path.read_text())
-    training_step = Trainer.training_step
-
-    def slow_training_step(self, *a, **kw):
-        if self.state.global_step >= EVERY:
-            time.sleep(1.0)
-        return training_step(self, *a, **kw)
-
-    Trainer.training_step = slow_training_step
+    slow_down_training(lambda state: state.global_step >= EVERY)
     result = adapt_mlm(args["base"], args["corpus"], args["validation"], Path(args["out_dir"]), TrainConfig(**args["cfg"]))
     (Path(args["out_dir"]) / "result.json").write_text(json.dumps(result.to_dict()))
 
