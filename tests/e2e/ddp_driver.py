@@ -5,8 +5,11 @@ Trainer's log history to the JSON file named on the command line:
 (default ``work-BATCH``). With ``SLOW_AFTER_FIRST_EPOCH`` set, every step after
 the first epoch sleeps a second, so that a test can kill the run there.
 
-``ddp_driver.py mlm MODEL DATA OUT``: runs ``adapt_mlm`` instead, and every
-process writes its result to ``OUT.rank<N>.json``."""
+``ddp_driver.py mlm MODEL DATA OUT [STEPS EVERY WORK]``: runs ``adapt_mlm``
+instead (STEPS steps, a checkpoint every EVERY, 0 for none, in WORK; default
+6, 0, ``work-mlm``), and every process writes its result to
+``OUT.rank<N>.json``. With ``SLOW_AFTER_STEP`` set, every step from that one
+on sleeps a second."""
 
 from __future__ import annotations
 
@@ -46,17 +49,21 @@ def main(model_dir: str, data_dir: str, out: str, batch_size: int, work: str | N
         }))
 
 
-def adapt(model_dir: str, data_dir: str, out: str) -> None:
-    cfg = TrainConfig(base_model=model_dir, max_length=64, mlm_steps=6, mlm_block_size=64, mlm_batch_size=4,
-                      mlm_margin=-1.0, checkpoint_steps=0, seed=0)
+def adapt(model_dir: str, data_dir: str, out: str, steps: str = "6", every: str = "0", work: str = "work-mlm") -> None:
+    if os.environ.get("SLOW_AFTER_STEP"):
+        from tests.conftest import slow_down_training
+
+        slow_down_training(lambda state: state.global_step >= int(os.environ["SLOW_AFTER_STEP"]))
+    cfg = TrainConfig(base_model=model_dir, max_length=64, mlm_steps=int(steps), mlm_block_size=64, mlm_batch_size=4,
+                      mlm_margin=-1.0, checkpoint_steps=int(every), seed=0)
     texts = pd.read_parquet(Path(data_dir) / "train.parquet")["text"].tolist()
     validation = pd.read_parquet(Path(data_dir) / "validation.parquet")["text"].tolist()
-    result = adapt_mlm(model_dir, texts, validation, Path(out).parent / "work-mlm", cfg)
+    result = adapt_mlm(model_dir, texts, validation, Path(out).parent / work, cfg)
     Path(f"{out}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result.to_dict()))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "mlm":
-        adapt(*sys.argv[2:5])
+        adapt(*sys.argv[2:])
     else:
         main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])

@@ -2,7 +2,8 @@
 half the batch, follow the same loss curve as one process with the whole
 batch (same global batch, same order, no dropout), and a two-process run
 killed mid-run resumes from its checkpoint. Masked-LM adaptation under
-torchrun keeps the processes' weights in step and writes one complete folder."""
+torchrun keeps the processes' weights in step, writes one complete folder, and
+resumes a killed run as it would have ended."""
 
 from __future__ import annotations
 
@@ -109,3 +110,35 @@ def test_masked_lm_adaptation_under_two_gloo_processes(tmp_path, tiny_base, head
         assert (tmp_path / "work-mlm" / "model" / name).is_file(), name
     model, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
     assert model.config.architectures == ["BertForMaskedLM"] and not info["missing_keys"]
+
+
+def test_masked_lm_adaptation_killed_under_two_gloo_processes_ends_as_an_uncut_run(tmp_path, tiny_base, ingested):
+    from tests.conftest import kill_at_first_checkpoint
+
+    driver = str(REPO / "tests" / "e2e" / "ddp_driver.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINSENT_")}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+
+    def command(name: str) -> list[str]:  # 12 steps, a checkpoint every 4, in the folder work-<name>
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(services.free_port()), driver, "mlm", str(tiny_base), str(ingested.labeled_dir),
+                str(tmp_path / name), "12", "4", f"work-{name}"]
+
+    def results(name: str) -> list[dict]:
+        done = subprocess.run(command(name), env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        return [json.loads((tmp_path / f"{name}.rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    uncut = results("uncut")
+    # Both processes killed (torchrun's whole group) once a checkpoint is complete; every rank's RNG state,
+    # rng_state_<rank>.pth, is in it.
+    kill_at_first_checkpoint(command("cut"), tmp_path / "work-cut" / "checkpoints", tmp_path / "cut.log",
+                             env={**env, "SLOW_AFTER_STEP": "4"})
+    resumed = results("cut")
+    assert resumed[0]["resumed_from_step"] == resumed[1]["resumed_from_step"] > 0
+    assert resumed[0]["steps"] == 12 and resumed[0]["steps_run"] == 12 - resumed[0]["resumed_from_step"]
+    # The same data order, masks and dropout as the uncut run from the checkpoint on: the same adapted model.
+    for rank in (0, 1):
+        assert resumed[rank]["perplexity_adapted"] == uncut[rank]["perplexity_adapted"]
+    losses = lambda run: [(e["step"], e["loss"]) for e in run["history"] if "loss" in e]  # noqa: E731
+    assert losses(resumed[0]) == losses(uncut[0])
