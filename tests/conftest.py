@@ -105,9 +105,11 @@ def kill_after_first_checkpoint(driver: Path, args: dict, checkpoints: Path, wor
 def kill_at_first_checkpoint(command: list[str], checkpoints: Path, log_path: Path, timeout: float = 120,
                              env: dict[str, str] | None = None) -> None:
     """Runs ``command`` (``env`` added to the environment) in a process group of
-    its own and kills the group with SIGKILL once ``checkpoints`` holds a
-    complete checkpoint, as a lost worker dies; fails if the run ends first or
-    writes none in ``timeout`` s."""
+    its own and kills it and every process it started with SIGKILL once
+    ``checkpoints`` holds a complete checkpoint, as a lost node dies; fails if
+    the run ends first or writes none in ``timeout`` s."""
+    import psutil
+
     from pipeline.train.checkpoints import complete_checkpoints
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
@@ -120,8 +122,19 @@ def kill_at_first_checkpoint(command: list[str], checkpoints: Path, log_path: Pa
         assert process.poll() is None, f"first run ended before it could be killed:\n{log_path.read_text()[-3000:]}"
         assert complete_checkpoints(checkpoints), f"no checkpoint within {timeout} s:\n{log_path.read_text()[-3000:]}"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session): torchrun's workers too
+        # torchrun starts each worker in a session of its own, out of the group: they are killed by pid.
+        try:
+            started = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            started = []
+        os.killpg(process.pid, signal.SIGKILL)  # its own process group (start_new_session)
+        for child in started:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         process.wait(timeout=30)
+        psutil.wait_procs(started, timeout=30)
     assert process.returncode == -signal.SIGKILL
 
 

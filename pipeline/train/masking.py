@@ -5,6 +5,8 @@ for the original ``mlm+nsp`` objective."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import random
 
 import torch
@@ -86,6 +88,33 @@ def _whole_word_collator_class():
             return inputs, labels
 
     return WholeWordMaskCollator
+
+
+class NumberedBatchMasks:
+    """Wraps a masking collator (one that draws from its ``generator``) so that
+    batch number ``n`` of this process is masked from a generator seeded by
+    ``(seed, rank, n)``: the masks then depend on where a batch is in the run,
+    not on what drew random numbers before it.
+
+    Why not torch's global RNG, which a checkpoint saves and a resume restores:
+    a resumed Trainer collates its first batch before it restores that state, and
+    reads one batch ahead, so the checkpoint's state was saved after the next
+    batch had drawn its masks. Masks from the global RNG therefore differ from an
+    uncut run's from the first step after a resume on. Set ``next_batch`` to the
+    resumed step's batch number before training."""
+
+    def __init__(self, collator, seed: int) -> None:
+        self.collator = collator
+        self.seed = seed
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.next_batch = 0
+
+    def __call__(self, examples):
+        key = f"{self.seed}/{self.rank}/{self.next_batch}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        self.collator.generator = torch.Generator().manual_seed(seed)
+        self.next_batch += 1
+        return self.collator(examples)
 
 
 def make_mlm_collator(tokenizer, mlm_probability: float, whole_word: bool = False, seed: int | None = None):

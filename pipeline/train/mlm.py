@@ -71,6 +71,7 @@ from pipeline.train.fast_mlm import (
     use_float8_linears,
 )
 from pipeline.train.masking import (
+    NumberedBatchMasks,
     build_nsp_pairs,
     continuation_table,
     encode_pair,
@@ -367,11 +368,10 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         reason = f"corpus too small for one {'pair' if nsp else f'{block_size}-token block'}; fine-tuning the {base_what}"
         return MlmResult(perplexity_base, None, "base", reason, base_model, 0, 0, **common)
 
-    # No collator seed: masks then come from torch's global RNG, which each
-    # checkpoint saves and a resume restores (a collator generator would restart).
     collator = _packed_collator(model, tokenizer, columns["input_ids"], cfg) if not nsp and not cfg.mlm_whole_word else None
     if collator is None:
         collator = make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=cfg.mlm_whole_word)
+    collator = NumberedBatchMasks(collator, cfg.seed)  # so that a resumed run masks as an uncut one
     if isinstance(model, PackedBertForMaskedLM):
         model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
     train_dataset = Dataset.from_dict(columns)
@@ -426,6 +426,7 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
             log.info("resuming masked-LM training from %s (step %d of %d)", checkpoint, resumed_step, cfg.mlm_steps)
         else:
             log.info("masked-LM training from step 0: %s start, objective %s, %d examples", start, cfg.mlm_objective, examples)
+        collator.next_batch = resumed_step * args.gradient_accumulation_steps  # the head's fit counted its own
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         model, save_model = trainer.model, trainer.save_model
         if cfg.mlm_float8:

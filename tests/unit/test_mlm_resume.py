@@ -1,6 +1,7 @@
 """A masked-LM run killed with SIGKILL resumes from its last complete
 checkpoint: same step count in the end, fewer steps taken the second time,
-and one trainer history across both processes.
+one trainer history across both processes, and the losses and adapted model
+of a run never cut off.
 
 Run as a script, this file is the driver of the run that gets killed:
 ``python test_mlm_resume.py ARGS.json`` calls adapt_mlm with the arguments in
@@ -75,6 +76,11 @@ def test_killed_mlm_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny
     assert final_state["global_step"] == STEPS
     assert [e["step"] for e in final_state["log_history"] if "loss" in e] == logged
     assert all(step >= last_step for step, _ in complete_checkpoints(checkpoints))  # save_total_limit rotates
+    # The same masks, dropout and data order as a run never cut off: the same losses and adapted model.
+    uncut = adapt_mlm(args["base"], args["corpus"], args["validation"], tmp_path / "uncut", cfg).to_dict()
+    assert [(e["step"], e["loss"]) for e in uncut["history"] if "loss" in e] == \
+        [(e["step"], e["loss"]) for e in result["history"] if "loss" in e]
+    assert result["perplexity_adapted"] == uncut["perplexity_adapted"]
 
     # Once more (a retried task): the finished checkpoint is taken as it is, no extra step.
     again = adapt_mlm(args["base"], args["corpus"], args["validation"], out, cfg)
