@@ -29,8 +29,9 @@ class SentimentClassifier(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model_dir = context.artifacts["hf_model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # The folder is the project's own fine-tuned model; a mean-pooling head ships its code in it.
+        # The folder is the project's own fine-tuned model; a mean-pooling head ships its code in it. Both loads
+        # read its config: untrusted, transformers would ask on the terminal (and wait) before going on.
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
         with open(context.artifacts["label_map"]) as handle:
             meta = json.load(handle)

@@ -192,3 +192,21 @@ def test_register_logs_card_lineage_and_a_usable_pyfunc(ingested, tiny_classifie
     assert registered["checkpoint_bytes_removed"] > 0 and not list(run_folder.rglob("checkpoints"))
     assert (model_dir / "config.json").is_file()
     assert client.get_model_version_by_alias(settings.model_name, registry.CANDIDATE).version == registered["version"]
+
+
+def test_the_pyfunc_loads_a_mean_pooled_model_where_finsent_is_not_imported_without_asking(tmp_path, tiny_classifier):
+    """MLflow's model server loads the registered pyfunc without the finsent package's
+    heads registered: the head's code shipped in the folder is trusted, and nothing
+    asks on the terminal whether to run it (in a terminal, that prompt waits)."""
+    assert json.loads((tiny_classifier / "config.json").read_text())["model_type"].startswith("finsent_mean_pool")
+    label_map = tmp_path / "label_map.json"
+    label_map.write_text(json.dumps({"labels": ["negative", "neutral", "positive"], "max_length": 64}))
+    code = ("import sys, types; from pipeline.sentiment_pyfunc import SentimentClassifier; "
+            "assert 'pipeline.train.pooling' not in sys.modules; model = SentimentClassifier(); "
+            "model.load_context(types.SimpleNamespace(artifacts={'hf_model': sys.argv[1], 'label_map': sys.argv[2]})); "
+            "print(model.predict(None, ['Operating profit rose .'])['label'].tolist())")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_classifier), str(label_map)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "custom code" not in done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] in ("['negative']", "['neutral']", "['positive']")
