@@ -219,16 +219,21 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
     nothing trains or scores. One cut off before that resumes each of its runs
     from its checkpoints, takes members and teachers that had ended as they
     were, and reads their scores back."""
-    fingerprint = _finetune_call_fingerprint(model_dir, train, validation, cfg, corpus)
+    teacher = None
+    if cfg.teacher_model:
+        from pipeline.train.distill import pinned_teacher
+
+        teacher = pinned_teacher(cfg.teacher_model)  # once: an alias may move while the step runs
+    fingerprint = _finetune_call_fingerprint(model_dir, train, validation, cfg, corpus, teacher)
     saved = saved_result(out_dir, fingerprint)
     if saved is not None:
         log.info("fine-tuning in %s had ended and saved its model: taking it as it is", out_dir)
         _remove_helpers(out_dir, cfg)  # a worker killed right after saving the result may have left them
         return {**saved, "from_saved_result": True}
-    if cfg.teacher_model:
+    if teacher:
         from pipeline.train.distill import finetune_from_teacher
 
-        result = finetune_from_teacher(model_dir, train, validation, out_dir, cfg, corpus)
+        result = finetune_from_teacher(model_dir, train, validation, out_dir, cfg, corpus, teacher, fingerprint)
     elif cfg.distill_teachers > 0:
         result = _finetune_distilled(model_dir, train, validation, out_dir, cfg, corpus)
     elif cfg.self_training_texts > 0:
@@ -245,16 +250,17 @@ def finetune(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_
 
 
 def _finetune_call_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig,
-                               corpus: list[str] | None) -> dict:
-    """What a saved result belongs to: the fine-tuning runs' fingerprint, plus the
-    corpus and the teacher where the config reads them."""
+                               corpus: list[str] | None, teacher: str | None) -> dict:
+    """What a saved result (and a teacher's kept scores) belong to: the
+    fine-tuning runs' fingerprint, plus the corpus where the config reads it and
+    the pinned ``teacher``'s identity."""
     fingerprint = finetune_fingerprint(model_dir, train, validation, cfg, cfg.seed)
     if corpus is not None and (cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0):
         fingerprint["corpus_sha256"] = texts_sha256(corpus)
-    if cfg.teacher_model:
+    if teacher:
         from pipeline.train.distill import teacher_identity
 
-        fingerprint["teacher"] = teacher_identity(cfg.teacher_model)
+        fingerprint["teacher"] = teacher_identity(teacher)
     return fingerprint
 
 

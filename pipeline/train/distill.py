@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import LABELS, TrainConfig
-from pipeline.train.checkpoints import TEACHER_SCORES, cached_scores, texts_sha256, weights_sha256
+from pipeline.train.checkpoints import TEACHER_SCORES, cached_scores, weights_sha256
 from pipeline.train.device import training_device_args
 from pipeline.train.evaluate import classification_metrics, label_ids, softmax
 
@@ -56,12 +56,10 @@ def pinned_teacher(teacher: str) -> str:
 
 
 def teacher_identity(teacher: str) -> str:
-    """What a teacher's scores are kept under: a registry alias pinned to its
-    version (it may move between a step and its retry), a local folder with its
-    weights' digest (it may be overwritten), a hub id as given."""
+    """What a pinned teacher's scores belong to: a registry version as its URI, a
+    local folder with its weights' digest (it may be overwritten), a hub id as given."""
     from pipeline.train.base import resolve_base_model
 
-    teacher = pinned_teacher(teacher)
     if teacher.startswith("models:/"):
         return teacher
     folder = Path(resolve_base_model(teacher))
@@ -90,10 +88,12 @@ def teacher_columns(folder: str) -> list[int]:
 
 
 def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
-                          cfg: TrainConfig, corpus: list[str] | None) -> dict:
+                          cfg: TrainConfig, corpus: list[str] | None, teacher: str, scores_key: dict) -> dict:
     """Scores the training rows, the validation rows and ``distill_corpus_texts``
-    corpus sentences with ``cfg.teacher_model``, then fine-tunes ``model_dir`` on
-    the mixed targets plus the teacher-labeled sentences."""
+    corpus sentences with ``teacher`` (``cfg.teacher_model`` pinned), then
+    fine-tunes ``model_dir`` on the mixed targets plus the teacher-labeled
+    sentences. The scores are kept for a retry under ``scores_key``, the
+    fingerprint of the call (teacher, rows, corpus and config: all they depend on)."""
     from pipeline.train.classify import (_refuse_under_torchrun, _with_teacher_targets, finetune, load_classifier,
                                          predict_logits)
     from pipeline.train.self_training import sample_candidates, unlabeled_sentences
@@ -107,7 +107,6 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
         sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
 
     texts = {"train": train["text"].tolist(), "validation": validation["text"].tolist(), "corpus": sentences}
-    teacher = pinned_teacher(cfg.teacher_model)
 
     def score() -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory() as download:
@@ -121,9 +120,7 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
 
     # Kept for a retry: a large teacher is minutes of scoring on a CPU, and the student's checkpoints resume
     # only on the targets they were trained on.
-    key = {"teacher": teacher_identity(teacher), "max_length": cfg.max_length,
-           "texts_sha256": {name: texts_sha256(rows) for name, rows in texts.items()}}
-    probs = cached_scores(out_dir / TEACHER_SCORES, key, score)
+    probs = cached_scores(out_dir / TEACHER_SCORES, scores_key, score)
     on_train, on_validation, on_corpus = probs["train"], probs["validation"], probs["corpus"]
 
     transfer = pd.DataFrame({

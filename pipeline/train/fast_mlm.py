@@ -50,7 +50,8 @@ class StaticMaskCollator:
     Takes packed blocks (a ``[B, S]`` tensor, or the Trainer's list of ``{"input_ids": ...}``
     rows) and returns ``input_ids`` (masked), ``masked_positions`` ``[B, k]`` and
     ``masked_labels`` ``[B, k]`` (the original tokens there). Without a ``generator`` the
-    draws come from torch's global RNG, which a Trainer checkpoint saves and a resume restores."""
+    draws come from torch's global RNG; the masked-LM step sets one per batch (``NumberedBatchMasks``),
+    so that a resumed run masks as an uncut one."""
 
     def __init__(
         self,

@@ -120,8 +120,9 @@ class NumberedBatchMasks:
 def make_mlm_collator(tokenizer, mlm_probability: float, whole_word: bool = False, seed: int | None = None):
     """BERT's masking: ``mlm_probability`` of the tokens (or of the words) are
     picked; of those 80 % become [MASK], 10 % a random token, 10 % stay.
-    ``seed=None`` draws from torch's global RNG, which Trainer checkpoints save
-    and restore; a seed gives the collator its own generator."""
+    ``seed=None`` draws from torch's global RNG (or from a ``generator`` set on
+    it, as ``NumberedBatchMasks`` does for training); a seed gives the collator
+    its own generator."""
     from transformers import DataCollatorForLanguageModeling
 
     cls = _whole_word_collator_class() if whole_word else DataCollatorForLanguageModeling

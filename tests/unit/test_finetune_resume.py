@@ -210,7 +210,6 @@ def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingeste
     assert all((expected[name] == got[name]).all() for name in expected), "the resumed soup differs from the uncut one"
 
 
-
 def count_teacher_scorings(monkeypatch) -> list[int]:
     """The number of texts of each call that scores texts with a classifier from now on."""
     from pipeline.train import classify
