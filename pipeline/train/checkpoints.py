@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def cached_scores(path: Path, key: dict, score: Callable[[], dict[str, np.ndarra
         with np.load(path) as saved:
             if str(saved["key"]) == key_text:
                 return {name: saved[name] for name in saved.files if name != "key"}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # none yet, or not one this code wrote whole
         pass
     arrays = score()
     path.parent.mkdir(parents=True, exist_ok=True)

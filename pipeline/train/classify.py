@@ -277,8 +277,8 @@ def _remove_helpers(out_dir: Path, cfg: TrainConfig) -> None:
         helpers = [*(out_dir / f"member-{index}" for index in range(cfg.soup_size)), out_dir / "soup"]
     else:
         helpers = []
-    for path in helpers:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in helpers:  # a retry under torchrun: every process takes the saved result and gets here at once
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _finetune_single(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,

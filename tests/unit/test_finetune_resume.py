@@ -288,8 +288,10 @@ def test_a_teachers_scores_are_kept_for_its_weights_and_texts_only(tmp_path):
     assert cached_scores(path, {"teacher": "a"}, score(1.0))["train"][0, 0] == 1.0
     assert cached_scores(path, {"teacher": "a"}, score(2.0))["train"][0, 0] == 1.0 and calls == [1.0]
     assert cached_scores(path, {"teacher": "b"}, score(3.0))["train"][0, 0] == 3.0 and calls == [1.0, 3.0]
-    path.write_bytes(b"cut off")  # an unreadable file is scored again, not an error
-    assert cached_scores(path, {"teacher": "b"}, score(4.0))["train"][0, 0] == 4.0
+    for unreadable in (path.read_bytes()[:200], b"not a zip"):  # a truncated archive, then another file
+        path.write_bytes(unreadable)  # is scored again, not an error
+        assert cached_scores(path, {"teacher": "b"}, score(4.0))["train"][0, 0] == 4.0
+        assert calls[-1] == 4.0 and cached_scores(path, {"teacher": "b"}, score(5.0))["train"][0, 0] == 4.0
     assert not list(tmp_path.glob(".partial-*"))
 
 
