@@ -4,7 +4,8 @@ The canonical split of published results: 50Agree, deduplicated (conflicting
 labels dropped), stratified 72/8/20 with seed 0. For each seed and each
 variant ("base": fine-tune the base; "mlm": masked-LM adaptation on Reuters
 plus the train sentences first, kept only if validation perplexity improves;
-with ``--set self_training_texts=N`` the Reuters sentences feed self-training)
+with a ``teacher_model`` and ``distill_corpus_texts`` the teacher labels Reuters
+sentences)
 the project's own ``adapt_mlm`` / ``finetune`` / ``predict_logits`` run with
 the configured TrainConfig, and test accuracy, macro-F1 and AllAgree-slice
 accuracy are recorded. Prints one line per run, the mean and spread per
@@ -15,8 +16,10 @@ at best reach), and as its last line one JSON object; appends that object to
 
     python bench/accuracy.py --seeds 3 --device cuda
     python bench/accuracy.py --seeds 1 --device cpu --variants base --set epochs=1   # a CPU smoke run
+    python bench/accuracy.py --recipe fpb-minilm --seeds 3 --variants base   # a recipe of recipes/
 
-Training settings come from TrainConfig (FINSENT_TRAIN__* or ``--set key=value``).
+Training settings come from TrainConfig: a recipe (``--recipe NAME|PATH``), then
+FINSENT_TRAIN__* variables, then ``--set key=value``.
 
 On a machine without the data folders, ``--export-inputs DIR`` (run where the
 data is) writes the canonical split and the Reuters texts to DIR, and
@@ -52,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="base,mlm", help="comma-separated: base, mlm")
     parser.add_argument("--fpb-dir", type=Path, default=REPO.parent / "shared/data/financial_phrasebank")
     parser.add_argument("--reuters-dir", type=Path, default=REPO.parent / "shared/data/reuters21578")
+    parser.add_argument("--recipe", help="a recipe of recipes/ (name) or a YAML file; its label if --label is unset")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/accuracy.jsonl")
     parser.add_argument("--seed-list", help="comma-separated seeds; overrides --seeds")
@@ -115,10 +119,10 @@ def canonical_split(fpb_dir: Path) -> dict:
     return split_labeled(clean_labeled(raw, agreement, cfg).clean, cfg)
 
 
-def train_config(overrides: list[str]):
+def train_config(overrides: list[str], recipe: str | None = None):
     from pipeline.config import Settings
 
-    cfg = Settings().train
+    cfg = Settings(recipe=recipe).train
     updates = {}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -129,7 +133,8 @@ def train_config(overrides: list[str]):
 def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path,
              save_to: Path | None = None) -> tuple[dict, "np.ndarray"]:
     from pipeline.train.base import resolve_base_model
-    from pipeline.train.classify import finetune, load_classifier, predict_logits
+    from pipeline.train.classify import finetune
+    from pipeline.train.model import load_classifier, predict_logits
     from pipeline.train.evaluate import classification_metrics, label_ids, softmax
     from pipeline.train.mlm import adapt_mlm
 
@@ -153,8 +158,7 @@ def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work
     return {
         "variant": variant, "seed": seed, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
         "accuracy_allagree": metrics["accuracy_allagree"], "best_epoch": tuned["best_epoch"], "mlm": mlm,
-        "val_macro_f1": tuned["best_val_macro_f1"], "soup_kept": len(tuned["soup"]["kept_seeds"]) if "soup" in tuned else None,
-        "self_training": tuned.get("self_training"), "distillation": tuned.get("distillation"),
+        "val_macro_f1": tuned["best_val_macro_f1"], "distillation": tuned.get("distillation"),
         "model_class": type(model).__name__,  # the head actually trained: a base may keep its own
         "seconds": round(time.perf_counter() - started, 1),
     }, probs
@@ -199,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.export_inputs:
         export_inputs(args, args.export_inputs)
         return {}
-    cfg = train_config(args.set)
+    cfg = train_config(args.set, args.recipe)
+    if args.recipe and not args.label:
+        args.label = Path(args.recipe).stem
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.inputs:
         splits, corpus = load_inputs(args.inputs)
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         from pipeline.data.sources import read_reuters
 
         splits, corpus = canonical_split(args.fpb_dir), []
-        if "mlm" in variants or cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0:
+        if "mlm" in variants or cfg.distill_corpus_texts > 0:
             corpus = read_reuters(args.reuters_dir)["text"].tolist()
     if args.limit_rows:
         splits = {name: frame.head(args.limit_rows) for name, frame in splits.items()}
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "accuracy", "label": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "command": " ".join(["python", "bench/accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": cfg.model_dump(), "floors": FLOORS, "summary": summarise(runs),
+        "recipe": args.recipe, "config": cfg.model_dump(), "floors": FLOORS, "summary": summarise(runs),
         "seed_ensemble": seed_ensemble(runs, test_probs, splits["test"]), "runs": runs,
     }
     print(pd.DataFrame(runs).drop(columns=["mlm"]).to_string(index=False), flush=True)

@@ -8,9 +8,10 @@ back and nothing else (on CUDA captured in one CUDA graph, so no launch gaps):
 * attention's batched products: scores and weighted values, forward, and their four backward
   products (a fused attention kernel does the same arithmetic);
 * the MLM head's two linear layers on ``B * S`` rows (``baseline``: Hugging Face's head over
-  every position) or on ``B * k`` rows (``trainer``: the project's head on masked rows only, its
-  vocabulary projection padded to a multiple of 64 outputs as on a GPU); the ``trainer``'s last
-  encoder layer computes only those rows too (keys and values from every position).
+  every position) or on ``B * k`` rows (``trainer``: the project's head on masked rows only);
+  ``trainer_levers`` adds two levers of ``bench/mlm_levers.py`` not yet timed in a step: the
+  last encoder layer on those rows only (keys and values from every position) and the
+  vocabulary projection padded to a multiple of 64 outputs.
 
 In the same run it times the eager baseline of ``bench/train_throughput.py`` on the same
 model size and batch, and reports
@@ -18,21 +19,16 @@ model size and batch, and reports
     ceiling_ratio = baseline step time / trainer products time
 
 the largest speed-up over that baseline that any trainer doing the same products in the same
-precision could show, with everything besides the products taking no time at all. A goal above
-it needs fewer or cheaper products (lower precision), not better fusion.
+precision could show, with everything besides the products taking no time at all
+(``ceiling_ratio_levers``: the same for ``trainer_levers``). A goal above it needs fewer or
+cheaper products (lower precision), not better fusion.
 
 It also reports the TFLOP/s of each distinct linear-layer shape alone, of the query, key and
 value projections fused into one product (hidden -> 3 x hidden), and of the vocabulary projection
 unpadded: narrow products run further from the peak than wide ones, and misaligned ones further
 still; this says by how much.
 
-``--float8`` also times one compiled bert-base encoder layer (``BertLayer``, forward and
-backward, attention dropout 0, under bf16 autocast) with its linear layers in bf16 and in float8
-(torchao's ``convert_to_float8_training``, tensorwise dynamic scaling: the casts and scale
-computations included). Float8 tensor cores need compute capability 8.9 or newer (H100: 9.0);
-on a CPU the float8 products are emulated, so that figure only proves the plumbing.
-
-    python bench/gemm_floor.py --device cuda --size base --batch 256 --seq 128 --float8
+    python bench/gemm_floor.py --device cuda --size base --batch 256 --seq 128
 
 The last line printed is one JSON object; it is also appended to ``--out``.
 """
@@ -44,7 +40,6 @@ import datetime as dt
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import train_throughput as tt  # noqa: E402
-from pipeline.train.fast_mlm import PackedBertForMaskedLM, float8_unsupported, num_predictions  # noqa: E402
+from bench.mlm_levers import VOCAB_MULTIPLE  # noqa: E402
+from pipeline.train.fast_mlm import num_predictions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -67,21 +63,21 @@ class Linear:
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """The vocabulary projection's width in the trainer's step on a GPU."""
-    return vocab_size + -vocab_size % PackedBertForMaskedLM.vocab_multiple
+    """The vocabulary projection's width with the padding lever (``:padvocab``) on a GPU."""
+    return vocab_size + -vocab_size % VOCAB_MULTIPLE
 
 
-def step_linears(config: BertConfig, tokens: int, head_rows: int, sparse: bool) -> list[Linear]:
+def step_linears(config: BertConfig, tokens: int, head_rows: int, levers: bool) -> list[Linear]:
     """The linear layers one step runs through, in order: 6 per encoder layer, then the head.
-    ``sparse``: the project's step (last layer on the head's rows, padded vocabulary)."""
+    ``levers``: the last layer on the head's rows and the vocabulary padded (``bench/mlm_levers.py``)."""
     hidden, inner = config.hidden_size, config.intermediate_size
 
     def layer(rows: int) -> list[Linear]:  # query, key, value, attention output, feed-forward in and out
         return [Linear(rows, hidden, hidden), Linear(tokens, hidden, hidden), Linear(tokens, hidden, hidden),
                 Linear(rows, hidden, hidden), Linear(rows, hidden, inner), Linear(rows, inner, hidden)]
 
-    vocab = padded_vocab(config.vocab_size) if sparse else config.vocab_size
-    layers = [layer(tokens)] * (config.num_hidden_layers - 1) + [layer(head_rows if sparse else tokens)]
+    vocab = padded_vocab(config.vocab_size) if levers else config.vocab_size
+    layers = [layer(tokens)] * (config.num_hidden_layers - 1) + [layer(head_rows if levers else tokens)]
     return [linear for one in layers for linear in one] + [Linear(head_rows, hidden, hidden), Linear(head_rows, hidden, vocab)]
 
 
@@ -97,13 +93,13 @@ def linear_products(linears: list[Linear], device: str, dtype: torch.dtype) -> t
     return work, flops
 
 
-def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, sparse: bool, device: str,
+def step_products(config: BertConfig, batch: int, seq: int, head_rows: int, levers: bool, device: str,
                   dtype: torch.dtype) -> tuple[Callable[[], None], float]:
     """A function running every matrix product of one training step, and their FLOPs."""
-    work, flops = linear_products(step_linears(config, batch * seq, head_rows, sparse), device, dtype)
+    work, flops = linear_products(step_linears(config, batch * seq, head_rows, levers), device, dtype)
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     for index in range(config.num_hidden_layers):
-        queries = head_rows // batch if sparse and index == config.num_hidden_layers - 1 else seq
+        queries = head_rows // batch if levers and index == config.num_hidden_layers - 1 else seq
         k, v = (torch.randn(batch * heads, seq, head_dim, device=device, dtype=dtype) for _ in range(2))
         q, d_out = (torch.randn(batch * heads, queries, head_dim, device=device, dtype=dtype) for _ in range(2))
         p, d_scores = (torch.randn(batch * heads, queries, seq, device=device, dtype=dtype) for _ in range(2))
@@ -131,7 +127,7 @@ def shape_rates(config: BertConfig, tokens: int, head_rows: int, device: str, dt
     whether fusing them pays, and of the vocabulary projection unpadded, which shows what the
     padding gains."""
     hidden = config.hidden_size
-    shapes = dict.fromkeys(step_linears(config, tokens, head_rows, sparse=True)
+    shapes = dict.fromkeys(step_linears(config, tokens, head_rows, levers=True)
                            + [Linear(tokens, hidden, 3 * hidden), Linear(head_rows, hidden, config.vocab_size)])
     rates = {}
     for linear in shapes:
@@ -164,30 +160,6 @@ def time_ms(run: Callable[[], None], device: str, repeats: int, warmup: int = 2,
     return 1000 * (time.perf_counter() - started) / repeats
 
 
-def encoder_layer_ms(config: BertConfig, batch: int, seq: int, device: str, repeats: int, float8: bool) -> float:
-    """One compiled encoder layer, forward + backward under bf16 autocast."""
-    from transformers.models.bert.modeling_bert import BertLayer
-
-    layer_config = BertConfig(**{**config.to_dict(), "attention_probs_dropout_prob": 0.0})
-    layer_config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    layer = BertLayer(layer_config).to(device).train()
-    if float8:
-        from torchao.float8 import convert_to_float8_training
-
-        convert_to_float8_training(layer)
-    compiled = torch.compile(layer)
-    hidden = torch.randn(batch, seq, config.hidden_size, device=device, requires_grad=True)
-    grad = torch.randn(batch, seq, config.hidden_size, device=device, dtype=torch.bfloat16)
-
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = compiled(hidden)
-        (out[0] if isinstance(out, tuple) else out).backward(grad)
-
-    return time_ms(step, device, repeats, warmup=3, graph=False)  # compiles in the warm-up
-
-
 def baseline_step_ms(config: BertConfig, args: argparse.Namespace) -> float:
     """The eager Hugging Face step of bench/train_throughput.py, on the same size and batch."""
     tp_args = tt.parse_args(["--device", args.device, "--size", args.size, "--batch", str(args.batch), "--seq",
@@ -210,7 +182,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions of the products")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the eager baseline")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--float8", action="store_true", help="also time an encoder layer in bf16 and in float8")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense FLOPs (H100 bf16: 989)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gemm_floor.jsonl")
     args = parser.parse_args(argv)
@@ -226,44 +197,30 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
 
     products = {}
-    for name, head_rows in (("trainer", args.batch * k), ("baseline", args.batch * args.seq)):
-        run, flops = step_products(config, args.batch, args.seq, head_rows, name == "trainer", args.device, dtype)
+    for name, head_rows, levers in (("trainer", args.batch * k, False), ("trainer_levers", args.batch * k, True),
+                                    ("baseline", args.batch * args.seq, False)):
+        run, flops = step_products(config, args.batch, args.seq, head_rows, levers, args.device, dtype)
         ms = time_ms(run, args.device, args.repeats)
         products[name] = {"ms": round(ms, 3), "tflop": round(flops / 1e12, 3),
                           "tflops_per_s": round(flops / ms / 1e9, 1), "of_peak": round(flops / ms / 1e9 / args.peak_tflops, 3)}
         print(f"{name} products: {ms:.2f} ms per step, {flops / 1e12:.2f} TFLOP, {flops / ms / 1e9:,.0f} TFLOP/s", flush=True)
         del run
-    products["trainer"]["shapes_tflops_per_s"] = rates = shape_rates(
+    products["trainer_levers"]["shapes_tflops_per_s"] = rates = shape_rates(
         config, args.batch * args.seq, args.batch * k, args.device, dtype, args.repeats)
     print("TFLOP/s by linear layer shape (its three products): "
           + ", ".join(f"{shape} {rate:,.1f}" for shape, rate in rates.items()), flush=True)
     baseline_ms = baseline_step_ms(config, args)
     ceiling = baseline_ms / products["trainer"]["ms"]
-    print(f"eager baseline step {baseline_ms:.2f} ms; ceiling for a trainer with these products: {ceiling:.2f}x",
-          flush=True)
+    ceiling_levers = baseline_ms / products["trainer_levers"]["ms"]
+    print(f"eager baseline step {baseline_ms:.2f} ms; ceiling for a trainer with these products: {ceiling:.2f}x "
+          f"(with the sparse last layer and padded vocabulary: {ceiling_levers:.2f}x)", flush=True)
     report = {
         "bench": "gemm_floor", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": args.device,
         "device_name": tt.device_name(args.device), "torch": torch.__version__, "size": args.size, "batch": args.batch,
         "seq": args.seq, "k": k, "dtype": str(dtype).removeprefix("torch."), "products": products,
         "baseline_step_ms": baseline_ms, "ceiling_ratio": round(ceiling, 3),
+        "ceiling_ratio_levers": round(ceiling_levers, 3),
     }
-    if args.float8:
-        if (reason := float8_unsupported(args.device)) is not None:
-            report["float8"] = {"skipped": reason}
-            print(f"float8: skipped, {reason}")
-        else:
-            try:
-                bf16_ms = encoder_layer_ms(config, args.batch, args.seq, args.device, args.repeats, float8=False)
-                fp8_ms = encoder_layer_ms(config, args.batch, args.seq, args.device, args.repeats, float8=True)
-            except Exception as error:  # keep the products' figures above
-                traceback.print_exc()
-                report["float8"] = {"failed": repr(error)}
-                print(f"float8: failed, {error!r}", flush=True)
-            else:
-                report["float8"] = {"layer_bf16_ms": round(bf16_ms, 3), "layer_float8_ms": round(fp8_ms, 3),
-                                    "speedup": round(bf16_ms / fp8_ms, 3)}
-                print(f"one encoder layer, forward + backward, compiled: bf16 {bf16_ms:.2f} ms, float8 {fp8_ms:.2f} ms "
-                      f"({bf16_ms / fp8_ms:.2f}x)", flush=True)
     tt.write_report(report, args.out)
     return report
 

@@ -4,18 +4,18 @@
 # phases joined by '+' run at the same time (only those whose figures are not timings). Each has
 # its own time limit, and all end by BUDGET seconds. The default call answers the open question
 # first:
-#   throughput  the trainer's default step and the fastest combinations of the levers written so
-#               far, each against the eager baseline in the same process;
+#   throughput  the trainer's step and the fastest combinations of the levers of
+#               bench/mlm_levers.py (not yet timed on a GPU), each against the eager baseline in
+#               the same process;
 #   tune        the fastest combination again with the compiler's product search (minutes of
 #               compiling), in a process of its own, so that a compile that outlasts its limit
 #               loses nothing else;
-#   accuracy    whether the recipe changes those combinations make (bf16 residual stream, no
-#               dropout while adapting) keep the adapted and fine-tuned scores, three seeds each
-#               way, all processes at once (MiniLM fine-tuning leaves a GPU mostly idle);
-#   check       the masked-LM step's tests, the GPU-only ones included (cuDNN's attention op),
-#               beside the accuracy processes.
+#   check       the masked-LM step's tests and the levers', the GPU-only ones included (CUDA
+#               graphs, cuDNN's attention op).
 # Other phases, for calls of their own: floor (the step's matrix products alone), real (real text,
-# packed vs padded), profile, bytes (the compiler's byte count on this device).
+# packed vs padded), profile, bytes (the compiler's byte count on this device), accuracy (the
+# TrainConfig recipes of RECIPES, all processes at once: MiniLM fine-tuning leaves a GPU mostly
+# idle; the recipe levers are no TrainConfig fields, bench/mlm_step_check.py compares them).
 #
 # What the node lacks travels in the git-ignored folder .devcarry/, made where the data is by
 #   python bench/prepare_gpu_inputs.py   (canonical split + Reuters texts, MiniLM in float16, wheels)
@@ -23,13 +23,13 @@
 # THROUGHPUT_MODES / TUNE_MODES the fast runs, most telling first; RECIPES the accuracy recipe file;
 # <PHASE>_TIMEOUT a phase's limit in seconds; PROFILE_MODE the one profiled.
 # A smoke test of the plumbing on a CPU (two cores need longer limits than a GPU node):
-#   OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python BUDGET=1500 ACCURACY_TIMEOUT=700 bash bench/gpu_run.sh
+#   OUT=/tmp/gpu_out DEVICE=cpu SMOKE=1 PY=.venv/bin/python BUDGET=1500 bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything ends by BUDGET seconds: a device call's limit is 600.
 BUDGET=${BUDGET:-585}
-PHASES=${PHASES:-throughput,tune,accuracy+check}
-RECIPES_FILE=${RECIPES:-bench/recipes/fast_recipe.txt}
+PHASES=${PHASES:-throughput,tune,check}
+RECIPES_FILE=${RECIPES:-bench/recipes/defaults.txt}
 OUT=${OUT:?set OUT to a results folder}
 DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 
-if ! "$PY" -c "import pydantic_settings, datasets, torchao, pytest" 2>/dev/null; then
+if ! "$PY" -c "import pydantic_settings, datasets, pytest" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $CARRY/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -64,18 +64,19 @@ if [ "$SMOKE" = 1 ]; then TP="--size tiny --batch 4 --steps 3 --warmup 2"; FLOOR
 limit() { local left=$((BUDGET - SECONDS)); echo $(( $1 < left ? $1 : (left > 1 ? left : 1) )); }
 
 phase_check() {
-  log "check: the masked-LM step's tests, the GPU-only ones included"
-  timeout "$(limit ${CHECK_TIMEOUT:-150})" "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py > "$OUT/check.log" 2>&1
+  log "check: the masked-LM step's tests and the levers', the GPU-only ones included"
+  timeout "$(limit ${CHECK_TIMEOUT:-150})" "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_fast_mlm.py \
+    bench/test_mlm_levers.py > "$OUT/check.log" 2>&1
   log "check rc=$?"
   tail -n 15 "$OUT/check.log" | grep -E "passed|failed|error|SKIPPED|FAILED" | tee -a "$OUT/summary.txt"
 }
 
 phase_floor() {
-  log "floor: the step's matrix products alone (FLOOR_OPTIONS=--float8: one encoder layer in bf16 and float8 too)"
+  log "floor: the step's matrix products alone"
   timeout "$(limit ${FLOOR_TIMEOUT:-120})" "$PY" bench/gemm_floor.py --device "$DEVICE" $TP $FLOOR --seq 128 ${FLOOR_OPTIONS:-} \
     --out "$OUT/gemm_floor.jsonl" > "$OUT/floor.log" 2>&1
   log "floor rc=$?"
-  grep -E "products|ceiling|encoder layer|skipped|failed" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
+  grep -E "products|ceiling|failed" "$OUT/floor.log" | tee -a "$OUT/summary.txt"
 }
 
 # throughput_runs NAME LIMIT MODES [ARGS...]: one bench process, its own baseline first; ARGS go to
@@ -92,18 +93,19 @@ throughput_runs() {
   grep -E "tok/s|ratio|host syncs|skipped|failed" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
-# The trainer's default step (round 4's 56.1 ms less the exact cuts since), every lever with the
-# recipe changes, the same under CUDA graphs (no custom op left in the graph without dropout), and
-# every lever that keeps the recipe's dropout; last the Trainer uncompiled (no compile: seconds), which
-# says whether torch_compile should be on by default on a GPU.
+# The trainer's step (round 4's 56.1 ms on an H100), every lever with the recipe changes, the same
+# under CUDA graphs (no custom op left in the graph without dropout), and every lever that keeps the
+# recipe's dropout; last the Trainer uncompiled (no compile: seconds), which says whether
+# torch_compile should be on by default on a GPU.
+LEVERS=sparselast:padvocab:fusedqkv:bf16res
 phase_throughput() {
   throughput_runs throughput "${THROUGHPUT_TIMEOUT:-225}" \
-    "${THROUGHPUT_MODES:-default,default:bf16res:fusedqkv:nodrop,reduce-overhead:bf16res:fusedqkv:nodrop,default:bf16res:cudnnattn:fusedqkv,none}"
+    "${THROUGHPUT_MODES:-default,default:$LEVERS:nodrop,reduce-overhead:$LEVERS:nodrop,default:$LEVERS:cudnnattn,none}"
 }
 
 # The compiler's product search: GELU, bias and dropout + residual fused into the products' epilogues.
 phase_tune() {
-  throughput_runs tune "${TUNE_TIMEOUT:-200}" "${TUNE_MODES:-default:bf16res:fusedqkv:nodrop:gemmtune}"
+  throughput_runs tune "${TUNE_TIMEOUT:-200}" "${TUNE_MODES:-default:$LEVERS:nodrop:gemmtune}"
 }
 
 # Real text, packed against padded.
@@ -144,7 +146,7 @@ phase_accuracy() {
     IFS="|" read -r label variant seeds overrides <<< "${recipes[$index]}"
     sets=(--set base_model=/tmp/minilm)
     for item in $overrides; do sets+=(--set "$item"); done
-    if [ "$SMOKE" = 1 ]; then sets+=(--limit-rows 64 --set epochs=1 --set mlm_steps=2 --set mlm_batch_size=4 --set soup_size=2); fi
+    if [ "$SMOKE" = 1 ]; then sets+=(--limit-rows 64 --set epochs=1 --set mlm_steps=2 --set mlm_batch_size=4); fi
     OMP_NUM_THREADS=1 timeout "$acc_timeout" "$PY" bench/accuracy.py --device "$DEVICE" --inputs $CARRY/inputs --variants "$variant" \
       --seed-list "$seeds" --label "$label" "${sets[@]}" --out "$acc/$index.jsonl" > "$acc/$index.log" 2>&1 &
     pids+=($!)

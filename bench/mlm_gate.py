@@ -4,7 +4,8 @@ Runs the project's ``adapt_mlm`` on the corpus the train DAG uses (the first
 ``mlm_max_corpus_texts`` Reuters bodies plus the canonical split's train sentences) and
 validation sentences, once for each number of head-only steps: the base's new head is trained
 alone that long before the base's perplexity is measured (``TrainConfig.mlm_head_steps``; 0 is
-the random head), then the whole model trains ``--steps`` steps. Prints one JSON line per run
+the random head; at ``--head-lr``, default ``pipeline.train.mlm.HEAD_LEARNING_RATE``), then the
+whole model trains ``--steps`` steps. Prints one JSON line per run
 (random-head, base and adapted perplexity, the gate's verdict) and, last, one JSON object with
 all of them, also appended to ``bench/results/mlm_gate.jsonl``.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-steps", default="0,40,200", help="comma-separated; 0: the random head")
-    parser.add_argument("--head-lr", type=float, help="default: TrainConfig's")
+    parser.add_argument("--head-lr", type=float, help="default: pipeline.train.mlm.HEAD_LEARNING_RATE")
     parser.add_argument("--steps", type=int, default=40, help="masked-LM steps of the whole model")
     parser.add_argument("--base", help="base model folder or hub id; default: the offline MiniLM")
     parser.add_argument("--seed", type=int, default=0)
@@ -43,6 +44,7 @@ def main() -> None:
     from bench.accuracy import canonical_split
     from pipeline.config import OFFLINE_MINILM, TrainConfig
     from pipeline.data.sources import read_reuters
+    from pipeline.train import mlm
     from pipeline.train.base import resolve_base_model
     from pipeline.train.mlm import adapt_mlm
 
@@ -50,7 +52,7 @@ def main() -> None:
     base = resolve_base_model(args.base or OFFLINE_MINILM)
     cfg = TrainConfig(base_model=base, mlm_steps=args.steps, seed=args.seed, checkpoint_steps=0)
     if args.head_lr is not None:
-        cfg = cfg.model_copy(update={"mlm_head_learning_rate": args.head_lr})
+        mlm.HEAD_LEARNING_RATE = args.head_lr  # read by fit_new_head at each call
     corpus = read_reuters(args.reuters_dir)["text"].head(cfg.mlm_max_corpus_texts).tolist()
     corpus += splits["train"]["text"].tolist()
     validation = splits["validation"]["text"].tolist()
@@ -70,7 +72,7 @@ def main() -> None:
     summary = {
         "bench": "mlm_gate", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base": args.base or OFFLINE_MINILM, "steps": args.steps, "seed": args.seed,
-        "head_learning_rate": cfg.mlm_head_learning_rate, "machine": platform.processor() or platform.machine(),
+        "head_learning_rate": mlm.HEAD_LEARNING_RATE, "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

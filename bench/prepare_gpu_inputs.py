@@ -9,8 +9,8 @@ most 64 MiB with the checkout, so what it lacks travels in ``.devcarry/``:
   (the float32 file is 87 MiB); gpu_run.sh upcasts every weight back to float32
   before training;
 * ``whl/``: Python 3.12 wheels of what the node's image lacks (pydantic,
-  pydantic-settings, datasets and their small dependencies, torchao for float8, pytest for
-  the GPU-only tests), at this lock's versions.
+  pydantic-settings, datasets and their small dependencies, pytest for the GPU-only tests),
+  at this lock's versions.
 
     python bench/prepare_gpu_inputs.py            # then: run bench/gpu_run.sh there
 """
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WHEELS = ("pydantic", "pydantic_core", "pydantic-settings", "python-dotenv", "typing-inspection", "annotated-types",
-          "datasets", "dill", "multiprocess", "torchao", "pytest", "pluggy", "iniconfig", "pygments")
+          "datasets", "dill", "multiprocess", "pytest", "pluggy", "iniconfig", "pygments")
 TOKENIZER_FILES = ("config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 

@@ -4,7 +4,8 @@ On an H100 the memory-bound kernels of the trainer's step (dropout, residual add
 GELU and their backward) took about half its GPU time (bench/RESULTS.md), and a memory-bound
 kernel's time follows its bytes. This script compiles the trainer's forward and backward
 (``PackedBertForMaskedLM`` under bf16 autocast, set up as the trainer sets it up on a GPU:
-replayed attention, the vocabulary projection padded) for each ``--options`` spec and reports
+replayed attention; the levers of ``bench/mlm_levers.py`` where a spec names them) for each
+``--options`` spec and reports
 the bytes of the kernels the compiler generates, apart from those of the library kernels it
 calls (matrix products, attention). The count is torch._inductor's own: for each scheduled
 kernel, the sizes of the buffers it reads and writes (``GraphLowering.count_bytes``).
@@ -17,13 +18,14 @@ counts there estimate the GPU's; on a GPU they are its own graph's. Nothing is t
 count does not depend on the machine's load. The optimizer step (fused AdamW, outside the
 compiled graph) is not counted.
 
-    python bench/step_bytes.py --device cpu --size base --options default,bf16res,denselast
+    python bench/step_bytes.py --device cpu --size base --options default,bf16res,sparselast
 
-Specs take the suffixes of ``bench/train_throughput.py`` (``bf16res``, ``denselast``,
-``nopadvocab``, ``fusedqkv``, ``gemmtune``, an attention name); ``default`` is the trainer's
-default step. With ``gemmtune`` on a GPU, a product the compiler's own template wins counts among
-the generated kernels, with whatever pointwise work it fused; on a CPU it changes nothing (the
-C++ product templates take frozen weights only).
+Specs take the suffixes of ``bench/train_throughput.py`` (``bf16res``, ``sparselast``,
+``padvocab``, ``fusedqkv``, ``nodrop``, ``gemmtune``, an attention name); ``default`` is the
+trainer's step. ``padvocab`` pads the vocabulary projection as on a GPU wherever this runs. With
+``gemmtune`` on a GPU, a product the compiler's own template wins counts among the generated
+kernels, with whatever pointwise work it fused; on a CPU it changes nothing (the C++ product
+templates take frozen weights only).
 The last line printed is one JSON object; it is also appended to ``--out``.
 """
 
@@ -99,9 +101,9 @@ def compiled_step_bytes(config: BertConfig, spec: str, batch: int, args: argpars
     generated kernels' groups with the most bytes."""
     options = [] if spec == "default" else spec.split(":")
     attention, switches = tt.spec_options(f"--options {spec}", options, "replayed")
-    model, _ = tt.trainer_model(config, args.seed, args.device, attention_dropout=True, attention=attention,
-                                float8=False, compiled=True, switches=switches)
-    model.pad_vocab_on = ("cpu", "cuda")  # as on a GPU, wherever this runs
+    model, _ = tt.trainer_model(config, args.seed, args.device, attention_dropout=True,
+                                attention=attention, compiled=True, switches=switches)
+    model.pad_vocab_on = ("cpu", "cuda")  # with padvocab, as on a GPU wherever this runs
     generator = torch.Generator().manual_seed(args.seed)
     blocks = tt.synthetic_blocks(batch, args.seq, config.vocab_size, generator)
     masked = tt.mask_collator(config.vocab_size, generator)(blocks)

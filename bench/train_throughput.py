@@ -9,10 +9,11 @@ In one process and on the same batches it times
   Hugging Face ``Trainer`` with ``mlm_training_arguments`` (bf16, fused AdamW, torch.compile of
   the model, gradient clipping, learning-rate schedule, no per-step host sync) training
   ``PackedBertForMaskedLM`` (``pipeline.train.fast_mlm``): packed full blocks with no attention
-  mask, exactly ``k = round(0.15 * seq)`` predictions per row with the MLM head and the last
-  encoder layer on those rows only, the vocabulary projection padded to 64 outputs on a GPU,
-  attention as ``TrainConfig.mlm_attention``'s default picks it (replayed where compiled on a
-  GPU). Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
+  mask, exactly ``k = round(0.15 * seq)`` predictions per row with the MLM head on those rows
+  only, attention as the trainer picks it (``replays_attention``: replayed where compiled on a
+  GPU). The ``--compile-mode`` suffixes add the levers of ``bench/mlm_levers.py``, not yet
+  timed on a GPU (the model is ``LeverBertForMaskedLM``, the same step with all levers off).
+  Its batches come from the Trainer's own data loader (on the host, pinned, copied to the
   device each step); the baseline's are staged on the device first, which favours the baseline.
   The collator's host time per batch is reported as ``collate_ms`` (the Trainer's collator runs
   while the device works on the previous step).
@@ -80,11 +81,9 @@ from transformers import BertConfig, BertForMaskedLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.mlm_levers import ATTENTION, VOCAB_MULTIPLE, LeverBertForMaskedLM, apply_recipe_levers  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.train.fast_mlm import (  # noqa: E402
-    TRAINING_ATTENTION, PackedBertForMaskedLM, StaticMaskCollator, float8_unsupported,
-    residual_stream_in_autocast_dtype, set_dropout, training_attention, use_eager_attention, use_float8_linears,
-)
+from pipeline.train.fast_mlm import StaticMaskCollator, replays_attention  # noqa: E402
 from pipeline.train.mlm import mlm_training_arguments  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -98,12 +97,16 @@ Batch = tuple[torch.Tensor, ...]
 # --compile-mode suffix -> the attention a fast run uses instead of the trainer's own choice
 ATTENTION_OPTIONS = {"sdpaattn": "sdpa", "eagerattn": "eager", "replayattn": "replayed", "cudnnattn": "cudnn"}
 # --compile-mode suffix -> (the switch it sets, recorded under that name in the JSON;
-#                          True where the suffix turns the switch off)
+#                          True where the suffix turns the switch off). The switches that are not
+# Inductor options are levers of bench/mlm_levers.py, off in the trainer's step.
 STEP_OPTIONS = {
-    "denselast": ("sparse_last_layer", True), "nopadvocab": ("padded_vocab", True), "fusedqkv": ("fused_qkv", False),
+    "sparselast": ("sparse_last_layer", False), "padvocab": ("padded_vocab", False), "fusedqkv": ("fused_qkv", False),
     "bf16res": ("bf16_residual", False), "cdtune": ("coordinate_descent_tuning", False), "nodrop": ("dropout", True),
     "gemmtune": ("max_autotune_gemm", False),
 }
+# Suffixes that name the trainer's own step (they were levers' off switches when those were its
+# default), so that older commands parse -> the lever suffix they contradict.
+TRAINER_STEP_OPTIONS = {"denselast": "sparselast", "nopadvocab": "padvocab"}
 # The switches that are torch._inductor.config options of the same name, patched around a run.
 INDUCTOR_SWITCHES = ("coordinate_descent_tuning", "max_autotune_gemm")
 
@@ -129,19 +132,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Several, comma-separated, time one fast run each (the first is 'fast', the others "
                              "'fast_<mode>'); suffixes: "
                              "':noattndrop' sets attention dropout to 0 (a different recipe: the compiler can then "
-                             "keep SDPA's fused kernel); attention is the trainer's default choice "
-                             "(TrainConfig.mlm_attention=auto) unless ':sdpaattn' (transformers' SDPA, traced by the "
+                             "keep SDPA's fused kernel); attention is the trainer's own choice (replayed where "
+                             "compiled on a GPU) unless ':sdpaattn' (transformers' SDPA, traced by the "
                              "compiler), ':eagerattn' (outside the compiled graph), ':replayattn' (one op the "
                              "compiler keeps whole, its backward replaying it) or ':cudnnattn' (cuDNN's op with its "
-                             "own backward) names it; "
-                             "':fp8' trains the encoder's linear layers with float8 products (TrainConfig.mlm_float8; "
-                             "skipped where float8 cannot run); "
-                             "':denselast' runs the last encoder layer over every row (TrainConfig.mlm_sparse_last_layer"
-                             "=false); ':nopadvocab' leaves the vocabulary projection at the vocabulary's size on a GPU; "
+                             "own backward) names it; the levers of bench/mlm_levers.py, not yet timed on a GPU: "
+                             "':sparselast' runs the last encoder layer on the masked rows only (':denselast', over "
+                             "every row, is the trainer's); ':padvocab' pads the vocabulary projection to a multiple "
+                             "of 64 outputs on a GPU (':nopadvocab' is the trainer's); "
                              "':fusedqkv' computes query, key and value as one product; ':bf16res' keeps the "
-                             "residual stream between layers in bf16 (TrainConfig.mlm_bf16_residual); ':nodrop' "
-                             "trains without dropout anywhere (TrainConfig.mlm_dropout=0, a different recipe; the "
-                             "baseline keeps BERT's); ':cdtune' lets "
+                             "residual stream between layers in bf16; ':nodrop' trains without dropout anywhere "
+                             "(a different recipe; the baseline keeps BERT's); ':cdtune' lets "
                              "the compiler tune its generated kernels' block sizes "
                              "(torch._inductor.config.coordinate_descent_tuning); ':gemmtune' lets it pick each "
                              "matrix product among cuBLAS and its own Triton templates, into which it can fuse the "
@@ -400,30 +401,24 @@ class ReplayCollator:
         return dict(batch)
 
 
-def trainer_model(config: BertConfig, seed: int, device: str, attention_dropout: bool, attention: str, float8: bool,
-                  compiled: bool, switches: dict[str, bool]) -> tuple[PackedBertForMaskedLM, str]:
-    """The trainer's model, set up as ``adapt_mlm`` sets it up from a TrainConfig, with the
-    baseline's initial weights; returns it and the attention it trains with."""
+def trainer_model(config: BertConfig, seed: int, device: str, attention_dropout: bool, attention: str,
+                  compiled: bool, switches: dict[str, bool]) -> tuple[LeverBertForMaskedLM, str]:
+    """The trainer's model, set up as ``adapt_mlm`` sets it up, with the baseline's initial
+    weights and the levers ``switches`` name; returns it and the attention it trains with."""
     model_config = copy.deepcopy(config)
     if not attention_dropout:
         model_config.attention_probs_dropout_prob = 0.0
-    model = build_model(model_config, seed, device, PackedBertForMaskedLM)
+    model = build_model(model_config, seed, device, LeverBertForMaskedLM)
     model.last_layer_on_masked_rows = switches["sparse_last_layer"]
     model.fused_qkv = switches["fused_qkv"]
-    if not switches["padded_vocab"]:
-        model.vocab_multiple = 1
-    if switches["bf16_residual"]:
-        residual_stream_in_autocast_dtype(model)
-    if not switches["dropout"]:
-        set_dropout(model, 0.0)
+    model.vocab_multiple = VOCAB_MULTIPLE if switches["padded_vocab"] else 1
+    model.bf16_residual = switches["bf16_residual"]
+    model.dropout = None if switches["dropout"] else 0.0
+    apply_recipe_levers(model)
     if attention == "auto":
-        attention = training_attention("auto", model, compiled_on_gpu=compiled and device == "cuda")
-    if attention == "eager":
-        use_eager_attention(model)
-    elif attention in TRAINING_ATTENTION:
-        TRAINING_ATTENTION[attention](model)
-    if float8:
-        use_float8_linears(model)
+        attention = "replayed" if replays_attention(model, compiled_on_gpu=compiled and device == "cuda") else "sdpa"
+    if ATTENTION[attention] is not None:
+        ATTENTION[attention](model)
     return model, attention
 
 
@@ -431,14 +426,16 @@ def spec_options(spec: str, options: list[str], default_attention: str,
                  others: tuple[str, ...] = ()) -> tuple[str, dict[str, bool]]:
     """The attention and the step's switches a spec's suffixes name (the defaults where none is
     named); exits on a suffix that is neither one of those nor in ``others``."""
-    if unknown := set(options) - {*others, *STEP_OPTIONS, *ATTENTION_OPTIONS}:
+    if unknown := set(options) - {*others, *STEP_OPTIONS, *ATTENTION_OPTIONS, *TRAINER_STEP_OPTIONS}:
         raise SystemExit(f"{spec}: unknown option(s) {', '.join(sorted(unknown))}")
+    if clashes := [f"{own}/{lever}" for own, lever in TRAINER_STEP_OPTIONS.items() if {own, lever} <= set(options)]:
+        raise SystemExit(f"{spec}: contradictory options {', '.join(clashes)}")
     named = [choice for option, choice in ATTENTION_OPTIONS.items() if option in options]
     switches = {switch: (option in options) != off_by_option for option, (switch, off_by_option) in STEP_OPTIONS.items()}
     return (named[0] if named else default_attention), switches
 
 
-def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mode: str, args: argparse.Namespace,
+def trainer_run(name: str, model: LeverBertForMaskedLM, batches: list[dict], mode: str, args: argparse.Namespace,
                 flops_per_token: float) -> dict:
     """The project's masked-LM Trainer for warm-up + timed (+ profiled) steps; the clock reads at
     the end of the last warm-up step and of the last timed step, the device synchronised there."""
@@ -469,11 +466,11 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     cfg = TrainConfig(
         mlm_steps=total_steps, mlm_batch_size=args.batch, mlm_learning_rate=args.lr, checkpoint_steps=0,
         bf16=args.dtype == "bf16", torch_compile=mode != "none", seed=args.seed,
-        torch_compile_mode="default" if mode == "none" else mode,
     )
+    compile_mode = {"torch_compile_mode": None if mode in ("none", "default") else mode}
     # On a CPU the project's trainer does not compile; here the mode asked for decides.
-    compile_on_cpu = {} if args.device == "cuda" else {
-        "torch_compile": mode != "none", "torch_compile_mode": None if mode in ("none", "default") else mode}
+    if args.device != "cuda":
+        compile_mode["torch_compile"] = mode != "none"
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -481,7 +478,7 @@ def trainer_run(name: str, model: PackedBertForMaskedLM, batches: list[dict], mo
     counters.clear()
     with tempfile.TemporaryDirectory() as output_dir, PeakMemory(args.device) as memory:
         training_args = mlm_training_arguments(
-            cfg, Path(output_dir), logging_steps=total_steps, disable_tqdm=True, **compile_on_cpu,
+            cfg, Path(output_dir), logging_steps=total_steps, disable_tqdm=True, **compile_mode,
         )
         rows = [{"input_ids": [0]}] * (total_steps * args.batch)
         trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=ReplayCollator(batches),
@@ -566,16 +563,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 flops_per_token)
     for index, spec in enumerate(compile_modes):
         mode, *options = spec.split(":")
-        attention, switches = spec_options(f"--compile-mode {spec}", options, "auto", others=("noattndrop", "fp8"))
+        attention, switches = spec_options(f"--compile-mode {spec}", options, "auto", others=("noattndrop",))
         attention_dropout = "noattndrop" not in options and switches["dropout"]
-        float8 = "fp8" in options
         name = "fast" if index == 0 else f"fast_{spec.replace(':', '_')}"
-        if float8 and (reason := float8_unsupported(args.device)) is not None:
-            print(f"{name}: skipped, {reason}", flush=True)
-            runs[name] = {"skipped": reason}
-            continue
         try:
-            model, attention = trainer_model(config, args.seed, args.device, attention_dropout, attention, float8,
+            model, attention = trainer_model(config, args.seed, args.device, attention_dropout, attention,
                                              compiled=mode != "none", switches=switches)
             with inductor_config.patch(inductor_options(switches)):
                 runs[name] = trainer_run(name, model, fast_data, mode, args, flops_per_token)
@@ -586,11 +578,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: failed, {error!r}", flush=True)
             runs[name] = {"failed": repr(error)}
             continue
-        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, float8=float8,
-                          **switches)
+        runs[name].update(compile_mode=mode, attention_dropout=attention_dropout, attention=attention, **switches)
         runs[name]["ratio"] = round(runs[name]["tokens_per_s"] / runs["baseline"]["tokens_per_s"], 3)
         print(f"ratio {name} / baseline (same batches): {runs[name]['ratio']:.2f}x", flush=True)
-    ratio = runs["fast"].get("ratio")  # None when the first fast run was skipped
+    ratio = runs["fast"].get("ratio")  # None when the first fast run failed
     report = {
         "bench": "train_throughput",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

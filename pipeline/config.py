@@ -4,14 +4,22 @@ with the prefix ``FINSENT_`` (nested fields with ``__``, e.g.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.recipes import load_recipe
+
+ENV_PREFIX = "FINSENT_"
+# Read by other tools, not by Settings: the docker compose file's image and data folder names.
+NOT_SETTINGS = frozenset({"FINSENT_AIRFLOW_IMAGE", "FINSENT_AIRFLOW_GPU_IMAGE", "FINSENT_SERVING_IMAGE", "FINSENT_DATA_DIR"})
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 OFFLINE_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -21,18 +29,22 @@ REFERENCE_LABEL_SHARES = {"negative": 0.125, "neutral": 0.594, "positive": 0.281
 
 
 class IngestConfig(BaseModel):
+    """Reading, cleaning, splitting and validating the data (the ingest DAG)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     text_column: str = Field("text", description="text column of CSV/JSONL/Parquet/hub labeled sources")
     label_column: str = Field("label", description="label column of CSV/JSONL/Parquet/hub labeled sources")
-    train_fraction: float = 0.72
-    validation_fraction: float = 0.08
-    test_fraction: float = 0.20
-    seed: int = 0
+    train_fraction: float = Field(0.72, description="share of labeled rows in the train split")
+    validation_fraction: float = Field(0.08, description="share in the validation split")
+    test_fraction: float = Field(0.20, description="share in the test split; the three sum to 1")
+    seed: int = Field(0, description="seed of the stratified split")
     split_method: Literal["hash", "stratified"] = Field(
         "hash", description="hash: stable per sentence, leakage-free as data grows; stratified: the canonical FPB split"
     )
-    min_chars: int = 3
-    max_chars: int = 2000
-    max_news_chars: int = 100_000
+    min_chars: int = Field(3, description="shorter labeled texts are quarantined")
+    max_chars: int = Field(2000, description="longer labeled texts are quarantined")
+    max_news_chars: int = Field(100_000, description="longer news stories are quarantined")
     min_clean_share: float = Field(0.95, description="a batch whose clean share is below this fails")
     id_column: str | None = Field(
         None, description="id column of CSV/JSONL/Parquet/hub sources (labeled: else a hash of the text; news: else 'id')")
@@ -47,150 +59,126 @@ class IngestConfig(BaseModel):
         description="expected label shares (default: Financial PhraseBank 50Agree); {} turns the check off")
     label_tolerance: float = Field(0.10, description="allowed absolute deviation of each label's share")
 
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "IngestConfig":
+        total = self.train_fraction + self.validation_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6 or min(self.train_fraction, self.validation_fraction, self.test_fraction) <= 0:
+            raise ValueError(
+                f"train_fraction + validation_fraction + test_fraction must be positive and sum to 1, got "
+                f"{self.train_fraction} + {self.validation_fraction} + {self.test_fraction} = {total:g}")
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
+        return self
+
 
 class TrainConfig(BaseModel):
-    base_model: str = Field(OFFLINE_MINILM, description="hub id or local folder")
-    max_length: int = 128
-    seed: int = 0
-    # Masked-LM adaptation / pretraining
-    mlm_steps: int = Field(40, description="0 skips masked-LM adaptation")
-    mlm_from_scratch: bool = Field(False, description="pretrain a new BERT with a WordPiece vocab trained on the corpus")
-    scratch_vocab_size: int = 8000
-    scratch_hidden_size: int = 256
-    scratch_layers: int = 4
-    scratch_heads: int = 4
-    mlm_objective: Literal["mlm", "mlm+nsp"] = Field("mlm", description="mlm+nsp: BERT's original next-sentence objective too")
-    mlm_whole_word: bool = Field(False, description="mask whole words instead of WordPiece tokens")
-    mlm_block_size: int = 128
-    mlm_batch_size: int = 16
-    mlm_learning_rate: float = 5e-5
-    mlm_probability: float = Field(0.15, description="share of tokens selected; of those 80% [MASK], 10% random, 10% kept")
-    mlm_max_corpus_texts: int = 2000
-    mlm_margin: float = Field(0.0, description="adapted model is used only if its perplexity beats the base by this")
+    """The training recipe. Each field earned its place with a figure in
+    ``bench/RESULTS.md``; ``recipes/`` holds named sets of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(OFFLINE_MINILM, description="hub id, local folder, or a base `finsent fetch-base` unpacked")
+    max_length: int = Field(128, gt=8, description="tokens per sentence; longer ones are truncated")
+    seed: int = Field(0, description="seed of initialisation, data order and masks")
+    # Masked-LM adaptation
+    mlm_steps: int = Field(40, ge=0, description="masked-LM adaptation steps on the corpus; 0 skips adaptation")
+    mlm_block_size: int = Field(128, gt=8, description="tokens per packed masked-LM block")
+    mlm_batch_size: int = Field(16, gt=0, description="blocks per masked-LM step")
+    mlm_learning_rate: float = Field(5e-5, gt=0, description="masked-LM peak learning rate")
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="share of tokens predicted; of those 80% [MASK], 10% random, 10% kept")
+    mlm_max_corpus_texts: int = Field(2000, ge=0, description="corpus texts read for adaptation")
+    mlm_margin: float = Field(0.0, description="the adapted model is used only if its perplexity beats the base's by this share")
     mlm_head_steps: int | None = Field(
-        None, ge=0, description="a base that ships without a masked-LM head (sentence-transformers models such as "
-        "the default MiniLM) gets a new random one, whose perplexity says nothing of the base: the new head is "
-        "first trained this many steps with the rest of the model frozen, and the base's perplexity measured with "
-        "it. Unset: as many steps as mlm_steps; 0: compare against the random head",
-    )
-    mlm_head_learning_rate: float = Field(3e-3, gt=0, description="learning rate of that head-only training")
-    mlm_float8: bool = Field(
-        False, description="float8 matrix products in the encoder's linear layers while masked-LM training "
-        "(torchao; CUDA compute capability 8.9+, e.g. H100; emulated and slow on a CPU)",
-    )
-    mlm_attention: Literal["auto", "sdpa", "replayed", "cudnn"] = Field(
-        "auto", description="attention with dropout while masked-LM training: replayed (one op the compiler keeps "
-        "whole, SDPA's fused kernel, backward replaying the forward), cudnn (on a GPU cuDNN's fused op with its own "
-        "backward, no replay; not yet timed), sdpa (transformers' own), or auto: replayed where the model is "
-        "compiled on a GPU (1.86x against 1.68x the eager baseline on an H100, bench/RESULTS.md)",
-    )
-    mlm_sparse_last_layer: bool = Field(
-        True, description="BERT: the last encoder layer computes only the masked rows the loss reads (the same "
-        "loss and gradients with less work)",
-    )
-    mlm_bf16_residual: bool = Field(
-        False, description="under bf16 autocast, the residual stream between layers in bf16 instead of float32: "
-        "layer norms still compute in float32, parameters and optimizer stay float32 (16 % fewer bytes in the "
-        "compiled step's own kernels at bert-base; not yet timed on a GPU)",
-    )
-    mlm_dropout: float | None = Field(
-        None, ge=0.0, lt=1.0, description="dropout probability of every dropout layer while masked-LM training "
-        "(hidden, attention, embeddings); unset keeps the model's own (BERT: 0.1). 0 draws no random masks, so the "
-        "compiled step's kernels do less and attention needs no replay (a different recipe: short pretraining runs "
-        "often train without dropout). The saved model keeps its own dropout for fine-tuning",
-    )
-    checkpoint_steps: int = Field(20, description="save model, optimizer, scheduler, RNG and data position every N steps; 0: never")
+        None, ge=0, description="a base without a masked-LM head (the default MiniLM) has its new head trained alone "
+        "this many steps before the base's perplexity is measured; unset: mlm_steps; 0: compare with the random head")
+    checkpoint_steps: int = Field(20, ge=0, description="masked-LM checkpoint every N steps (fine-tuning: every epoch); 0: never")
     # Fine-tuning
-    # Defaults: the best recipe of bench/accuracy.py on the canonical Financial PhraseBank split (bench/RESULTS.md).
-    epochs: int = 5
-    batch_size: int = 32
-    learning_rate: float = 1.5e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    finetune_method: Literal["full", "lora"] = Field("full", description="lora: peft adapters, merged into the base for export")
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    class_weights: Literal["none", "balanced"] | list[float] = Field(
-        "none", description="loss weight per label (negative, neutral, positive), or balanced by inverse frequency")
-    layer_lr_decay: float = Field(0.85, description="layer-wise learning-rate decay; 1.0 is off")
-    early_stopping_patience: int = Field(0, description="epochs without a better validation macro-F1 before stopping; 0 is off")
+    epochs: int = Field(5, gt=0, description="fine-tuning epochs; the best by validation macro-F1 is kept")
+    batch_size: int = Field(32, gt=0, description="fine-tuning sentences per step")
+    learning_rate: float = Field(1.5e-4, gt=0, description="the top layer's; lower layers decay by layer_lr_decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with a linear learning-rate warm-up")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and layer norms)")
+    layer_lr_decay: float = Field(0.85, gt=0, le=1, description="layer-wise learning-rate decay; 1.0 is off")
     pooling: Literal["cls", "mean"] = Field(
-        "mean", description="classify the [CLS] vector, or the mean of the token vectors (how sentence-transformers "
-        "bases such as all-MiniLM-L6-v2 were trained; BERT and MPNet bases)")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each hard target spread over all labels")
-    rdrop_alpha: float = Field(
-        0.0, ge=0.0, description="R-Drop: weight of the symmetric KL divergence between two dropout passes of each "
-        "batch (doubles the fine-tuning compute); 0 is off")
-    ema_decay: float = Field(
-        0.0, ge=0.0, lt=1.0, description="validate, checkpoint and keep an exponential moving average of the weights "
-        "with this decay per optimizer step (training follows the live weights); 0 is off")
+        "mean", description="classify the [CLS] vector or the mean of the token vectors (BERT and MPNet bases)")
     agreement_soft_labels: bool = Field(
-        True, description="train on soft targets from annotator agreement: the label gets the row's agreement "
-        "share (Financial PhraseBank levels 100/75/66/50), the rest is split evenly over the other labels; rows "
-        "from sources without agreement data are recorded at 100 and keep hard labels")
-    soup_size: int = Field(
-        1, ge=1, description="fine-tune this many members from one initialisation (data order and dropout differ) "
-        "and average their weights (see soup_method); 1 is off")
-    soup_method: Literal["greedy", "uniform"] = Field(
-        "greedy", description="greedy: members join by validation macro-F1 rank while it does not drop; uniform: all")
-    self_training_texts: int = Field(
-        0, ge=0, description="self-training: a first model labels corpus sentences, and a second trains from the base "
-        "on the labels plus this many of the most confident (the teacher's probabilities as targets, label shares "
-        "kept); about triples the fine-tuning time; 0 is off")
-    self_training_candidates: int = Field(
-        20000, ge=1, description="corpus sentences the first model scores (a seeded sample)")
-    distill_teachers: int = Field(
-        0, ge=0, description="ensemble distillation: this many teachers fine-tune with the recipe (other seeds), and "
-        "the model trains from the base again on targets mixing each row's own with the teachers' mean "
-        "probabilities (see distill_weight); costs N + 1 fine-tunings; 0 is off")
-    distill_weight: float = Field(
-        0.5, ge=0.0, le=1.0, description="share of the teachers' mean probabilities in each training row's target")
+        True, description="targets from annotator agreement (a 66% sentence gets 0.66 on its label); rows without "
+        "agreement data keep hard labels")
+    finetune_method: Literal["full", "lora"] = Field("full", description="lora: peft adapters merged into the base for export")
+    lora_r: int | None = Field(None, gt=0, description="LoRA rank (finetune_method=lora only; unset: 8)")
+    # Distillation: the teacher's probabilities become training targets
     teacher_model: str | None = Field(
-        None, description="distillation from a fine-tuned classifier, typically a larger one (a folder, a hub id, or "
-        "a registered model's models:/ URI): the model trains from the base on targets mixing each row's own with "
-        "the teacher's probabilities (see distill_weight), plus distill_corpus_texts corpus sentences it labels; "
-        "its labels must be the project's, in any order")
+        None, description="a fine-tuned classifier to distill (folder, hub id or models:/ URI); its labels must be the "
+        "project's, in any order")
+    distill_weight: float | None = Field(
+        None, ge=0, le=1, description="share of the teacher's probabilities in each row's target (teacher_model only; "
+        "unset: 0.5)")
     distill_corpus_texts: int = Field(
-        0, ge=0, description="with teacher_model: a seeded sample of this many corpus sentences joins the training "
-        "set, the teacher's probabilities as targets (all of them, unfiltered: the unsure ones teach most)")
-    train_sampling: Literal["group_by_length", "random", "sequential"] = Field(
-        "group_by_length", description="group_by_length: length-bucketed shuffled batches, little padding")
-    # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1.
-    sweep_learning_rates: list[float] = Field(default_factory=list)
-    sweep_seeds: list[int] = Field(default_factory=list)
-    # GPU nodes: None means on when CUDA is there.
-    bf16: bool | None = None
-    torch_compile: bool = False
-    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile's mode where torch_compile is on: reduce-overhead and max-autotune add "
-        "CUDA graphs (fixed shapes pay: masked-LM blocks; fine-tuning's varying batch shapes record a graph each), "
-        "max-autotune also searches kernels for minutes; not yet timed in the trainer on a GPU",
-    )
+        0, ge=0, description="corpus sentences the teacher labels as extra training rows (teacher_model only)")
+    # A sweep: the train DAG maps fine-tuning over this grid and registers the best by validation macro-F1
+    sweep_learning_rates: list[float] = Field(
+        default_factory=list, description="a sweep: fine-tune at each rate (x each seed); [] is learning_rate only")
+    sweep_seeds: list[int] = Field(default_factory=list, description="a sweep's seeds; [] is seed only")
+    # GPU nodes
+    bf16: bool | None = Field(None, description="bf16 autocast; unset: on with CUDA")
+    torch_compile: bool = Field(
+        False, description="torch.compile the model (GPU: with the packed masked-LM step 1.86x the eager loop on an "
+        "H100, bench/RESULTS.md)")
+
+    @model_validator(mode="after")
+    def _options_fit_together(self) -> "TrainConfig":
+        if self.finetune_method != "lora" and self.lora_r is not None:
+            raise ValueError("lora_r applies only with finetune_method=lora; set both or neither")
+        if self.teacher_model is None and (self.distill_weight is not None or self.distill_corpus_texts > 0):
+            raise ValueError("distill_weight and distill_corpus_texts need a teacher_model to distill from")
+        if any(rate <= 0 for rate in self.sweep_learning_rates):
+            raise ValueError(f"sweep_learning_rates must be positive, got {self.sweep_learning_rates}")
+        return self
+
+    @property
+    def lora_rank(self) -> int:
+        return 8 if self.lora_r is None else self.lora_r
+
+    @property
+    def teacher_share(self) -> float:
+        return 0.5 if self.distill_weight is None else self.distill_weight
 
 
 class ReleaseConfig(BaseModel):
+    """Export, parity and the gate (the release DAG)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     min_macro_f1: float = Field(0.6, description="absolute floor for the first champion")
     min_improvement: float = Field(0.0, description="candidate must beat champion macro-F1 by at least this")
-    parity_max_abs_diff: float = 1e-4
-    parity_max_flips: int = 0
+    parity_max_abs_diff: float = Field(1e-4, description="largest |ONNX - PyTorch| logit difference on the test split")
+    parity_max_flips: int = Field(0, description="test sentences whose label may differ between ONNX and PyTorch")
 
 
 class ServingConfig(BaseModel):
-    alias: str = "champion"
+    """The sentiment API (`finsent serve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field("champion", description="the registry alias the API serves")
     model_dir: Path | None = Field(None, description="serve a local ONNX folder instead of the registry")
-    max_batch: int = 256
-    max_text_chars: int = 10_000
+    max_batch: int = Field(256, description="texts per request; more get a 422")
+    max_text_chars: int = Field(10_000, description="characters per text; more get a 422")
 
 
 class OrchestrationConfig(BaseModel):
+    """Where Airflow runs the training tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
     gpu_pool: str = Field("gpu", description="Airflow pool for training tasks; give it as many slots as GPUs")
     gpu_queue: str = Field("gpu", description="Celery queue of the GPU workers (CeleryExecutor only)")
     gpu_pool_slots: int = Field(1, description="slots of the GPU pool: the number of GPUs (1 on a CPU-only machine)")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FINSENT_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FINSENT_", env_nested_delimiter="__", extra="forbid")
 
     project_dir: Path = Field(Path("."), description="the DVC repository that holds data/ and data.dvc")
     state_dir: Path = Field(Path(".finsent"), description="services' state, run outputs, DVC remote")
@@ -207,15 +195,29 @@ class Settings(BaseSettings):
     dvc_remote: str | None = Field(None, description="DVC remote URL; unset: <state_dir>/dvc-remote")
     bases_dir: Path = Field(
         Path.home() / ".cache" / "finsent" / "bases", description="pretrained bases unpacked by `finsent fetch-base`")
-    tracking_uri: str = "http://127.0.0.1:5000"
-    experiment: str = "finsent"
-    model_name: str = "finsent-sentiment"
+    recipe: str | None = Field(
+        None, description="a training recipe: a name in recipes/ (demo, fpb-minilm, fpb-distilled, gpu-bert-base) or a "
+        "YAML file; its fields replace TrainConfig's defaults, FINSENT_TRAIN__* variables still override them")
+    tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server")
+    experiment: str = Field("finsent", description="MLflow experiment of the training runs")
+    model_name: str = Field("finsent-sentiment", description="the registered model")
 
     ingest: IngestConfig = IngestConfig()
     train: TrainConfig = TrainConfig()
     release: ReleaseConfig = ReleaseConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     serving: ServingConfig = ServingConfig()
+
+    @model_validator(mode="after")
+    def _apply_recipe(self) -> "Settings":
+        if self.recipe is not None:
+            recipe = load_recipe(self.recipe)
+            explicit = self.train.model_dump(include=self.train.model_fields_set)
+            try:
+                self.train = TrainConfig.model_validate({**recipe.train, **explicit})
+            except ValidationError as error:
+                raise ValueError(f"recipe {recipe.path}: {settings_error_message(error)}") from None
+        return self
 
     @property
     def data_dir(self) -> Path:
@@ -252,5 +254,34 @@ class Settings(BaseSettings):
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def settings_error_message(error: ValidationError) -> str:
+    """One line per problem, named as the setting is spelled (``train.lora_r``), without pydantic's links."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def unknown_environment_keys(environ: Mapping[str, str]) -> list[str]:
+    """``FINSENT_*`` variables that name no setting (a typo, or an option that was removed):
+    pydantic-settings would skip them silently."""
+    known = {name.upper() for name in Settings.model_fields}
+    return sorted(key for key in environ if key.startswith(ENV_PREFIX) and
+                  key.removeprefix(ENV_PREFIX).split("__")[0] not in known and key not in NOT_SETTINGS)
+
+
+def settings_with_recipe(recipe: str | None) -> Settings:
+    """The process's settings, with ``recipe`` (e.g. a DAG run's param) in place of
+    ``FINSENT_RECIPE``; FINSENT_TRAIN__* variables still override its fields."""
+    return get_settings() if recipe is None else Settings(recipe=recipe)
+
+
+@functools.cache
 def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    if unknown := unknown_environment_keys(os.environ):
+        raise ValueError(f"unknown finsent settings in the environment: {', '.join(unknown)} "
+                         "(docs/configuration.md lists them all)")
     return Settings()

@@ -61,6 +61,12 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
         mlflow.log_dict(settings.resolved(), "config/resolved.json")
         if settings.data_docs_dir.is_dir():
             mlflow.log_artifacts(str(settings.data_docs_dir), "data_docs")
+        if settings.recipe is not None:
+            from pipeline.recipes import load_recipe
+
+            recipe = load_recipe(settings.recipe)
+            mlflow.log_artifact(str(recipe.path), "recipe")
+            mlflow.set_tag("recipe", recipe.name)
         mlflow.set_tags({
             "data_digest": data_digest,
             "test_digest": test_digest,

@@ -54,7 +54,7 @@ def reuters_subset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, fpb_subset) -> Path:
     from pipeline.data.sources import read_phrasebank
-    from pipeline.train.base import build_bert_from_scratch
+    from tests.tiny_models import build_bert_from_scratch
 
     raw, _ = read_phrasebank(fpb_subset)
     return build_bert_from_scratch(tmp_path_factory.mktemp("tiny-bert"), raw["text"].tolist(), vocab_size=1500, max_length=64)

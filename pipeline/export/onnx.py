@@ -47,7 +47,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = 
 @torch.no_grad()
 def check_parity(hf_dir: Path, onnx_dir: Path, texts: list[str], max_length: int) -> dict:
     """Max absolute logit difference and label flips between PyTorch and onnxruntime."""
-    from pipeline.train.classify import load_classifier, predict_logits
+    from pipeline.train.model import load_classifier, predict_logits
 
     model, tokenizer = load_classifier(str(hf_dir))
     reference = predict_logits(model, tokenizer, texts, max_length)

@@ -58,10 +58,9 @@ def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path | None = None) -> tuple[int, Path | None]:
+def prepare_checkpoint_dir(folder: Path, fingerprint: dict) -> tuple[int, Path | None]:
     """The last complete checkpoint of a run with the same settings, if any;
-    drops checkpoints of other settings (and ``scratch_dir``, what such a run
-    built besides them) and half-written checkpoint folders."""
+    drops checkpoints of other settings and half-written checkpoint folders."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / FINGERPRINT
     try:
@@ -70,12 +69,10 @@ def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path | 
         previous = None
     if previous != fingerprint:
         stale = [p for p in folder.iterdir() if p.name != FINGERPRINT]
-        if stale or (scratch_dir is not None and scratch_dir.exists()):
+        if stale:
             log.warning("settings or data changed since the checkpoints in %s were written: starting over", folder)
         for path in stale:  # under torchrun every process does this at once: what another removed is gone
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if scratch_dir is not None:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
         marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
         return 0, None
     complete = complete_checkpoints(folder)
@@ -90,19 +87,10 @@ def prepare_checkpoint_dir(folder: Path, fingerprint: dict, scratch_dir: Path | 
 
 
 def mlm_fingerprint(base_model: str, corpus_texts: list[str], cfg: TrainConfig) -> dict:
-    keys = [
-        "mlm_steps", "mlm_from_scratch", "mlm_objective", "mlm_whole_word", "mlm_block_size", "mlm_batch_size",
-        "mlm_learning_rate", "mlm_probability", "seed", "warmup_ratio", "weight_decay", "max_length",
-        "mlm_head_steps", "mlm_head_learning_rate",
-    ]
-    if cfg.mlm_from_scratch:
-        keys += ["scratch_vocab_size", "scratch_hidden_size", "scratch_layers", "scratch_heads"]
-    # Only when on, so that earlier runs' checkpoints keep their fingerprint.
-    keys += [key for key in ("mlm_float8", "mlm_bf16_residual") if getattr(cfg, key)]
-    keys += ["mlm_dropout"] if cfg.mlm_dropout is not None else []
-    values = {key: getattr(cfg, key) for key in keys}
-    return {"base_model": None if cfg.mlm_from_scratch else str(base_model), "corpus_sha256": texts_sha256(corpus_texts),
-            **values}
+    keys = ["mlm_steps", "mlm_block_size", "mlm_batch_size", "mlm_learning_rate", "mlm_probability", "seed",
+            "warmup_ratio", "weight_decay", "max_length", "mlm_head_steps"]
+    return {"base_model": str(base_model), "corpus_sha256": texts_sha256(corpus_texts),
+            **{key: getattr(cfg, key) for key in keys}}
 
 
 def texts_sha256(texts: list[str]) -> str:

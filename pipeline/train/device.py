@@ -31,8 +31,6 @@ def training_device_args(cfg: TrainConfig) -> dict:
         # Without it, torchrun on a CPU-only node runs N unsynchronised copies instead of DDP over gloo.
         "use_cpu": not cuda,
     }
-    if args["torch_compile"] and cfg.torch_compile_mode != "default":
-        args["torch_compile_mode"] = cfg.torch_compile_mode
     if cuda:
         # A blocking copy of each batch to the device waits for the device to finish the
         # previous step: a host sync per step. From pinned memory the copy can be queued.

@@ -1,14 +1,18 @@
 """Distillation from one fine-tuned teacher, typically a larger model than the
-student (Hinton et al., 2015): each training row's target mixes its own with the
-teacher's probabilities, and a seeded sample of unlabeled corpus sentences joins
-the training set with the teacher's probabilities as targets, a transfer set as
-in Turc et al., 2019 ("Well-read students learn better"). The sentences are not
-filtered by the teacher's confidence: where it is unsure is what the labels do
-not say. The student trains from the base; one model of the student's size comes
-out, so serving costs what the student costs."""
+student (Hinton et al., 2015), as a builder of training targets: each training
+row's target mixes its own with the teacher's probabilities, and a seeded sample
+of unlabeled corpus sentences joins the training set with the teacher's
+probabilities as targets, a transfer set as in Turc et al., 2019 ("Well-read
+students learn better"). The sentences are not filtered by the teacher's
+confidence: where it is unsure is what the labels do not say. The fine-tuning
+loop then trains the student from the base on these rows; serving costs what the
+student costs."""
 
 from __future__ import annotations
 
+import os
+import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,9 +21,14 @@ import pandas as pd
 import torch
 
 from pipeline.config import LABELS, TrainConfig
-from pipeline.train.checkpoints import TEACHER_SCORES, cached_scores, weights_sha256
+from pipeline.data.sources import split_sentences
+from pipeline.train.checkpoints import cached_scores, weights_sha256
 from pipeline.train.device import training_device_args
 from pipeline.train.evaluate import classification_metrics, label_ids, softmax
+from pipeline.train.model import load_classifier, predict_logits
+from pipeline.train.targets import label_targets
+
+_LETTERS = re.compile(r"[A-Za-z]")
 
 
 def teacher_folder(teacher: str, download_dir: Path) -> str:
@@ -87,25 +96,48 @@ def teacher_columns(folder: str) -> list[int]:
     return label_order(AutoConfig.from_pretrained(folder).id2label)
 
 
-def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, out_dir: Path,
-                          cfg: TrainConfig, corpus: list[str] | None, teacher: str, scores_key: dict) -> dict:
-    """Scores the training rows, the validation rows and ``distill_corpus_texts``
-    corpus sentences with ``teacher`` (``cfg.teacher_model`` pinned), then
-    fine-tunes ``model_dir`` on the mixed targets plus the teacher-labeled
-    sentences. The scores are kept for a retry under ``scores_key``, the
-    fingerprint of the call (teacher, rows, corpus and config: all they depend on)."""
-    from pipeline.train.classify import (_refuse_under_torchrun, _with_teacher_targets, finetune, load_classifier,
-                                         predict_logits)
-    from pipeline.train.self_training import sample_candidates, unlabeled_sentences
+def corpus_sentences(texts: list[str], min_words: int = 6, max_words: int = 60) -> list[str]:
+    """Sentence-like pieces of ``texts``, deduplicated in first-seen order: between
+    ``min_words`` and ``max_words`` words, mostly letters and not all capitals
+    (newswire tables and headlines are dropped)."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        for sentence in split_sentences(text):
+            words = sentence.split(" ")
+            if not min_words <= len(words) <= max_words or sentence in seen:
+                continue
+            letters = _LETTERS.findall(sentence)
+            if len(letters) < 0.6 * len(sentence.replace(" ", "")) or sentence.upper() == sentence:
+                continue
+            seen[sentence] = None
+    return list(seen)
 
-    _refuse_under_torchrun("teacher_model")
-    if cfg.distill_teachers > 0 or cfg.self_training_texts > 0:
-        raise ValueError("teacher_model is its own teacher: unset distill_teachers and self_training_texts")
+
+def transfer_sentences(corpus: list[str] | None, labeled: list[pd.DataFrame], count: int, seed: int) -> list[str]:
+    """A seeded sample of at most ``count`` corpus sentences that are in none of the
+    ``labeled`` frames; a clear error if the corpus has none."""
+    known = set().union(*(set(frame["text"]) for frame in labeled))
+    sentences = [s for s in corpus_sentences(corpus or []) if s not in known]
+    if not sentences:
+        raise ValueError("distill_corpus_texts needs a corpus of unlabeled text with sentences in it; none was given")
+    return list(sentences) if len(sentences) <= count else random.Random(seed).sample(sentences, count)
+
+
+def teacher_rows(train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig, corpus: list[str] | None,
+                 teacher: str, scores_path: Path, scores_key: dict) -> tuple[pd.DataFrame, dict]:
+    """The student's training rows and what the teacher did. ``teacher``
+    (``cfg.teacher_model`` pinned) scores the training rows, the validation rows
+    and ``distill_corpus_texts`` corpus sentences; each training row's target is
+    its own mixed with the teacher's probabilities (``distill_weight``), and the
+    sentences join with the teacher's probabilities as targets. The scores are
+    kept in ``scores_path`` for a retry under ``scores_key``, the fingerprint of
+    the call (teacher, rows, corpus and config: all they depend on)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would load and run the teacher; score once, then train under torchrun.
+        raise ValueError("teacher_model runs in one process; unset it under torchrun")
     sentences: list[str] = []
     if cfg.distill_corpus_texts > 0:
-        candidates = unlabeled_sentences(corpus, [train, validation], "distill_corpus_texts")
-        sentences = sample_candidates(candidates, cfg.distill_corpus_texts, cfg.seed)
-
+        sentences = transfer_sentences(corpus, [train, validation], cfg.distill_corpus_texts, cfg.seed)
     texts = {"train": train["text"].tolist(), "validation": validation["text"].tolist(), "corpus": sentences}
 
     def score() -> dict[str, np.ndarray]:
@@ -120,22 +152,21 @@ def finetune_from_teacher(model_dir: str, train: pd.DataFrame, validation: pd.Da
 
     # Kept for a retry: a large teacher is minutes of scoring on a CPU, and the student's checkpoints resume
     # only on the targets they were trained on.
-    probs = cached_scores(out_dir / TEACHER_SCORES, scores_key, score)
+    probs = cached_scores(scores_path, scores_key, score)
     on_train, on_validation, on_corpus = probs["train"], probs["validation"], probs["corpus"]
-
+    own = label_targets(train, cfg.agreement_soft_labels)
+    mixed = (1.0 - cfg.teacher_share) * own + cfg.teacher_share * on_train
     transfer = pd.DataFrame({
         "text": sentences, "label": [LABELS[i] for i in on_corpus.argmax(axis=1)],
         "targets": list(on_corpus.astype(np.float32)), "agreement": 100,
     })
-    rows = pd.concat([_with_teacher_targets(train, on_train, cfg), transfer], ignore_index=True)
-    student = finetune(model_dir, rows, validation, out_dir,
-                       cfg.model_copy(update={"teacher_model": None, "distill_corpus_texts": 0}))
+    rows = pd.concat([train.assign(targets=list(mixed.astype(np.float32))), transfer], ignore_index=True)
     teacher_val = classification_metrics(label_ids(validation["label"]), on_validation)
-    student["distillation"] = {
-        "teacher": cfg.teacher_model, "teacher_pinned": teacher, "weight": cfg.distill_weight,
+    info = {
+        "teacher": cfg.teacher_model, "teacher_pinned": teacher, "weight": cfg.teacher_share,
         "teacher_val_macro_f1": round(float(teacher_val["macro_f1"]), 4),
         "teacher_val_accuracy": round(float(teacher_val["accuracy"]), 4),
         "corpus_rows": len(transfer),
         "corpus_labels": {label: int((transfer["label"] == label).sum()) for label in LABELS},
     }
-    return student
+    return rows, info

@@ -1,5 +1,7 @@
 """The masked-LM step of ``adapt_mlm`` on packed blocks: a static number of predictions
-per row, no attention mask, and the vocabulary head applied to the masked positions only.
+per row, no attention mask, the vocabulary head applied to the masked positions only, and,
+compiled on a GPU, attention with dropout as one op that keeps SDPA's fused kernel. On an
+H100 this step trains bert-base at 1.86x the eager Hugging Face loop (bench/RESULTS.md).
 
 * :class:`StaticMaskCollator` masks exactly ``k = round(rate * block)`` positions of each
   row (BERT's ``max_predictions_per_seq``), so every shape is static: a compiled step never
@@ -9,24 +11,19 @@ per row, no attention mask, and the vocabulary head applied to the masked positi
   ``masked_positions`` and ``masked_labels`` and then returns only the loss, computed on
   ``B * k`` rows instead of ``B * S``. Without them it is the parent's ``forward``. Being
   the model's own ``forward``, the loss runs inside whatever wraps the model: the Trainer's
-  ``torch.compile``, DistributedDataParallel under torchrun, autocast.
+  ``torch.compile``, DistributedDataParallel under torchrun, autocast. transformers computes
+  the head over every position (``BertForMaskedLM(labels=...)``); at bert-base that is about
+  a fifth of the model's FLOPs, 85 % of them on positions with no label.
+* :func:`keep_attention_in_bf16` lets attention that falls back to SDPA's math path stay in bf16.
+* :func:`use_replayed_attention` runs attention with dropout as the custom op
+  ``finsent::dropout_attention``, opaque to the compiler, whose backward replays the forward's
+  dropout mask; :func:`replays_attention` says where the trainer uses it.
 
-transformers computes the head over every position (``BertForMaskedLM(labels=...)``); at
-bert-base that is about a fifth of the model's FLOPs, 85 % of them on positions with no
-label, hence these small classes. Two more savings, both exact:
-
-* BERT's last encoder layer computes only the rows the head reads: keys and values from every
-  position, queries, attention output and feed-forward on the ``B * k`` masked rows
-  (``last_layer_on_masked_rows``; ``TrainConfig.mlm_sparse_last_layer``). Nothing else reads
-  the other rows of that layer.
-* On a GPU the vocabulary projection runs padded to a multiple of 64 outputs
-  (``vocab_multiple``): 30,522 outputs leave the product's rows misaligned for the
-  tensor-core kernels, and an H100 ran that product at 243 TFLOP/s against 600-720 for the
-  encoder's (``bench/gemm_floor.py``)."""
+Levers not yet timed on a GPU live in ``bench/mlm_levers.py``, not here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +31,6 @@ from transformers import AttentionInterface, BertForMaskedLM, MPNetForMaskedLM
 from transformers.activations import gelu
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import MaskedLMOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
 
 
 def num_predictions(seq_len: int, rate: float = 0.15) -> int:
@@ -98,19 +93,13 @@ class StaticMaskCollator:
 class _MaskedPositionsLoss:
     """``forward(input_ids, masked_positions=, masked_labels=)``: mean cross-entropy over the
     k masked positions of each row, the head applied to those rows only. Blocks are full, so
-    no attention mask is passed and SDPA may take a fused kernel.
-
-    On a GPU the head's vocabulary projection runs with its outputs padded to a multiple of
-    ``vocab_multiple`` by zero rows, the padded logits cut off again: the same function and
-    parameters. Only here: the parent's ``forward`` (evaluation, Hugging Face's collator) stays
-    as transformers wrote it.
+    no attention mask is passed and SDPA may take a fused kernel. Only here: the parent's
+    ``forward`` (evaluation, Hugging Face's collator) stays as transformers wrote it.
 
     Each model class defines ``head_features(hidden)``: its masked-LM head up to the vocabulary
     projection (which is tied to the embeddings)."""
 
     base_model_prefix: str
-    vocab_multiple = 64
-    pad_vocab_on = ("cuda",)  # device types; a CPU gains nothing from aligned rows
 
     def forward(self, input_ids=None, masked_positions=None, masked_labels=None, **kwargs):
         if masked_positions is None:
@@ -126,69 +115,12 @@ class _MaskedPositionsLoss:
         return getattr(self, self.base_model_prefix)(input_ids=input_ids).last_hidden_state.gather(1, rows)
 
     def vocabulary_logits(self, features: torch.Tensor) -> torch.Tensor:
-        decoder = self.get_output_embeddings()
-        pad = -decoder.out_features % self.vocab_multiple
-        if pad == 0 or features.device.type not in self.pad_vocab_on:
-            return decoder(features)
-        bias = None if decoder.bias is None else F.pad(decoder.bias, (0, pad))
-        return F.linear(features, F.pad(decoder.weight, (0, 0, 0, pad)), bias)[..., : decoder.out_features]
+        return self.get_output_embeddings()(features)
 
 
 class PackedBertForMaskedLM(_MaskedPositionsLoss, BertForMaskedLM):
-    last_layer_on_masked_rows = True
-    fused_qkv = False  # query, key and value as one product (bench: ':fusedqkv'); not yet timed on a GPU
-
-    def hidden_at(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if self.config.is_decoder or not (self.last_layer_on_masked_rows or self.fused_qkv):
-            return super().hidden_at(input_ids, rows)
-        hidden = self.bert.embeddings(input_ids=input_ids)
-        *layers, last = self.bert.encoder.layer
-        for layer in layers:
-            hidden = bert_layer(layer, hidden, fused_qkv=self.fused_qkv) if self.fused_qkv else layer(hidden)
-        if self.last_layer_on_masked_rows:
-            return bert_layer(last, hidden, rows, fused_qkv=self.fused_qkv)
-        return bert_layer(last, hidden, fused_qkv=self.fused_qkv).gather(1, rows)
-
     def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cls.predictions.transform(hidden)
-
-
-def _one_product(features: torch.Tensor, *linears: torch.nn.Linear) -> tuple[torch.Tensor, ...]:
-    """Several linear layers of the same input as one product, their outputs split apart again."""
-    if any(type(linear) is not torch.nn.Linear for linear in linears):  # a float8 layer's product is its own
-        raise ValueError("fused_qkv needs plain linear layers, not float8 ones")
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = torch.cat([linear.bias for linear in linears])
-    return F.linear(features, weight, bias).split([linear.out_features for linear in linears], dim=-1)
-
-
-def bert_layer(layer: BertLayer, hidden: torch.Tensor, rows: torch.Tensor | None = None,
-               fused_qkv: bool = False) -> torch.Tensor:
-    """``layer(hidden)`` without attention mask, from the layer's own modules; with ``rows`` (a
-    gather index ``[B, k, hidden]``) ``layer(hidden).gather(1, rows)``, computing only those rows:
-    keys and values come from every position, everything else from the gathered rows. With
-    ``fused_qkv`` the projections of the same input run as one product. Written here because
-    transformers' layers take neither a query subset nor fused projections."""
-    attention = layer.attention.self
-    batch, head_size = hidden.shape[0], attention.attention_head_size
-    selected = hidden if rows is None else hidden.gather(1, rows)
-    if fused_qkv and rows is None:
-        query, key, value = _one_product(hidden, attention.query, attention.key, attention.value)
-    elif fused_qkv:
-        query, (key, value) = attention.query(selected), _one_product(hidden, attention.key, attention.value)
-    else:
-        query, key, value = attention.query(selected), attention.key(hidden), attention.value(hidden)
-
-    def heads(states: torch.Tensor) -> torch.Tensor:
-        return states.view(batch, states.shape[1], -1, head_size).transpose(1, 2)
-
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    context, _ = attend(
-        attention, heads(query), heads(key), heads(value), None,
-        dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
-    )
-    attended = layer.attention.output(context.reshape(*selected.shape[:2], -1), selected)
-    return layer.output(layer.intermediate(attended), attended)
 
 
 class PackedMPNetForMaskedLM(_MaskedPositionsLoss, MPNetForMaskedLM):
@@ -213,28 +145,16 @@ def keep_attention_in_bf16() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
 
-EAGER_SDPA = "finsent_eager_sdpa"
-
-
-def use_eager_attention(model: torch.nn.Module) -> None:
-    """Runs the model's attention outside the compiled graph, as plain SDPA.
-
-    Under ``torch.compile`` attention with dropout takes SDPA's math path (the fused
-    flash / cuDNN kernels draw their dropout masks in ways the compiler does not trace);
-    left eager, SDPA keeps a fused kernel with dropout, at the cost of one graph break per
-    layer. Which wins is measured by ``bench/train_throughput.py`` (``:eagerattn``)."""
-    AttentionInterface.register(EAGER_SDPA, torch.compiler.disable(sdpa_attention_forward))
-    model.set_attn_implementation(EAGER_SDPA)
-
-
 # ---------------------------------------------------------------- attention with dropout, opaque to the compiler
 #
-# Under torch.compile, SDPA with dropout is traced through its math path. use_eager_attention
-# keeps the fused kernel at the cost of a graph break per layer; this op keeps it without one.
-# torch.library custom ops are opaque to the compiler, so the op runs SDPA's own fused kernel
-# with dropout. Its backward replays the forward with the random state the forward started from
-# (the same dropout mask, as torch.utils.checkpoint does) and differentiates that; torch has no
-# public SDPA backward that takes a mask's random state, hence the replay.
+# Under torch.compile, SDPA with dropout is traced through its math path (the fused flash / cuDNN
+# kernels draw their dropout masks in ways the compiler does not trace). torch.library custom ops
+# are opaque to the compiler, so this op runs SDPA's own fused kernel with dropout, without a graph
+# break. Its backward replays the forward with the random state the forward started from (the same
+# dropout mask, as torch.utils.checkpoint does) and differentiates that; torch has no public SDPA
+# backward that takes a mask's random state, hence the replay. On an H100 the compiled step took
+# 56.1 ms with it against 62.1 ms with transformers' SDPA traced by the compiler (1.86x against
+# 1.68x the eager baseline, bench/RESULTS.md).
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -316,7 +236,7 @@ REPLAYED_SDPA = "finsent_replayed_sdpa"
 
 
 def _takes_fused_dropout_op(module, attention_mask, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
-    """Whether an attention call is one the fused dropout ops below serve: dropout, no mask, not
+    """Whether an attention call is one the fused dropout op serves: dropout, no mask, not
     causal, no position bias."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
     return dropout != 0.0 and attention_mask is None and not causal and kwargs.get("position_bias") is None
@@ -335,149 +255,24 @@ def _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.
 
 def use_replayed_attention(model: torch.nn.Module) -> None:
     """Attention with dropout as one op the compiler keeps whole (SDPA's fused kernel), its
-    backward replaying the forward; measured by ``bench/train_throughput.py`` (``:replayattn``)."""
+    backward replaying the forward. Registered in this process only: put the model's own
+    ``config._attn_implementation`` back before saving it."""
     AttentionInterface.register(REPLAYED_SDPA, _replayed_sdpa_forward)
     model.set_attn_implementation(REPLAYED_SDPA)
 
 
-# ---------------------------------------------------------------- cuDNN's attention with dropout, called as its own op
-#
-# On a GPU, SDPA's dispatcher picks cuDNN's fused attention (H100 profile, bench/RESULTS.md), whose
-# forward returns the random seed and offset of its dropout mask and whose backward takes them.
-# Called as that op (aten._scaled_dot_product_cudnn_attention), it bypasses the dispatcher's
-# choice of the math path under the compiler; autograd and the compiler pair it with its own
-# backward, so nothing is replayed. The op exists on CUDA only and takes no fallback, so this
-# path is kept to what the profile saw it run: self-attention, dropout, no mask.
-
-CUDNN_SDPA = "finsent_cudnn_sdpa"
-
-
-def _cudnn_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention-function signature: cuDNN's op on a GPU for self-attention with
-    dropout, no mask, not causal; the replayed op (or transformers' SDPA) otherwise."""
-    self_attention_on_gpu = query.is_cuda and query.shape[2] == key.shape[2]
-    if not (self_attention_on_gpu and _takes_fused_dropout_op(module, attention_mask, dropout, is_causal, kwargs)):
-        return _replayed_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    output = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        query, key, value, None, True, dropout, False, False, scale=scaling)[0]
-    return output.transpose(1, 2).contiguous(), None
-
-
-def use_cudnn_attention(model: torch.nn.Module) -> None:
-    """Attention with dropout as cuDNN's fused op and its own backward (no replay) on a GPU;
-    measured by ``bench/train_throughput.py`` (``:cudnnattn``)."""
-    AttentionInterface.register(CUDNN_SDPA, _cudnn_sdpa_forward)
-    model.set_attn_implementation(CUDNN_SDPA)
-
-
-TRAINING_ATTENTION = {"replayed": use_replayed_attention, "cudnn": use_cudnn_attention}
-
-
-def training_attention(setting: str, model: torch.nn.Module, compiled_on_gpu: bool) -> str:
-    """The attention a masked-LM run trains with, ``"replayed"``, ``"cudnn"`` or ``"sdpa"``, for
-    ``TrainConfig.mlm_attention``. ``auto`` replays where the model is compiled on a GPU (the
-    Trainer's effective ``torch_compile``, off on a CPU) and its attention has dropout: there it
-    measured fastest; uncompiled, SDPA already runs its fused kernel and a replay only adds a
-    forward, and without dropout the compiler keeps SDPA's fused kernel itself. ``cudnn`` is
-    chosen by name only until a GPU has timed it. Models whose attention is not one of
+def replays_attention(model: torch.nn.Module, compiled_on_gpu: bool) -> bool:
+    """Whether masked-LM training runs ``model``'s attention as the replayed op: where the model
+    is compiled on a GPU (the Trainer's effective ``torch_compile``, off on a CPU), its attention
+    has dropout, and it takes transformers' attention functions. There it measured fastest;
+    uncompiled, SDPA already runs its fused kernel and a replay only adds a forward, and without
+    dropout the compiler keeps SDPA's fused kernel itself. Models whose attention is not one of
     transformers' attention functions (MPNet) keep their own."""
     takes_functions = getattr(model, "_supports_attention_backend", False)
-    if setting == "auto":
-        return "replayed" if compiled_on_gpu and takes_functions and _has_attention_dropout(model) else "sdpa"
-    if setting in TRAINING_ATTENTION and not takes_functions:
-        raise ValueError(f"mlm_attention={setting}: {type(model).__name__} does not take transformers' attention functions")
-    return setting
+    return bool(compiled_on_gpu and takes_functions and _has_attention_dropout(model))
 
 
 def _has_attention_dropout(model: torch.nn.Module) -> bool:
     # transformers' attention modules pass their own ``dropout.p`` to the attention function.
     return any(isinstance(getattr(module, "dropout", None), torch.nn.Dropout) and module.dropout.p > 0
                for module in model.modules() if hasattr(module, "is_causal"))
-
-
-def set_dropout(model: torch.nn.Module, probability: float) -> Callable[[], None]:
-    """Every dropout layer of ``model`` drops with ``probability`` (``TrainConfig.mlm_dropout``);
-    transformers' layers read it at each call, attention included. The config is left as it is,
-    so a saved model keeps its own dropout. Returns a function that puts each layer's own back."""
-    layers = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
-    own = [layer.p for layer in layers]
-    for layer in layers:
-        layer.p = probability
-
-    def restore() -> None:
-        for layer, p in zip(layers, own):
-            layer.p = p
-
-    return restore
-
-
-# ---------------------------------------------------------------- the residual stream in the autocast dtype
-#
-# Autocast runs layer norms in float32 and returns their output in float32, so BERT's residual
-# stream (each layer's input, and the sum each layer norm normalises) stays float32 from layer
-# to layer. The compiled step's dropout + residual + layer-norm kernels then read and write 4
-# bytes an element where the products take 2, and write a bf16 copy for the next product besides;
-# on an H100 they and their backward took a fifth of the step (bench/RESULTS.md). Casting the
-# layer norms' output to the autocast dtype halves those bytes. The layer norm itself still
-# computes in float32, and parameters, their gradients and the optimizer stay float32: what
-# changes is the rounding of the stream between layers, as in training with bf16 activations.
-
-
-def _layer_norm_output_in_autocast_dtype(_module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
-    device = output.device.type
-    if output.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return output.to(torch.get_autocast_dtype(device))
-    return None
-
-
-def residual_stream_in_autocast_dtype(model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """Under autocast, every layer norm of ``model`` returns the autocast dtype instead of float32
-    (``TrainConfig.mlm_bf16_residual``); outside autocast nothing changes. Returns the hooks'
-    handles, to remove them after training."""
-    return [module.register_forward_hook(_layer_norm_output_in_autocast_dtype)
-            for module in model.modules() if isinstance(module, torch.nn.LayerNorm)]
-
-
-# ---------------------------------------------------------------- float8 linear layers
-
-
-def float8_unsupported(device: torch.device | str) -> str | None:
-    """Why float8 training cannot run on ``device``, or None. On a CPU it runs, emulated (slowly)."""
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return "torchao is not installed (pip install 'finsent[float8]')"
-    device = torch.device(device)
-    if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 9):
-        return f"this GPU (compute capability {capability}) has no float8 tensor cores; 8.9+ needed (H100: 9.0)"
-    return None
-
-
-def use_float8_linears(model: torch.nn.Module) -> int:
-    """Trains the encoder's linear layers with float8 matrix products: torchao's
-    ``convert_to_float8_training``, tensorwise dynamic scaling (e4m3 forward, e5m2 gradients),
-    float32 master weights, same parameters and state-dict keys. The MLM head is left alone:
-    on ``B * k`` rows its products are small. Returns how many layers were converted."""
-    from torchao.float8 import convert_to_float8_training
-    from torchao.float8.float8_linear import Float8Linear
-
-    def fits(module: torch.nn.Module, _name: str) -> bool:  # float8 products need dimensions divisible by 16
-        return module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-    encoder = getattr(model, model.base_model_prefix)
-    convert_to_float8_training(encoder, module_filter_fn=fits)
-    return sum(isinstance(module, Float8Linear) for module in encoder.modules())
-
-
-def plain_linears(model: torch.nn.Module) -> None:
-    """Undoes :func:`use_float8_linears`: every float8 layer becomes an ``nn.Linear`` holding the
-    same parameters, so evaluation and the saved model are in full precision. Written here
-    because torchao converts one way only."""
-    from torchao.float8.float8_linear import Float8Linear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Float8Linear):
-            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            plain.weight, plain.bias = module.weight, module.bias
-            model.set_submodule(name, plain)

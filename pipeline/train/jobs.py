@@ -54,8 +54,7 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
         resolve_base_model(cfg.base_model, settings.bases_dir), corpus + train["text"].tolist(), validation["text"].tolist(),
         _run_dir(settings, run_id, "mlm"), cfg,
     )
-    log.info("masked-LM adaptation (%s start, %s objective, resumed from step %s): %s",
-             result.start, result.objective, result.resumed_from_step, result.reason)
+    log.info("masked-LM adaptation (resumed from step %s): %s", result.resumed_from_step, result.reason)
     summary = {key: value for key, value in result.to_dict().items() if key != "history"}
     if not _main_process():
         return summary
@@ -72,7 +71,6 @@ def mlm_adapt(settings: Settings, run_id: str) -> dict:
         # A retried task logs into the same run: values that may differ between tries are metrics, not params.
         mlflow.log_metrics({"mlm_resumed_from_step": result.resumed_from_step or 0, "mlm_steps_run": result.steps_run})
         mlflow.log_params({"mlm_used": result.used, "mlm_blocks": result.blocks, "mlm_corpus_texts": len(corpus),
-                           "mlm_start": result.start, "mlm_objective": result.objective, "mlm_whole_word": result.whole_word,
                            "mlm_head_fit_steps": result.head_fit_steps})
         mlflow.set_tag("mlm_decision", result.reason)
     return summary
@@ -105,7 +103,7 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
         # after the training.
         registry.connect(settings)
     corpus = None
-    if (cfg.self_training_texts > 0 or cfg.distill_corpus_texts > 0) and settings.corpus_path.is_file():
+    if cfg.distill_corpus_texts > 0 and settings.corpus_path.is_file():
         corpus = pd.read_parquet(settings.corpus_path)["text"].tolist()
     result = finetune_classifier(
         model_dir, load_split(settings.labeled_dir, "train"), load_split(settings.labeled_dir, "validation"), out, cfg,
@@ -125,32 +123,22 @@ def finetune(settings: Settings, run_id: str, model_dir: str, trial: dict | None
             f"best_epoch{suffix}": result["best_epoch"], f"best_val_macro_f1{suffix}": result["best_val_macro_f1"],
             f"epochs_run{suffix}": result["epochs_run"], f"trainable_params{suffix}": result["trainable_params"],
         })
-        if "resumed_from_epoch" in result:  # a soup's members say it each in soup.json
-            mlflow.log_metric(f"finetune_resumed_from_epoch{suffix}", result["resumed_from_epoch"])
-        if "self_training" in result:
-            mlflow.log_metric(f"self_training_rows{suffix}", result["self_training"]["pseudo_rows"])
-            mlflow.log_dict(result["self_training"], f"self_training{suffix}.json")
+        mlflow.log_metric(f"finetune_resumed_from_epoch{suffix}", result["resumed_from_epoch"])
         if "distillation" in result:
             distillation = result["distillation"]
-            if "teacher" in distillation:
-                mlflow.log_metrics({f"distill_teacher_val_macro_f1{suffix}": distillation["teacher_val_macro_f1"],
-                                    f"distill_corpus_rows{suffix}": distillation["corpus_rows"]})
-            else:
-                mlflow.log_metric(f"distill_ensemble_val_macro_f1{suffix}", distillation["ensemble_val_macro_f1"])
+            mlflow.log_metrics({f"distill_teacher_val_macro_f1{suffix}": distillation["teacher_val_macro_f1"],
+                                f"distill_corpus_rows{suffix}": distillation["corpus_rows"]})
             mlflow.log_dict(distillation, f"distillation{suffix}.json")
-        if "soup" in result:
-            mlflow.log_metric(f"soup_members_kept{suffix}", len(result["soup"]["kept_seeds"]))
-            mlflow.log_dict(result["soup"], f"soup{suffix}.json")
         mlflow.log_artifact(str(plot_training_curves(result["history"], out / f"training_curves{suffix}.png")), "plots")
     return {**summary, "config_hash": config_hash, "trial": trial}
 
 
 def evaluate(settings: Settings, run_id: str, model_dir: str) -> dict:
     """Test-split metrics (with agreement slices and calibration error) and plots."""
-    from pipeline.train.classify import load_classifier, predict_logits
     from pipeline.train.evaluate import (
         classification_metrics, label_ids, plot_confusion_matrix, plot_reliability_diagram, softmax,
     )
+    from pipeline.train.model import load_classifier, predict_logits
 
     out = _run_dir(settings, run_id, "evaluate")
     test = load_split(settings.labeled_dir, "test")
@@ -189,9 +177,9 @@ def build_model_card(settings: Settings, run_id: str, model_dir: Path) -> Path:
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     suffix = _trial_suffix(settings, model_dir.parent.name.removeprefix("trial-"))
     source, is_fpb = labeled_source(settings)
-    # The corpus shaped the model if the adapted masked-LM was kept or self-training or distillation used its sentences.
+    # The corpus shaped the model if the adapted masked-LM was kept or distillation used its sentences.
     adapted = params.get("mlm_used") == "adapted" and params.get("mlm_corpus_texts", "0") != "0"
-    corpus_used = adapted or any(metrics.get(f"{key}{suffix}", 0) > 0 for key in ("self_training_rows", "distill_corpus_rows"))
+    corpus_used = adapted or metrics.get(f"distill_corpus_rows{suffix}", 0) > 0
     corpus = str(settings.reuters_dir or settings.corpus_path) if corpus_used else None
     card = ModelCardInputs(
         model_name=settings.model_name, run_id=run_id, base_model=cfg.base_model,

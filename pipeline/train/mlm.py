@@ -1,43 +1,24 @@
-"""Masked-LM domain adaptation (or BERT pretraining from scratch), measured by
-held-out perplexity and kept only when it beats the starting point.
+"""Masked-LM domain adaptation, measured by held-out perplexity and kept only
+when it beats the base.
 
-Options (all from :class:`~pipeline.config.TrainConfig`):
+* Texts are packed into full ``mlm_block_size`` blocks and masked with BERT's
+  80/10/10 scheme at ``mlm_probability``. A BERT or MPNet base trains the packed
+  models of :mod:`pipeline.train.fast_mlm`: exactly ``round(mlm_probability *
+  block)`` predictions per block and the vocabulary head on those positions only.
+* A base that ships without a masked-LM head (sentence-transformers models, the
+  default MiniLM among them) gets a new random head on load, and the perplexity of
+  a random head says nothing of the base. The new head is first trained alone
+  (``mlm_head_steps``, the rest of the model frozen), the base's perplexity is
+  measured with that head, and adaptation continues from there: the gate then
+  compares the base's encoder with the adapted one.
+* Checkpoints every ``checkpoint_steps`` steps under ``out_dir/checkpoints``; a
+  second call with the same ``out_dir`` and settings resumes from the last complete
+  one, masking each batch as the uncut run would have.
+* On a GPU: bf16 autocast, fused AdamW, ``torch.compile``, and under compile
+  attention with dropout as one replayed op that keeps SDPA's fused kernel.
 
-* start: continue from ``base_model`` (a folder or hub id), or with
-  ``mlm_from_scratch`` a new BERT (``scratch_*`` sizes) with a WordPiece
-  vocabulary trained on the corpus texts; its "base" perplexity is that of the
-  random initialisation.
-* objective: ``mlm`` (texts packed into full ``mlm_block_size`` blocks) or
-  ``mlm+nsp`` (BERT's original pretraining: sentence pairs, half of them the
-  actual next segment, half a random segment of another text).
-* masking: BERT's 80/10/10 scheme at ``mlm_probability`` on WordPiece tokens,
-  or with ``mlm_whole_word`` on whole words (a token plus its ``##`` pieces).
-  Token masking of packed blocks for a BERT or MPNet base takes the fast step
-  of :mod:`pipeline.train.fast_mlm`: exactly ``round(mlm_probability * block)``
-  predictions per block, the vocabulary head on those positions only (for BERT
-  with ``mlm_sparse_last_layer`` the last encoder layer too).
-* a base that ships without a masked-LM head (sentence-transformers models,
-  the default MiniLM among them) gets a new random head on load, and the
-  perplexity of a random head says nothing of the base. The new head is first
-  trained alone (``mlm_head_steps``, the rest of the model frozen), the base's
-  perplexity is measured with that head, and adaptation continues from there:
-  the gate then compares the base's encoder with the adapted one.
-* checkpoints every ``checkpoint_steps`` steps under ``out_dir/checkpoints``;
-  a second call with the same ``out_dir`` and settings resumes from the last
-  complete one.
-* GPU switches, off on CPU: bf16 autocast, fused AdamW, ``torch.compile``
-  (of the model's forward and loss), bf16 math-path attention; SDPA attention
-  everywhere, under ``torch.compile`` on a GPU as one replayed op that keeps
-  the fused kernel (``mlm_attention``); with ``mlm_float8`` float8 products in
-  the encoder's linear layers (torchao; H100-class GPUs), evaluated and saved
-  in full precision; with ``mlm_bf16_residual`` the residual stream between
-  layers in bf16 under autocast; with ``mlm_dropout`` another dropout
-  probability while training (0: none), the saved model keeping its own;
-  no host sync in the step loop between logging steps is known
-  (``bench/train_throughput.py`` counts them on a GPU).
-
-Validation perplexity uses the MLM loss only, with token-level masks from a
-fixed seed, for both objectives: base and adapted model see the same masks.
+Validation perplexity uses token-level masks from a fixed seed: base and adapted
+model see the same masks.
 """
 
 from __future__ import annotations
@@ -46,7 +27,6 @@ import functools
 import json
 import logging
 import math
-import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,32 +38,20 @@ from pipeline.train.checkpoints import CHECKPOINTS, mlm_fingerprint, prepare_che
 from pipeline.train.device import training_device_args
 from pipeline.train.fast_mlm import (
     PACKED_MLM_CLASSES,
-    TRAINING_ATTENTION,
-    PackedBertForMaskedLM,
     StaticMaskCollator,
-    float8_unsupported,
     keep_attention_in_bf16,
     num_predictions,
-    plain_linears,
-    residual_stream_in_autocast_dtype,
-    set_dropout,
-    training_attention,
-    use_float8_linears,
+    replays_attention,
+    use_replayed_attention,
 )
-from pipeline.train.masking import (
-    NumberedBatchMasks,
-    build_nsp_pairs,
-    continuation_table,
-    encode_pair,
-    group_texts,
-    make_mlm_collator,
-    split_documents,
-)
+from pipeline.train.masking import NumberedBatchMasks, group_texts, make_mlm_collator
 
 log = logging.getLogger(__name__)
 
-SCRATCH_INIT = "scratch-init"
 HEAD_FIT = "head-fit"  # inside the checkpoint folder: a retry reuses it, changed settings discard it
+# Head-only training of a base without a masked-LM head: 40 steps at 3e-3 reach MiniLM's
+# perplexity 1,379 against 1,638 at 1e-3 (bench/RESULTS.md, the masked-LM gate).
+HEAD_LEARNING_RATE = 3e-3
 
 
 @dataclass
@@ -94,10 +62,7 @@ class MlmResult:
     reason: str
     model_dir: str
     steps: int
-    blocks: int  # training examples: packed blocks (mlm) or sentence pairs (mlm+nsp)
-    start: str = "continue"  # "continue" from base_model, or "scratch"
-    objective: str = "mlm"  # "mlm" or "mlm+nsp"
-    whole_word: bool = False
+    blocks: int  # packed training blocks
     resumed_from_step: int = 0  # 0: trained from step 0
     steps_run: int = 0  # optimizer steps taken by this call (steps - resumed_from_step when it finishes)
     checkpoint_dir: str | None = None
@@ -114,9 +79,8 @@ class MlmResult:
 
 @torch.no_grad()
 def mlm_perplexity(model, tokenizer, texts: list[str], cfg: TrainConfig, batch_size: int = 32) -> float:
-    """exp(mean masked-token loss) with a fixed masking seed, so two models see the
-    same masks. MLM loss only, also for ``BertForPreTraining`` (NSP head unused)."""
-    collator = make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=False, seed=cfg.seed)
+    """exp(mean masked-token loss) with a fixed masking seed, so two models see the same masks."""
+    collator = make_mlm_collator(tokenizer, cfg.mlm_probability, seed=cfg.seed)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -129,7 +93,7 @@ def mlm_perplexity(model, tokenizer, texts: list[str], cfg: TrainConfig, batch_s
         if masked == 0:
             continue
         output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        logits = output.prediction_logits if hasattr(output, "prediction_logits") else output.logits
+        logits = output.logits
         loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
         )
@@ -187,7 +151,7 @@ def fit_new_head(model, new_parameters: list[str], train_dataset, collator, eval
         parameter.requires_grad_(False)
     log.info("fitting the base's new masked-LM head (%d tensors) for %d steps, the rest frozen", len(trainable), steps)
     # No compile: the frozen encoder runs forward only, and the full run compiles afresh anyway.
-    args = mlm_training_arguments(cfg, folder / "trainer", max_steps=steps, learning_rate=cfg.mlm_head_learning_rate,
+    args = mlm_training_arguments(cfg, folder / "trainer", max_steps=steps, learning_rate=HEAD_LEARNING_RATE,
                                   save_strategy="no", torch_compile=False)
     try:
         Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator).train()
@@ -203,26 +167,6 @@ def fit_new_head(model, new_parameters: list[str], train_dataset, collator, eval
         partial.write_text(json.dumps({"steps": steps, "perplexity": perplexity, "parameters": sorted(trainable)}))
         partial.rename(record)  # last, so a kill never leaves a record without its weights
     return perplexity
-
-
-def _scratch_base(out_dir: Path, corpus_texts: list[str], cfg: TrainConfig) -> Path:
-    """The random BERT and WordPiece tokenizer to pretrain, built once per run
-    (a resumed run must reuse the same vocabulary); written to a temporary
-    folder and renamed, so a kill never leaves half a base."""
-    from pipeline.train.base import build_bert_from_scratch
-
-    final = out_dir / SCRATCH_INIT
-    if (final / "config.json").is_file():
-        return final
-    partial = out_dir / f"{SCRATCH_INIT}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    build_bert_from_scratch(
-        partial, corpus_texts, vocab_size=cfg.scratch_vocab_size, hidden_size=cfg.scratch_hidden_size,
-        num_layers=cfg.scratch_layers, num_heads=cfg.scratch_heads,
-        max_length=max(cfg.max_length, cfg.mlm_block_size), seed=cfg.seed,
-    )
-    partial.rename(final)
-    return final
 
 
 def _packed_collator(model, tokenizer, blocks: list[list[int]], cfg: TrainConfig) -> StaticMaskCollator | None:
@@ -271,15 +215,6 @@ def mlm_training_arguments(cfg: TrainConfig, output_dir: Path, **overrides):
     })
 
 
-def _train_in_float8(model) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (reason := float8_unsupported(device)) is not None:
-        raise ValueError(f"mlm_float8: {reason}")
-    if device == "cpu":
-        log.warning("mlm_float8 on a CPU: the float8 products are emulated, far slower than float32")
-    log.info("masked-LM training with float8 products in %d linear layers", use_float8_linears(model))
-
-
 @functools.cache
 def _step_counter_class():
     from transformers import TrainerCallback
@@ -300,81 +235,44 @@ def _step_counter_class():
 
 
 def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], out_dir: Path, cfg: TrainConfig) -> MlmResult:
-    """Continues masked-LM training of ``base_model`` on ``corpus_texts`` (or
-    pretrains a new BERT with ``cfg.mlm_from_scratch``); keeps the trained
-    weights only if validation perplexity on ``eval_texts`` improves by
-    ``cfg.mlm_margin``. Resumes from ``out_dir/checkpoints`` when a previous
+    """Continues masked-LM training of ``base_model`` on ``corpus_texts``; keeps
+    the trained weights only if validation perplexity on ``eval_texts`` improves
+    by ``cfg.mlm_margin``. Resumes from ``out_dir/checkpoints`` when a previous
     call with the same settings was cut off."""
     from datasets import Dataset
-    from transformers import (
-        AutoConfig,
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-        BertForPreTraining,
-        Trainer,
-    )
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, Trainer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = "scratch" if cfg.mlm_from_scratch else "continue"
-    nsp = cfg.mlm_objective == "mlm+nsp"
-    common = {"start": start, "objective": cfg.mlm_objective, "whole_word": cfg.mlm_whole_word}
-
     checkpoint_dir = out_dir / CHECKPOINTS
-    resumed_step, checkpoint = prepare_checkpoint_dir(
-        checkpoint_dir, mlm_fingerprint(base_model, corpus_texts, cfg), out_dir / SCRATCH_INIT
-    )
+    resumed_step, checkpoint = prepare_checkpoint_dir(checkpoint_dir, mlm_fingerprint(base_model, corpus_texts, cfg))
     torch.manual_seed(cfg.seed)
-    if cfg.mlm_from_scratch:
-        base_model = str(_scratch_base(out_dir, corpus_texts, cfg))
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model_type = AutoConfig.from_pretrained(base_model).model_type
-    if nsp:
-        if model_type != "bert":
-            raise ValueError(f"mlm+nsp needs a BERT base model (NSP head); {base_model} is {model_type!r}")
-        model, missing = _load_base(BertForPreTraining, base_model)
-    else:
-        model, missing = _load_base(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
-    # Perplexity reads the masked-LM head only: a new next-sentence head and pooler (mlm+nsp)
-    # are left to the adaptation itself.
+    model, missing = _load_base(PACKED_MLM_CLASSES.get(model_type, AutoModelForMaskedLM), base_model)
     new_head = [name for name in missing if name.startswith(_masked_lm_head_prefix(model))]
     if new_head:
         log.info("%s has no masked-LM head; new on load: %s", base_model, ", ".join(new_head))
     perplexity_base = mlm_perplexity(model, tokenizer, eval_texts, cfg)
-    base_what = "random init" if cfg.mlm_from_scratch else "base"
+    base_what = "base"
     if cfg.mlm_steps <= 0:
-        return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0, **common)
+        return MlmResult(perplexity_base, None, "base", "masked-LM adaptation disabled (mlm_steps=0)", base_model, 0, 0)
 
     block_size = cfg.mlm_block_size
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and block_size > max_positions:
         log.warning("mlm_block_size %d exceeds the model's %d positions: using %d", block_size, max_positions, max_positions)
         block_size = max_positions
-    if nsp:
-        documents = split_documents(corpus_texts, tokenizer, block_size - 3)
-        pairs = build_nsp_pairs(documents, block_size - 3, random.Random(cfg.seed), continuation_table(tokenizer))
-        encoded = [encode_pair(a, b, tokenizer.cls_token_id, tokenizer.sep_token_id) for a, b, _ in pairs]
-        columns = {
-            "input_ids": [e["input_ids"] for e in encoded],
-            "token_type_ids": [e["token_type_ids"] for e in encoded],
-            "next_sentence_label": [label for _, _, label in pairs],
-        }
-    else:
-        # Whole texts on purpose: group_texts cuts them into full blocks afterwards.
-        ids = tokenizer(corpus_texts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"] if corpus_texts else []
-        columns = {"input_ids": group_texts(ids, block_size)}
-    examples = len(columns["input_ids"])
-    if examples == 0:
-        reason = f"corpus too small for one {'pair' if nsp else f'{block_size}-token block'}; fine-tuning the {base_what}"
-        return MlmResult(perplexity_base, None, "base", reason, base_model, 0, 0, **common)
+    # Whole texts on purpose: group_texts cuts them into full blocks afterwards.
+    ids = tokenizer(corpus_texts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"] if corpus_texts else []
+    blocks = group_texts(ids, block_size)
+    if not blocks:
+        reason = f"corpus too small for one {block_size}-token block; fine-tuning the base"
+        return MlmResult(perplexity_base, None, "base", reason, base_model, 0, 0)
 
-    collator = _packed_collator(model, tokenizer, columns["input_ids"], cfg) if not nsp and not cfg.mlm_whole_word else None
-    if collator is None:
-        collator = make_mlm_collator(tokenizer, cfg.mlm_probability, whole_word=cfg.mlm_whole_word)
+    collator = _packed_collator(model, tokenizer, blocks, cfg) or make_mlm_collator(tokenizer, cfg.mlm_probability)
     collator = NumberedBatchMasks(collator, cfg.seed)  # so that a resumed run masks as an uncut one
-    if isinstance(model, PackedBertForMaskedLM):
-        model.last_layer_on_masked_rows = cfg.mlm_sparse_last_layer
-    train_dataset = Dataset.from_dict(columns)
+    train_dataset = Dataset.from_dict({"input_ids": blocks})
     head_steps, perplexity_random_head = 0, None
     if new_head:
         head_steps = cfg.mlm_steps if cfg.mlm_head_steps is None else cfg.mlm_head_steps
@@ -386,7 +284,6 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         base_what = f"base with its new masked-LM head fitted {head_steps} steps"
         log.info("validation perplexity of the base: %.2f with a random head, %.2f with the fitted head",
                  perplexity_random_head, perplexity_base)
-    common |= {"head_fit_steps": head_steps, "perplexity_random_head": perplexity_random_head}
     save = cfg.checkpoint_steps > 0
     args = mlm_training_arguments(cfg, checkpoint_dir)
     if not save:
@@ -400,24 +297,11 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         history, global_step, steps_run = state["log_history"], state["global_step"], 0
         save_model = functools.partial(model.save_pretrained, is_main_process=args.should_save)
     else:
-        if cfg.mlm_float8:
-            _train_in_float8(model)
-        residual_hooks = []
-        if cfg.mlm_bf16_residual and args.bf16:
-            residual_hooks = residual_stream_in_autocast_dtype(model)
-            log.info("masked-LM training with the residual stream in bf16 (%d layer norms)", len(residual_hooks))
-        elif cfg.mlm_bf16_residual:
-            log.warning("mlm_bf16_residual does nothing without bf16 autocast (BF16, on by default on a GPU)")
-        restore_dropout = None
-        if cfg.mlm_dropout is not None:
-            restore_dropout = set_dropout(model, cfg.mlm_dropout)
-            log.info("masked-LM training with dropout %g in every dropout layer (the saved model keeps its own)",
-                     cfg.mlm_dropout)
-        attention = training_attention(cfg.mlm_attention, model, compiled_on_gpu=args.torch_compile)
-        if attention in TRAINING_ATTENTION:
+        replayed = replays_attention(model, compiled_on_gpu=args.torch_compile and torch.cuda.is_available())
+        if replayed:
             own_attention = model.config._attn_implementation
-            TRAINING_ATTENTION[attention](model)
-            log.info("masked-LM training with %s attention (a fused kernel with dropout under torch.compile)", attention)
+            use_replayed_attention(model)
+            log.info("masked-LM training with replayed attention (a fused kernel with dropout under torch.compile)")
         counter = _step_counter_class()()
         trainer = Trainer(
             model=model, args=args, train_dataset=train_dataset, callbacks=[counter], data_collator=collator,
@@ -425,21 +309,16 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         if checkpoint is not None:
             log.info("resuming masked-LM training from %s (step %d of %d)", checkpoint, resumed_step, cfg.mlm_steps)
         else:
-            log.info("masked-LM training from step 0: %s start, objective %s, %d examples", start, cfg.mlm_objective, examples)
+            log.info("masked-LM training from step 0: %d blocks of %d tokens", len(blocks), block_size)
         collator.next_batch = resumed_step * args.gradient_accumulation_steps  # the head's fit counted its own
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         model, save_model = trainer.model, trainer.save_model
-        if cfg.mlm_float8:
-            plain_linears(model)  # evaluated and saved in full precision, as the base was
-        for hook in residual_hooks:
-            hook.remove()
-        if restore_dropout is not None:
-            restore_dropout()
-        if attention in TRAINING_ATTENTION:
+        if replayed:
             model.set_attn_implementation(own_attention)  # a function registered in this process only
         history, global_step, steps_run = trainer.state.log_history, trainer.state.global_step, counter.steps
     perplexity_adapted = mlm_perplexity(model, tokenizer, eval_texts, cfg)
-    common |= {
+    common = {
+        "head_fit_steps": head_steps, "perplexity_random_head": perplexity_random_head,
         "resumed_from_step": resumed_step, "steps_run": steps_run,
         "history": json.loads(json.dumps(history, default=float)), "checkpoint_dir": str(checkpoint_dir) if save else None,
     }
@@ -464,4 +343,4 @@ def adapt_mlm(base_model: str, corpus_texts: list[str], eval_texts: list[str], o
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return MlmResult(perplexity_base, perplexity_adapted, used, reason, model_dir, global_step, examples, **common)
+    return MlmResult(perplexity_base, perplexity_adapted, used, reason, model_dir, global_step, len(blocks), **common)

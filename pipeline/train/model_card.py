@@ -121,6 +121,7 @@ def render_model_card(card: ModelCardInputs) -> str:
     ]
     if card.corpus_source:
         licences.append(f"- Unlabeled corpus ({card.corpus_source}): {REUTERS_LICENCE}")
+    teacher_share = 0.5 if cfg.get("distill_weight") is None else cfg["distill_weight"]
     tuning = ", ".join(f"{k}: {_fmt(v)}" for k, v in card.finetune.items())
     lines = [
         f"# Model card: {card.model_name}",
@@ -133,13 +134,8 @@ def render_model_card(card: ModelCardInputs) -> str:
         f"- Fine-tuning: {cfg.get('finetune_method', 'full')}" + (f" ({tuning})" if tuning else ""),
         f"- Classification head: {HEADS.get(cfg.get('pooling', 'cls'), HEADS['cls'])}",
         f"- Training targets: {TARGETS[bool(cfg.get('agreement_soft_labels'))]}",
-        *([f"- Self-training: up to {cfg['self_training_texts']} unlabeled corpus sentences, labeled by a first "
-           "model, joined the training set with its probabilities as targets"] if cfg.get("self_training_texts") else []),
-        *([f"- Distillation: trained on targets mixing each sentence's own ({1 - cfg['distill_weight']:.2g}) with the "
-           f"mean probabilities of {cfg['distill_teachers']} teacher models of the same recipe "
-           f"({cfg['distill_weight']:.2g})"] if cfg.get("distill_teachers") else []),
-        *([f"- Distillation: trained on targets mixing each sentence's own ({1 - cfg['distill_weight']:.2g}) with the "
-           f"probabilities of the fine-tuned teacher `{cfg['teacher_model']}` ({cfg['distill_weight']:.2g}), plus "
+        *([f"- Distillation: trained on targets mixing each sentence's own ({1 - teacher_share:.2g}) with the "
+           f"probabilities of the fine-tuned teacher `{cfg['teacher_model']}` ({teacher_share:.2g}), plus "
            f"{cfg.get('distill_corpus_texts', 0)} unlabeled corpus sentences with the teacher's probabilities as targets"]
           if cfg.get("teacher_model") else []),
         f"- Maximum sequence length: {cfg.get('max_length')} tokens",

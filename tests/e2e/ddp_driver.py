@@ -25,15 +25,27 @@ from pipeline.train.classify import finetune
 from pipeline.train.mlm import adapt_mlm
 
 
+def sequential_batches() -> None:
+    """Rows in file order instead of length-bucketed shuffled batches, so that one process
+    with batch 16 and two with batch 8 see the same rows in each step and their curves compare."""
+    from transformers import TrainingArguments
+
+    post_init = TrainingArguments.__post_init__
+
+    def sequential(self):
+        self.train_sampling_strategy = "sequential"
+        post_init(self)
+
+    TrainingArguments.__post_init__ = sequential
+
+
 def main(model_dir: str, data_dir: str, out: str, batch_size: int, work: str | None = None) -> None:
     if os.environ.get("SLOW_AFTER_FIRST_EPOCH"):
         from tests.conftest import slow_down_training
 
         slow_down_training(lambda state: state.epoch >= 1)
-    cfg = TrainConfig(
-        base_model=model_dir, max_length=64, epochs=3, batch_size=batch_size, learning_rate=2e-3,
-        train_sampling="sequential", seed=0,
-    )
+    sequential_batches()
+    cfg = TrainConfig(base_model=model_dir, max_length=64, epochs=3, batch_size=batch_size, learning_rate=2e-3, seed=0)
     train = pd.read_parquet(Path(data_dir) / "train.parquet")
     # Whole batches only: torch's DistributedSampler would pad a last partial batch with repeated rows.
     train = train.head(len(train) // 16 * 16)

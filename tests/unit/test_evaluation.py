@@ -107,12 +107,11 @@ def test_model_card_holds_licence_digests_metrics_and_limits():
     assert "CC BY-NC-SA" not in other and "licence not recorded" in other and "Reuters-21578," not in other
     assert "- Base model: Apache-2.0" in card
     assert "- Base model: licence not recorded" in render_model_card(_card(base_model="/models/my-bert"))
-    assert "Self-training" not in card
-    self_trained = render_model_card(_card(train_config={"max_length": 128, "self_training_texts": 3000}))
-    assert "Self-training: up to 3000 unlabeled corpus sentences" in self_trained
     assert "Distillation" not in card
-    distilled = render_model_card(_card(train_config={"max_length": 128, "distill_teachers": 3, "distill_weight": 0.5}))
-    assert "mean probabilities of 3 teacher models" in distilled
+    distilled = render_model_card(_card(train_config={"max_length": 128, "teacher_model": "models:/teacher@champion",
+                                                      "distill_weight": None, "distill_corpus_texts": 30}))
+    assert "own (0.5) with the probabilities of the fine-tuned teacher `models:/teacher@champion` (0.5)" in distilled
+    assert "plus 30 unlabeled corpus sentences" in distilled
     summary = card_summary(card, limit=1600)
     assert len(summary) <= 1600 and "CC BY-NC-SA 3.0" in summary and "model_card.md" in summary
 

@@ -1,6 +1,5 @@
-"""Fine-tuning options on the tiny BERT: LoRA merged for export, class-weighted
-loss, label smoothing and soft targets, R-Drop, layer-wise learning-rate decay, early
-stopping, greedy weight soups, a moving average of the weights."""
+"""Fine-tuning options on the tiny BERT: LoRA merged for export, soft targets
+from annotator agreement, layer-wise learning-rate decay, mean pooling."""
 
 from pathlib import Path
 
@@ -8,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import TrainConfig
 from pipeline.data.ingest import load_split
-from pipeline.train.classify import (
-    apply_lora, average_state_dicts, build_trainer, count_parameters, finetune, load_classifier,
-)
-from pipeline.train.trainer import class_weight_vector, classification_loss, soft_targets, symmetric_kl
+from pipeline.train.classify import apply_lora, build_trainer, count_parameters, finetune
+from pipeline.train.model import load_classifier
+from pipeline.train.targets import soft_targets, with_targets
+from pipeline.train.trainer import classification_loss
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def splits(ingested):
 
 
 def _config(settings, **overrides):
-    return settings.train.model_copy(update={"epochs": 1, **overrides})
+    return TrainConfig.model_validate({**settings.train.model_dump(), "epochs": 1, **overrides})
 
 
 def _lora_param_count(config, r: int) -> int:
@@ -33,7 +33,7 @@ def _lora_param_count(config, r: int) -> int:
 
 
 def test_lora_wraps_only_query_value_and_the_head(ingested):
-    cfg = _config(ingested, finetune_method="lora", lora_r=4, lora_alpha=8)
+    cfg = _config(ingested, finetune_method="lora", lora_r=4)
     model, _ = load_classifier(cfg.base_model)
     total_before = count_parameters(model)[1]
     peft_model = apply_lora(model, cfg)
@@ -47,7 +47,7 @@ def test_lora_wraps_only_query_value_and_the_head(ingested):
 def test_merged_lora_model_gives_the_peft_models_logits(tmp_path, ingested, splits):
     from transformers import AutoModelForSequenceClassification
 
-    cfg = _config(ingested, finetune_method="lora", lora_r=4, lora_alpha=8)
+    cfg = _config(ingested, finetune_method="lora", lora_r=4)
     model, tokenizer = load_classifier(cfg.base_model)
     peft_model = apply_lora(model, cfg)
     torch.manual_seed(1)
@@ -72,7 +72,7 @@ def test_lora_finetune_saves_a_plain_transformers_model(tmp_path, ingested, spli
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, set_seed
 
-    cfg = _config(ingested, finetune_method="lora", lora_r=4, lora_alpha=8)
+    cfg = _config(ingested, finetune_method="lora", lora_r=4)
     result = finetune(cfg.base_model, *splits, tmp_path, cfg)
     merged = AutoModelForSequenceClassification.from_pretrained(result["model_dir"]).eval()
     assert result["trainable_params"] == _lora_param_count(merged.config, 4)
@@ -86,42 +86,11 @@ def test_lora_finetune_saves_a_plain_transformers_model(tmp_path, ingested, spli
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-4)
 
 
-def test_balanced_class_weights_are_inverse_frequencies_with_mean_one():
-    labels = np.array([0] * 1 + [1] * 6 + [2] * 3)
-    weights = class_weight_vector(labels, "balanced").numpy()
-    inverse = np.array([1.0, 1 / 6, 1 / 3])
-    np.testing.assert_allclose(weights, inverse / inverse.mean(), rtol=1e-6)
-    assert weights.mean() == pytest.approx(1.0)
-    assert class_weight_vector(labels, "none") is None
-    np.testing.assert_allclose(class_weight_vector(labels, [0.5, 1.0, 2.0]).numpy(), [0.5, 1.0, 2.0])
-    with pytest.raises(ValueError):
-        class_weight_vector(labels, [1.0, 2.0])
-
-
-def test_class_weights_change_the_loss_of_a_batch(tmp_path, ingested, splits):
-    model, tokenizer = load_classifier(ingested.train.base_model)
-    weights = [0.2, 1.0, 5.0]
-    plain = build_trainer(model, tokenizer, *splits, tmp_path / "plain", _config(ingested))
-    weighted = build_trainer(model, tokenizer, *splits, tmp_path / "weighted", _config(ingested, class_weights=weights))
-    batch = next(iter(plain.get_eval_dataloader()))
-    labels = batch["labels"]
-    assert len(labels.unique()) > 1
-    model.eval()
-    with torch.no_grad():
-        loss_plain = plain.compute_loss(model, dict(batch))
-        loss_weighted = weighted.compute_loss(model, dict(batch))
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    nll = -torch.log_softmax(logits, dim=-1)[torch.arange(len(labels)), labels]
-    per_item = torch.tensor(weights)[labels]
-    torch.testing.assert_close(loss_plain, nll.mean())
-    torch.testing.assert_close(loss_weighted, (per_item * nll).sum() / per_item.sum())
-    assert abs(loss_weighted.item() - loss_plain.item()) > 1e-3
-
-
 def test_layer_wise_lr_decay_param_groups(tmp_path, ingested, splits):
     cfg = _config(ingested, layer_lr_decay=0.5, learning_rate=1e-3, weight_decay=0.01, pooling="cls")
     model, tokenizer = load_classifier(cfg.base_model)
-    optimizer = build_trainer(model, tokenizer, *splits, tmp_path, cfg).create_optimizer()
+    rows = with_targets(splits[0], cfg.agreement_soft_labels)
+    optimizer = build_trainer(model, tokenizer, rows, splits[1], tmp_path, cfg).create_optimizer()
     lr = {name: group["lr"] for group in optimizer.param_groups for name in group["names"]}
     wd = {name: group["weight_decay"] for group in optimizer.param_groups for name in group["names"]}
     assert sorted(lr) == sorted(name for name, _ in model.named_parameters())
@@ -138,17 +107,6 @@ def test_layer_wise_lr_decay_param_groups(tmp_path, ingested, splits):
     assert wd["bert.embeddings.LayerNorm.weight"] == 0.0
 
 
-def test_early_stopping_stops_when_validation_macro_f1_does_not_improve(tmp_path, ingested, splits):
-    # A learning rate of 0 keeps the validation metric flat; the weighted loss and LLRD paths run along.
-    cfg = _config(ingested, epochs=4, learning_rate=0.0, early_stopping_patience=1, class_weights="balanced",
-                  layer_lr_decay=0.8)
-    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
-    assert result["stopped_early"] and result["epochs_run"] == 2
-    assert result["best_epoch"] == 1
-    assert len(result["class_weights"]) == 3 and np.mean(result["class_weights"]) == pytest.approx(1.0, abs=1e-5)
-    assert (Path(result["model_dir"]) / "config.json").is_file()
-
-
 def test_soft_targets_give_the_label_its_agreement_share():
     targets = soft_targets(np.array([0, 1, 2, 1]), np.array([100, 75, 66, 50]))
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
@@ -158,140 +116,30 @@ def test_soft_targets_give_the_label_its_agreement_share():
     np.testing.assert_allclose(targets[3], [0.25, 0.5, 0.25])
 
 
-def test_classification_loss_with_smoothing_and_soft_targets():
+def test_classification_loss_with_soft_targets():
     torch.manual_seed(0)
     logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
     one_hot = torch.nn.functional.one_hot(labels, 3).float()
     log_probs = torch.log_softmax(logits, dim=-1)
-    # One-hot targets as floats give the hard-label loss, with or without class weights and smoothing.
+    # One-hot targets as floats give the hard-label loss.
     torch.testing.assert_close(classification_loss(logits, one_hot), classification_loss(logits, labels))
-    weights = torch.tensor([0.5, 1.0, 3.0])
-    torch.testing.assert_close(classification_loss(logits, one_hot, weights), classification_loss(logits, labels, weights))
-    smoothed = one_hot * 0.9 + 0.1 / 3
-    torch.testing.assert_close(classification_loss(logits, labels, label_smoothing=0.1),
-                               -(smoothed * log_probs).sum(-1).mean())
     soft = torch.tensor(soft_targets(labels.numpy(), np.array([100, 75, 66, 50, 50, 75])))
     torch.testing.assert_close(classification_loss(logits, soft), -(soft * log_probs).sum(-1).mean())
     assert abs(classification_loss(logits, soft).item() - classification_loss(logits, labels).item()) > 1e-3
-
-
-def test_symmetric_kl_is_zero_for_equal_logits_and_symmetric():
-    torch.manual_seed(0)
-    a, b = torch.randn(5, 3), torch.randn(5, 3)
-    assert symmetric_kl(a, a).item() == pytest.approx(0.0, abs=1e-7)
-    torch.testing.assert_close(symmetric_kl(a, b), symmetric_kl(b, a))
-    p, q = torch.softmax(a, -1), torch.softmax(b, -1)
-    by_hand = ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1)).mean() / 2
-    torch.testing.assert_close(symmetric_kl(a, b), by_hand)
-
-
-def test_rdrop_loss_is_two_dropout_passes_plus_their_divergence(tmp_path, ingested, splits):
-    model, tokenizer = load_classifier(ingested.train.base_model)
-    alpha = 0.7
-    trainer = build_trainer(model, tokenizer, *splits, tmp_path, _config(ingested, rdrop_alpha=alpha))
-    batch = dict(next(iter(trainer.get_train_dataloader())))
-    features = {k: v for k, v in batch.items() if k != "labels"}
-    model.train()
-    torch.manual_seed(3)
-    loss = trainer.compute_loss(model, dict(batch))
-    torch.manual_seed(3)
-    first, second = model(**{k: torch.cat([v, v]) for k, v in features.items()}).logits.chunk(2)
-    assert (first - second).abs().max() > 1e-4, "dropout gives the two passes different logits"
-    expected = (classification_loss(first, batch["labels"]) + classification_loss(second, batch["labels"])) / 2
-    torch.testing.assert_close(loss, expected + alpha * symmetric_kl(first, second))
-    # Evaluation runs one pass, without the consistency term.
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)),
-                                   classification_loss(model(**features).logits, batch["labels"]))
-
-
-def test_moving_average_is_what_is_validated_and_kept_while_training_follows_live_weights(tmp_path, ingested, splits):
-    from transformers import TrainerCallback
-
-    class Recorder(TrainerCallback):
-        def __init__(self):
-            self.at_begin, self.at_end = [], []
-
-        def _snapshot(self, model):
-            return [p.detach().clone() for p in model.parameters()]
-
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            self.at_begin.append(self._snapshot(model))
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            self.at_end.append(self._snapshot(model))
-
-    decay = 0.8
-    model, tokenizer = load_classifier(ingested.train.base_model)
-    trainer = build_trainer(model, tokenizer, *splits, tmp_path, _config(ingested, epochs=2, ema_decay=decay))
-    recorder = Recorder()
-    trainer.add_callback(recorder)
-    trainer.train()
-
-    steps = len(recorder.at_end)
-    assert steps == 2 * len(trainer.get_train_dataloader())
-    # Each step starts from the live weights the previous step ended with, across the epoch boundary too.
-    for before, after in zip(recorder.at_begin[1:], recorder.at_end[:-1]):
-        for a, b in zip(before, after):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    expected = [p.clone() for p in recorder.at_end[0]]
-    averages = []
-    for snapshot in recorder.at_end[1:]:
-        expected = [decay * e + (1 - decay) * s for e, s in zip(expected, snapshot)]
-        averages.append(expected)
-    evals = [h for h in trainer.state.log_history if "eval_macro_f1" in h]
-    best_step = max(evals, key=lambda h: h["eval_macro_f1"])["step"]
-    kept = list(trainer.model.parameters())
-    for got, want in zip(kept, averages[best_step - 2]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert any((got - live).abs().max() > 1e-4 for got, live in zip(kept, recorder.at_end[best_step - 1]))
 
 
 def test_agreement_soft_labels_reach_the_loss(tmp_path, ingested, splits):
     train = splits[0]
     assert set(train["agreement"]) > {100}
     model, tokenizer = load_classifier(ingested.train.base_model)
-    trainer = build_trainer(model, tokenizer, train, splits[1], tmp_path, _config(ingested, agreement_soft_labels=True))
+    rows = with_targets(train, soft_labels=True)
+    trainer = build_trainer(model, tokenizer, rows, splits[1], tmp_path, _config(ingested, agreement_soft_labels=True))
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (len(batch["input_ids"]), 3)
     torch.testing.assert_close(batch["labels"].sum(-1), torch.ones(len(batch["labels"])))
     assert (batch["labels"].max(-1).values < 1).any()
     # Validation keeps hard labels, so its metrics score the majority label.
     assert not next(iter(trainer.get_eval_dataloader()))["labels"].dtype.is_floating_point
-
-
-def test_average_state_dicts_means_floats_and_keeps_index_buffers():
-    first = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([0, 1])}
-    second = {"w": torch.tensor([3.0, 6.0]), "ids": torch.tensor([0, 1])}
-    averaged = average_state_dicts([first, second])
-    torch.testing.assert_close(averaged["w"], torch.tensor([2.0, 4.0]))
-    assert averaged["ids"].dtype == torch.long and averaged["ids"].tolist() == [0, 1]
-
-
-def test_soup_averages_members_that_share_the_initialisation(tmp_path, ingested, splits):
-    from transformers import AutoModelForSequenceClassification
-
-    cfg = _config(ingested, soup_size=3)
-    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
-    members = result["soup"]["members"]
-    assert [m["seed"] for m in members] == [cfg.seed, cfg.seed + 1000, cfg.seed + 2000]
-    kept = result["soup"]["kept_seeds"]
-    best_member = max(members, key=lambda m: m["val_macro_f1"])
-    # Greedy: the best member comes first and the soup is never worse than it on validation.
-    assert kept[0] == best_member["seed"]
-    assert result["best_val_macro_f1"] >= best_member["val_macro_f1"]
-    soup = AutoModelForSequenceClassification.from_pretrained(result["model_dir"])
-    base, _ = load_classifier(cfg.base_model)
-    moved = [name for name, p in soup.state_dict().items() if p.is_floating_point() and not torch.equal(p, base.state_dict()[name])]
-    assert moved, "the soup's weights are the base's: no member trained"
-    assert not list(tmp_path.glob("member-*/checkpoints"))
-
-
-def test_uniform_soup_keeps_every_member(tmp_path, ingested, splits):
-    cfg = _config(ingested, soup_size=2, soup_method="uniform")
-    result = finetune(cfg.base_model, *splits, tmp_path, cfg)
-    assert sorted(result["soup"]["kept_seeds"]) == [cfg.seed, cfg.seed + 1000]
 
 
 def test_mean_pooling_head_trains_saves_and_reloads_with_the_auto_class(tmp_path, ingested, splits):
@@ -312,3 +160,16 @@ def test_mean_pooling_head_trains_saves_and_reloads_with_the_auto_class(tmp_path
         for i, text in enumerate(texts):
             alone = reloaded(**tokenizer([text], truncation=True, max_length=64, return_tensors="pt")).logits
             torch.testing.assert_close(alone[0], logits[i], atol=1e-5, rtol=1e-4)
+
+
+def test_config_refuses_options_that_do_not_fit_together():
+    with pytest.raises(ValueError, match="lora_r applies only with finetune_method=lora"):
+        TrainConfig(lora_r=4)
+    with pytest.raises(ValueError, match="need a teacher_model"):
+        TrainConfig(distill_corpus_texts=10)
+    with pytest.raises(ValueError, match="need a teacher_model"):
+        TrainConfig(distill_weight=0.8)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        TrainConfig(soup_size=4)
+    assert TrainConfig(finetune_method="lora").lora_rank == 8
+    assert TrainConfig(teacher_model="some/teacher").teacher_share == 0.5

@@ -1,8 +1,7 @@
 """A fine-tuning run killed with SIGKILL resumes from its last complete epoch
 checkpoint and ends with the weights and history of a run that was never cut off;
 a run that had ended is taken as it ended, without another step; a step whose
-model was saved is read back, and a distillation's teachers are neither trained
-nor run again.
+model was saved is read back, and a distillation's teacher is not run again.
 
 Run as a script, this file is the driver of the run that gets killed:
 ``python test_finetune_resume.py ARGS.json`` fine-tunes with the arguments in the
@@ -58,14 +57,13 @@ def evaluations(history: list[dict]) -> list[tuple[float, float]]:
     return [(entry["epoch"], entry["eval_macro_f1"]) for entry in history if "eval_macro_f1" in entry]
 
 
-@pytest.mark.parametrize("option", [{}, {"ema_decay": 0.9}], ids=["plain", "weight-average"])
-def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, caplog, monkeypatch, option):
+def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, caplog, monkeypatch):
     from pipeline.data.ingest import load_split
     from pipeline.train.checkpoints import complete_checkpoints
     from pipeline.train.classify import finetune
     from tests.conftest import kill_after_first_checkpoint
 
-    cfg = ingested.train.model_copy(update=option)
+    cfg = ingested.train
     train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
     base = str(ingested.train.base_model)
     uncut = finetune(base, train, validation, tmp_path / "uncut", cfg)
@@ -93,8 +91,8 @@ def test_killed_finetuning_resumes_and_ends_as_an_uncut_run(tmp_path, ingested, 
     assert len(steps) == (cfg.epochs - epoch) * steps_per_epoch, "the resumed run did not start from its checkpoint"
     assert f"resuming fine-tuning from {last} (epoch {epoch} of {cfg.epochs})" in caplog.text
     assert f"ignoring and removing the incomplete checkpoint {half_written}" in caplog.text
-    # The same weights and history as the run that was never cut off: optimizer, scheduler, RNG, data
-    # order and (with it) the moving average all came back from the checkpoint.
+    # The same weights and history as the run that was never cut off: optimizer, scheduler, RNG and
+    # data order all came back from the checkpoint.
     assert evaluations(resumed["history"]) == evaluations(uncut["history"])
     assert resumed["best_epoch"] == uncut["best_epoch"] and resumed["epochs_run"] == cfg.epochs
     expected, got = weights(uncut["model_dir"]), weights(resumed["model_dir"])
@@ -130,16 +128,14 @@ class Interrupted(Exception):
     pass
 
 
-def interrupt_after_epoch(monkeypatch, epoch: int, in_folder: str | None = None) -> None:
-    """Every Trainer built from now on (with ``in_folder``, only those of runs in
-    a folder of that name) raises ``Interrupted`` right after saving the
-    checkpoint of ``epoch``, as a killed worker would stop there."""
+def interrupt_after_epoch(monkeypatch, epoch: int) -> None:
+    """Every Trainer built from now on raises ``Interrupted`` right after saving
+    the checkpoint of ``epoch``, as a killed worker would stop there."""
     from transformers import Trainer, TrainerCallback
 
     class Stop(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            # A run's checkpoints are in <its folder>/checkpoints.
-            if round(state.epoch) == epoch and in_folder in (None, Path(args.output_dir).parent.name):
+            if round(state.epoch) == epoch:
                 raise Interrupted
 
     init = Trainer.__init__
@@ -151,113 +147,48 @@ def interrupt_after_epoch(monkeypatch, epoch: int, in_folder: str | None = None)
     monkeypatch.setattr(Trainer, "__init__", with_stop)
 
 
-def test_early_stopping_carries_over_a_resume_and_a_stopped_run_is_not_trained_further(tmp_path, ingested, monkeypatch):
-    from transformers import Trainer
-
-    from pipeline.data.ingest import load_split
-    from pipeline.train.classify import finetune
-
-    # With a learning rate of 0 the weights stay put, so validation macro-F1 cannot improve after the first
-    # epoch: with patience 2 an uncut run stops after epoch 3, whatever the tiny model would have learned.
-    cfg = ingested.train.model_copy(update={"epochs": 8, "early_stopping_patience": 2, "learning_rate": 0.0})
-    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
-    init = Trainer.__init__
-    interrupt_after_epoch(monkeypatch, 2)
-    with pytest.raises(Interrupted):
-        finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
-    monkeypatch.setattr(Trainer, "__init__", init)
-
-    # Resumed after epoch 2, the run has one epoch without improvement behind it: had the early-stopping
-    # counter started again from 0, it would stop after epoch 4.
-    resumed = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
-    assert resumed["resumed_from_epoch"] == 2
-    assert resumed["stopped_early"] and resumed["epochs_run"] == 3
-
-    steps = count_training_steps(monkeypatch)
-    (tmp_path / "finetune_result.json").unlink()  # as if killed before the saved result: the checkpoints decide
-    again = finetune(str(cfg.base_model), train, validation, tmp_path, cfg)
-    assert not steps, "the retry trained on past the early stop"
-    assert again["resumed_from_epoch"] == 3 and again["stopped_early"]
-    assert evaluations(again["history"]) == evaluations(resumed["history"])
-
-
-def test_a_retried_soup_takes_its_finished_members_as_they_are(tmp_path, ingested, monkeypatch):
-    from transformers import Trainer
-
-    from pipeline.data.ingest import load_split
-    from pipeline.train.classify import finetune
-
-    cfg = ingested.train.model_copy(update={"soup_size": 2, "soup_method": "uniform", "epochs": 2})
-    train, validation = load_split(ingested.labeled_dir, "train"), load_split(ingested.labeled_dir, "validation")
-    base = str(ingested.train.base_model)
-    uncut = finetune(base, train, validation, tmp_path / "uncut", cfg)
-    assert not list((tmp_path / "uncut").glob("member-*")), "members' checkpoints outlived the saved soup"
-
-    init = Trainer.__init__
-    interrupt_after_epoch(monkeypatch, 1, in_folder="member-1")  # a killed worker, after member 1's first epoch
-    with pytest.raises(Interrupted):
-        finetune(base, train, validation, tmp_path / "cut", cfg)
-    monkeypatch.setattr(Trainer, "__init__", init)
-
-    steps = count_training_steps(monkeypatch)
-    resumed = finetune(base, train, validation, tmp_path / "cut", cfg)
-    members = resumed["soup"]["members"]
-    assert [m["resumed_from_epoch"] for m in members] == [2, 1]  # the first had ended, the second resumes
-    # Only member 1's second epoch ran: no step of member 0, none from member 1's start.
-    assert steps and min(steps) == len(steps), "a member trained from its first step again"
-    assert [{**m, "resumed_from_epoch": 0} for m in members] == uncut["soup"]["members"]
-    expected, got = weights(uncut["model_dir"]), weights(resumed["model_dir"])
-    assert all((expected[name] == got[name]).all() for name in expected), "the resumed soup differs from the uncut one"
-
-
 def count_teacher_scorings(monkeypatch) -> list[int]:
     """The number of texts of each call that scores texts with a classifier from now on."""
-    from pipeline.train import classify
+    from pipeline.train import distill
 
     calls: list[int] = []
-    predict = classify.predict_logits
+    predict = distill.predict_logits
 
     def counted(model, tokenizer, texts, *args, **kwargs):
         calls.append(len(texts))
         return predict(model, tokenizer, texts, *args, **kwargs)
 
-    monkeypatch.setattr(classify, "predict_logits", counted)
+    monkeypatch.setattr(distill, "predict_logits", counted)
     return calls
 
 
-@pytest.mark.parametrize("recipe", ["ensemble", "teacher", "self-training"])
-def test_a_distillation_retried_while_its_student_trains_neither_trains_nor_runs_its_teachers_again(
-        tmp_path, ingested, tiny_classifier, monkeypatch, recipe):
+def test_a_distillation_retried_while_its_student_trains_does_not_run_its_teacher_again(
+        tmp_path, ingested, tiny_classifier, monkeypatch):
     import pandas as pd
     from transformers import Trainer
 
     from pipeline.data.ingest import load_split
     from pipeline.train.classify import finetune
 
-    options = {
-        "ensemble": {"distill_teachers": 2},
-        "teacher": {"teacher_model": str(tiny_classifier), "distill_corpus_texts": 40},
-        "self-training": {"self_training_texts": 30, "self_training_candidates": 120},
-    }[recipe]
-    cfg = ingested.train.model_copy(update={"epochs": 2, **options})
+    cfg = ingested.train.model_copy(update={"epochs": 2, "teacher_model": str(tiny_classifier), "distill_corpus_texts": 40})
     train = load_split(ingested.labeled_dir, "train").sample(n=96, random_state=0).reset_index(drop=True)
     validation = load_split(ingested.labeled_dir, "validation")
     corpus = pd.read_parquet(ingested.corpus_path)["text"].tolist()
     base, out = str(ingested.train.base_model), tmp_path / "step"
 
     init = Trainer.__init__
-    interrupt_after_epoch(monkeypatch, 1, in_folder="step")  # the student's run; teachers train in their own folders
+    interrupt_after_epoch(monkeypatch, 1)
     scorings = count_teacher_scorings(monkeypatch)
     with pytest.raises(Interrupted):
         finetune(base, train, validation, out, cfg, corpus=corpus)
     monkeypatch.setattr(Trainer, "__init__", init)
-    assert scorings, "the teachers scored nothing"
+    assert scorings, "the teacher scored nothing"
 
     steps = count_training_steps(monkeypatch)
     scorings.clear()
     resumed = finetune(base, train, validation, out, cfg, corpus=corpus)
     assert not scorings, "the retry ran a teacher again"
-    # The student trained on the targets its checkpoints were written with, so it resumed; no teacher step ran.
+    # The student trained on the targets its checkpoints were written with, so it resumed.
     assert resumed["resumed_from_epoch"] == 1
     steps_per_epoch = -(-max(entry["step"] for entry in resumed["history"]) // cfg.epochs)
     assert len(steps) == steps_per_epoch and min(steps) == steps_per_epoch

@@ -66,10 +66,9 @@ def test_a_changed_head_setting_fits_the_head_again(tmp_path, headless_base, tex
     first = adapt_mlm(str(headless_base), corpus, validation, tmp_path, config(headless_base, mlm_head_steps=3))
     record = tmp_path / CHECKPOINTS / HEAD_FIT / "head-fit.json"
     assert json.loads(record.read_text())["steps"] == 3
-    second = adapt_mlm(str(headless_base), corpus, validation, tmp_path,
-                       config(headless_base, mlm_head_steps=3, mlm_head_learning_rate=1e-6))
-    assert second.head_fit_steps == 3
-    # At 1e-6 the head barely moves from the random one: a stale fit reused would keep the first value.
+    second = adapt_mlm(str(headless_base), corpus, validation, tmp_path, config(headless_base, mlm_head_steps=1))
+    assert second.head_fit_steps == 1 and json.loads(record.read_text())["steps"] == 1
+    # One step fits the head less than three: a stale fit reused would keep the first value.
     assert second.perplexity_base > first.perplexity_base
     assert json.loads(record.read_text())["perplexity"] == second.perplexity_base
 
@@ -109,10 +108,3 @@ def test_a_base_with_its_own_head_is_not_refitted(tmp_path, tiny_base, texts):
     assert not (tmp_path / CHECKPOINTS / HEAD_FIT).exists()
 
 
-def test_mlm_nsp_from_a_headless_base_fits_the_masked_lm_head_only(tmp_path, headless_base, texts):
-    documents = [" ".join(texts[i : i + 5]) for i in range(0, len(texts) - 40, 5)]
-    cfg = config(headless_base, mlm_objective="mlm+nsp", mlm_margin=-1.0)
-    result = adapt_mlm(str(headless_base), documents, texts[-40:], tmp_path, cfg)
-    assert result.head_fit_steps == 6 and result.perplexity_base < result.perplexity_random_head
-    fitted = json.loads((tmp_path / CHECKPOINTS / HEAD_FIT / "head-fit.json").read_text())["parameters"]
-    assert fitted and all(name.startswith("cls.predictions.") for name in fitted)  # not the next-sentence head

@@ -19,7 +19,7 @@ def tiny_mpnet(tmp_path_factory, ingested) -> Path:
     from transformers import MPNetConfig, MPNetForMaskedLM, MPNetTokenizer
 
     from pipeline.data.ingest import load_split
-    from pipeline.train.base import train_wordpiece_tokenizer
+    from tests.tiny_models import train_wordpiece_tokenizer
 
     texts = load_split(ingested.labeled_dir, "train")["text"].tolist()
     wordpiece = train_wordpiece_tokenizer(texts, 1500, 64)

@@ -5,7 +5,7 @@ import pandas as pd
 
 from pipeline.config import LABELS
 from pipeline.data.ingest import load_split
-from pipeline.train.classify import load_classifier, predict_logits
+from pipeline.train.model import load_classifier, predict_logits
 from pipeline.train.evaluate import classification_metrics, plot_confusion_matrix, softmax
 from pipeline.train.masking import group_texts
 from pipeline.train.mlm import adapt_mlm
