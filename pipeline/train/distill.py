@@ -36,7 +36,7 @@ def teacher_folder(teacher: str, download_dir: Path) -> str:
     registered model's ``models:/name@alias`` or ``models:/name/version`` URI is
     downloaded from the MLflow registry (the tracking URI must be set) and its
     transformers folder returned."""
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
 
     if not teacher.startswith("models:/"):
         return resolve_base_model(teacher)
@@ -67,7 +67,7 @@ def pinned_teacher(teacher: str) -> str:
 def teacher_identity(teacher: str) -> str:
     """What a pinned teacher's scores belong to: a registry version as its URI, a
     local folder with its weights' digest (it may be overwritten), a hub id as given."""
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
 
     if teacher.startswith("models:/"):
         return teacher

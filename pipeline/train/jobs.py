@@ -41,7 +41,7 @@ def start_run(settings: Settings) -> dict:
 
 
 def mlm_adapt(settings: Settings, run_id: str) -> dict:
-    from pipeline.train.base import resolve_base_model
+    from pipeline.bases import resolve_base_model
     from pipeline.train.mlm import adapt_mlm
 
     cfg = settings.train

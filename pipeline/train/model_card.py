@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline.config import LABELS, Settings
 from pipeline.data.sources import HUB_PHRASEBANK, PHRASEBANK_LEVELS
 from pipeline.train.evaluate import AGREEMENT_LEVELS, slice_name
-from pipeline.train.offline_bases import BASE_LICENCES
+from pipeline.bases import BASE_LICENCES
 
 FPB_LICENCE = (
     "Financial PhraseBank (Malo et al., 2014), licensed under Creative Commons Attribution-NonCommercial-ShareAlike 3.0 "

