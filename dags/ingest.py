@@ -5,10 +5,8 @@ versioning. Outputs are Assets the train DAG is scheduled on."""
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, dag, task
-
-CURATED_LABELED = Asset("finsent-curated-labeled")
-CURATED_CORPUS = Asset("finsent-curated-corpus")
+from airflow.sdk import dag, task
+from assets import CURATED_LABELED, CURATED_CORPUS
 
 
 @dag(

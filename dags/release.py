@@ -4,10 +4,8 @@ against the champion on the test split, move ``champion`` if it passes."""
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, dag, task
-
-CANDIDATE_MODEL = Asset("finsent-model-candidate")
-CHAMPION_MODEL = Asset("finsent-model-champion")
+from airflow.sdk import dag, task
+from assets import CANDIDATE_MODEL, CHAMPION_MODEL
 
 
 @dag(dag_id="release", schedule=[CANDIDATE_MODEL], start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, tags=["finsent"])

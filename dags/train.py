@@ -1,49 +1,60 @@
 """train: masked-LM adaptation → fine-tuning (mapped over the sweep's trials)
 → best trial → evaluation → registration (alias ``candidate``). Heavy steps
 run as ``finsent`` subprocesses in the GPU pool (and, under CeleryExecutor,
-on the GPU queue)."""
+on the GPU queue). The run's ``recipe`` param names a training recipe
+(``recipes/``), e.g. ``airflow dags test train --conf '{"recipe": "fpb-minilm"}'``;
+without it FINSENT_RECIPE, or TrainConfig's defaults, apply."""
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Param, dag, task
+from assets import CANDIDATE_MODEL, CURATED_LABELED
 
 from pipeline.config import get_settings
 
-CURATED_LABELED = Asset("finsent-curated-labeled")
-CANDIDATE_MODEL = Asset("finsent-model-candidate")
 _orchestration = get_settings().orchestration
 # A retried step resumes from its last checkpoint (same run folder), so retries are cheap.
 GPU = {"pool": _orchestration.gpu_pool, "queue": _orchestration.gpu_queue, "retries": 2}
+RECIPE = Param(None, type=["null", "string"], description="a recipe name in recipes/ or a YAML file path")
 
 
-@dag(dag_id="train", schedule=[CURATED_LABELED], start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, tags=["finsent"])
+def _recipe(params: dict) -> list[str]:
+    """The ``finsent`` arguments that pass the run's recipe on to a step."""
+    return ["--recipe", params["recipe"]] if params.get("recipe") else []
+
+
+@dag(dag_id="train", schedule=[CURATED_LABELED], start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+     tags=["finsent"], params={"recipe": RECIPE})
 def train_dag():
     @task
-    def start_run() -> str:
+    def start_run(params=None) -> str:
+        from pipeline.config import settings_with_recipe
         from pipeline.train.jobs import start_run as open_run
 
-        return open_run(get_settings())["run_id"]
+        return open_run(settings_with_recipe(params["recipe"]))["run_id"]
 
     @task(**GPU)
-    def mlm_adapt(mlflow_run_id: str) -> str:
+    def mlm_adapt(mlflow_run_id: str, params=None) -> str:
         from pipeline.steps import run_step
 
-        return run_step("mlm-adapt", "--run-id", mlflow_run_id)["model_dir"]
+        return run_step("mlm-adapt", "--run-id", mlflow_run_id, *_recipe(params))["model_dir"]
 
     @task
-    def sweep_trials() -> list[dict]:
+    def sweep_trials(params=None) -> list[dict]:
+        from pipeline.config import settings_with_recipe
         from pipeline.train.sweep import sweep_trials as trials
 
-        return trials(get_settings().train)
+        return trials(settings_with_recipe(params["recipe"]).train)
 
     @task(**GPU)
-    def finetune(mlflow_run_id: str, model_dir: str, trial: dict) -> dict:
+    def finetune(mlflow_run_id: str, model_dir: str, trial: dict, params=None) -> dict:
         import json
 
         from pipeline.steps import run_step
 
-        return run_step("finetune", "--run-id", mlflow_run_id, "--model", model_dir, "--trial", json.dumps(trial))
+        return run_step("finetune", "--run-id", mlflow_run_id, "--model", model_dir, "--trial", json.dumps(trial),
+                        *_recipe(params))
 
     @task
     def pick_best(mlflow_run_id: str, results: list[dict]) -> str:
@@ -56,16 +67,16 @@ def train_dag():
         return best["model_dir"]
 
     @task(**GPU)
-    def evaluate(mlflow_run_id: str, model_dir: str) -> dict:
+    def evaluate(mlflow_run_id: str, model_dir: str, params=None) -> dict:
         from pipeline.steps import run_step
 
-        return run_step("evaluate", "--run-id", mlflow_run_id, "--model", model_dir)["metrics"]
+        return run_step("evaluate", "--run-id", mlflow_run_id, "--model", model_dir, *_recipe(params))["metrics"]
 
     @task(outlets=[CANDIDATE_MODEL])
-    def register(mlflow_run_id: str, model_dir: str, metrics: dict) -> str:
+    def register(mlflow_run_id: str, model_dir: str, metrics: dict, params=None) -> str:
         from pipeline.steps import run_step
 
-        return run_step("register", "--run-id", mlflow_run_id, "--model", model_dir)["model_uri"]
+        return run_step("register", "--run-id", mlflow_run_id, "--model", model_dir, *_recipe(params))["model_uri"]
 
     mlflow_run_id = start_run()
     tuned = finetune.partial(mlflow_run_id=mlflow_run_id, model_dir=mlm_adapt(mlflow_run_id)).expand(trial=sweep_trials())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DAG_FILES = sorted((REPO / "dags").glob("*.py"))
+DAG_FILES = sorted(path for path in (REPO / "dags").glob("*.py") if path.name != "assets.py")
 EXPECTED_TASKS = {
     "ingest": ["ingest_corpus", "ingest_labeled", "ingest_news", "version_data"],
     "train": ["evaluate", "finetune", "mlm_adapt", "pick_best", "register", "start_run", "sweep_trials"],
@@ -21,7 +21,8 @@ EXPECTED_TASKS = {
 HEAVY = ["torch", "transformers", "mlflow", "onnxruntime", "great_expectations", "dvc", "pipeline.train", "sklearn"]
 
 PROBE = """
-import importlib.util, json, socket, sys
+import importlib.util, json, os, socket, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the DAG folder, as Airflow puts it on sys.path
 def refuse(*args, **kwargs):
     raise RuntimeError("network access while parsing a DAG file")
 socket.socket.connect = refuse
@@ -69,6 +70,31 @@ def test_training_tasks_go_to_the_configured_gpu_pool_and_queue(tmp_path):
     heavy_steps = {"mlm_adapt", "finetune", "evaluate"}
     assert {task: placement[task] for task in heavy_steps} == dict.fromkeys(heavy_steps, ["h100", "cuda"])
     assert all(placement[task][0] != "h100" for task in set(placement) - heavy_steps)
+
+
+def test_every_asset_is_defined_once_in_assets_py():
+    defined = []
+    for path in (REPO / "dags").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Asset":
+                defined.append(path.name)
+    assert defined and set(defined) == {"assets.py"}, f"Assets defined outside dags/assets.py: {defined}"
+
+
+def test_the_train_dag_takes_a_recipe_param(tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, 'dags')\n"
+        "from airflow.sdk.definitions._internal.contextmanager import DagContext\n"
+        "import importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('train_dag', 'dags/train.py')\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(module.train_dag().params['recipe'])"
+    )
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "None"
 
 
 @pytest.mark.parametrize("package", ["pipeline", "serving"])

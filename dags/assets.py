@@ -1,0 +1,13 @@
+"""Every Airflow Asset of the pipeline, defined once; the DAG files import them
+from here (Airflow puts the DAG folder on ``sys.path``).
+
+ingest --(CURATED_LABELED, CURATED_CORPUS)--> train --(CANDIDATE_MODEL)--> release --(CHAMPION_MODEL)-->"""
+
+from __future__ import annotations
+
+from airflow.sdk import Asset
+
+CURATED_LABELED = Asset("finsent-curated-labeled")
+CURATED_CORPUS = Asset("finsent-curated-corpus")
+CANDIDATE_MODEL = Asset("finsent-model-candidate")
+CHAMPION_MODEL = Asset("finsent-model-champion")
