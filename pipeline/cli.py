@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from datetime import date
 from pathlib import Path
 
-from pipeline.config import Settings, settings_with_recipe
+from pydantic import ValidationError
+
+from pipeline.config import Settings, settings_error_message, settings_with_recipe
 from pipeline.recipes import recipe_names
 
 
@@ -231,7 +232,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_cli_logging(args.command)  # the full log in <state_dir>/logs/<command>.log, a concise one on stderr
-    result = args.func(settings_with_recipe(getattr(args, "recipe", None)), args)
+    try:
+        settings = settings_with_recipe(getattr(args, "recipe", None))
+    except ValidationError as error:
+        print(f"finsent {args.command}: invalid settings: {settings_error_message(error)}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # an unknown FINSENT_ variable, a recipe that is not there
+        print(f"finsent {args.command}: {error}", file=sys.stderr)
+        return 2
+    result = args.func(settings, args)
     if result is not None:
         _print_result(result)
     return 0

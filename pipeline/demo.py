@@ -5,6 +5,7 @@ the serving app on the champion, asked about three sentences over HTTP."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.request
@@ -13,7 +14,10 @@ from pathlib import Path
 from pipeline import registry, services
 from pipeline.config import Settings
 from pipeline.data.landing import layout_reuters
+from pipeline.logs import adopt_library_loggers, log_file_for
 
+# The training recipe the demo runs (recipes/demo.yaml) unless FINSENT_RECIPE says otherwise.
+DEMO_RECIPE = "demo"
 # `airflow dags test ingest <date>` ingests the news of the daily interval
 # starting at <date>: Reuters-21578's busiest day.
 DAG_RUNS = (("ingest", "1987-03-02"), ("train", None), ("release", None))
@@ -24,8 +28,12 @@ SENTENCES = [
 ]
 
 
+log = logging.getLogger(__name__)
+
+
 def _stage(message: str, started: float) -> None:
     print(f"[finsent demo {time.monotonic() - started:6.0f}s] {message}", flush=True)
+    log.info("%s", message)  # demo.log: the terminal's lines among the libraries' (not shown twice: `demo` is quiet)
 
 
 def post_json(url: str, payload: dict) -> dict:
@@ -34,26 +42,40 @@ def post_json(url: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
+def demo_env(tracking_uri: str, base: dict | None = None) -> dict[str, str]:
+    """The environment the demo gives Airflow (and the serving app): the
+    embedded tracking server, and the demo recipe unless one is chosen."""
+    env = {**(os.environ if base is None else base), "FINSENT_TRACKING_URI": tracking_uri}
+    env.setdefault("FINSENT_RECIPE", DEMO_RECIPE)
+    return env
+
+
 def run_demo(settings: Settings, dags_folder: Path) -> dict:
+    """The terminal gets one line per stage and per task (a progress bar while
+    a task runs, its summary after), the predictions and a short hint; the
+    full logs are in ``<state_dir>/logs`` (this process's in ``demo.log``)."""
     started = time.monotonic()
+    adopt_library_loggers()  # MLflow, imported with pipeline.registry, logs to demo.log, not the terminal
     state = settings.state_dir.resolve()
     logs = state / "logs"
     processes = []
     try:
+        _stage(f"full logs in {logs}/ (this one: {log_file_for(state, 'demo').name}, Airflow's: airflow-dags-test-<dag>.log)",
+               started)
         _stage("starting the MLflow tracking server (SQLite, local artifacts)", started)
         mlflow_process, tracking_uri = services.start_mlflow_server(state)
         processes.append(mlflow_process)
-        env = services.airflow_env(state / "airflow", dags_folder, {**os.environ, "FINSENT_TRACKING_URI": tracking_uri})
-        _stage(f"MLflow at {tracking_uri}; preparing the Airflow home {state / 'airflow'}", started)
+        env = services.airflow_env(state / "airflow", dags_folder, demo_env(tracking_uri))
+        _stage(f"MLflow at {tracking_uri}; Airflow home {state / 'airflow'}; recipe {env['FINSENT_RECIPE']}", started)
         services.migrate_airflow_db(env, logs / "airflow-db.log")
         services.create_gpu_pool(env, logs / "airflow-cli.log", settings.orchestration)
         if settings.reuters_dir is not None:
             days = layout_reuters(settings.reuters_dir, settings.landing_zone)
-            _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders under {settings.landing_zone.resolve()}", started)
+            _stage(f"landing zone: {sum(days.values())} Reuters stories in {len(days)} day folders", started)
         for dag_id, logical_date in DAG_RUNS:
             log_path = logs / f"airflow-dags-test-{dag_id}.log"
             command = ["dags", "test", dag_id, *([logical_date] if logical_date else [])]
-            _stage(f"airflow {' '.join(command)}  (Airflow's log: {log_path})", started)
+            _stage(f"airflow {' '.join(command)}", started)
             services.airflow(command, env, log_path, echo_task_output=True)
         settings = settings.model_copy(update={"tracking_uri": tracking_uri})
         champion = registry.version_by_alias(settings, registry.CHAMPION)
@@ -81,19 +103,24 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
             "parity_max_abs_diff": champion.tags.get("parity_max_abs_diff"),
             "wall_s": round(time.monotonic() - started),
         }
-        _stage(f"done: champion is version {champion.version}", started)
-        print(f"""
-  champion: models:/{settings.model_name}@champion = version {champion.version}
-  test accuracy {summary['test_accuracy']:.4f}, macro-F1 {summary['test_macro_f1']:.4f}, AllAgree accuracy {summary['test_accuracy_allagree']:.4f}
-  gate on the latest candidate: {summary['gate']}
-
-  MLflow UI:   .venv/bin/finsent mlflow-server --port 5000      then open http://127.0.0.1:5000
-  Airflow UI:  AIRFLOW_HOME={state / 'airflow'} PATH=$PWD/.venv/bin:$PATH airflow standalone
-               then open http://127.0.0.1:8080 (the login is in {state / 'airflow'}/simple_auth_manager_passwords.json.generated)
-  Serving:     FINSENT_TRACKING_URI=http://127.0.0.1:5000 .venv/bin/finsent serve --port 8000
-               (with the MLflow server above running)
-""", flush=True)
+        _stage(f"done: champion is version {champion.version}, test accuracy {_f(summary['test_accuracy'])}, "
+               f"macro-F1 {_f(summary['test_macro_f1'])}", started)
+        print(hint(state), flush=True)
         return summary
     finally:
         for process in reversed(processes):
             services.stop_process(process)
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def hint(state: Path) -> str:
+    """Where to look next (printed before the JSON result; at most 6 lines)."""
+    home = state / "airflow"
+    return f"""\
+  MLflow UI:   .venv/bin/finsent mlflow-server --port 5000, then http://127.0.0.1:5000
+  Airflow UI:  AIRFLOW_HOME={home} PATH=$PWD/.venv/bin:$PATH airflow standalone, then http://127.0.0.1:8080
+               (login in {home}/simple_auth_manager_passwords.json.generated)
+  Serving:     FINSENT_TRACKING_URI=http://127.0.0.1:5000 .venv/bin/finsent serve --port 8000 (MLflow server running)"""

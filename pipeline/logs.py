@@ -76,7 +76,7 @@ def configure_logging(log_file: Path | None = None, *, quiet: bool = False, stre
     if log_file is not None:
         log_file = Path(log_file)
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler = logging.FileHandler(log_file, encoding="utf-8", delay=True)  # no file for a silent command
         file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         handlers.append(file_handler)
@@ -241,9 +241,7 @@ def _mlm_adapt(result: dict) -> str:
 
 
 def _finetune(result: dict) -> str:
-    trial = result.get("trial") or {}
-    prefix = f"trial {trial['trial']}: " if isinstance(trial, dict) and len(trial) > 1 and "trial" in trial else ""
-    return (f"{prefix}best val macro-F1 {result.get('best_val_macro_f1', float('nan')):.4f} "
+    return (f"best val macro-F1 {result.get('best_val_macro_f1', float('nan')):.4f} "
             f"(accuracy {result.get('best_val_accuracy', float('nan')):.4f}) "
             f"at epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}")
 
@@ -349,7 +347,7 @@ def configure_cli_logging(command: str) -> Path | None:
         from pipeline.config import Settings
 
         log_file: Path | None = log_file_for(Settings().state_dir, command)
-    except Exception:  # noqa: BLE001 - the command's own settings check says what is wrong
+    except Exception:  # the command's own settings check says what is wrong
         log_file = None
     try:
         return configure_logging(log_file, quiet=command == "demo")

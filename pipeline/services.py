@@ -3,10 +3,13 @@ serving app) on this machine: 127.0.0.1, free ports, own process groups."""
 
 from __future__ import annotations
 
+import ast
 import configparser
+import logging
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import sqlite3
@@ -18,6 +21,9 @@ from collections import deque
 from pathlib import Path
 
 from pipeline.config import OrchestrationConfig
+from pipeline.logs import Segments, StatusLine, meter_percent, parse_mark, parse_meter, plain, summarize
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -129,27 +135,152 @@ def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None)
 
 # Airflow's own structured log lines: "2026-11-25T18:43:09.568590Z [info     ] ...".
 _AIRFLOW_LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z \[")
+_TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(?P<task>\S+) map_index=(?P<map_index>-?\d+)")
+_TASK_END = re.compile(r"\[DAG TEST\] end task task_id=")
+_RETURNED = re.compile(r"\] Done\. Returned value was: (?P<value>.*) \[airflow\.task\.operators\.[\w.]+\]")
+_TASK_FAILED = re.compile(r"\[error\s*\] Task failed with exception")
+# Our own loggers' warnings: as Airflow logs them (in-process tasks) and as a step's terminal shows them.
+_PIPELINE_WARNING = re.compile(
+    r"^(?:\S+Z \[(?P<level>warning|error|critical)\s*\] (?P<event>.*?)\s+\[pipeline(?:\.\w+)*\]"
+    r"|\d{2}:\d{2}:\d{2} (?P<level2>WARNING|ERROR|CRITICAL) pipeline(?:\.\w+)*: (?P<message>.*))"
+)
+
+
+class TaskEcho:
+    """What ``airflow dags test`` prints, cut down for the terminal: one
+    status line for the running task (its progress bar, or how long it has
+    run), rewritten in place; one summary line per task that has one (the
+    marked lines ``steps.run_step`` prints, or the result an in-process task
+    returned, from Airflow's log); our own warnings; a line when a task fails.
+    Everything else (Airflow's, the libraries' and the steps' own logs) stays
+    in the log file."""
+
+    def __init__(self, dag_id: str, log_path: Path, status: StatusLine | None = None, refresh: float | None = None,
+                 clock=time.monotonic):
+        self.dag_id, self.log_path, self._clock = dag_id, log_path, clock
+        self.status = status or StatusLine()
+        isatty = getattr(self.status.stream, "isatty", lambda: False)()
+        # Piped into a file, the bar is redrawn less often: the file keeps every redraw.
+        self.refresh = refresh if refresh is not None else (1.0 if isatty else 5.0)
+        self.task: str | None = None
+        self.meter: str | None = None
+        self.summarized = False
+        self._started = self._rendered = 0.0
+        self._shown = ""
+
+    @property
+    def label(self) -> str:
+        return self.task or self.dag_id
+
+    def feed(self, text: str) -> None:
+        if started := _TASK_START.search(text):
+            map_index = int(started.group("map_index"))
+            self.task = started.group("task") + (f"[{map_index}]" if map_index > 0 else "")
+            self.meter, self.summarized, self._started = None, False, self._clock()
+            self.render(force=True)
+        elif _TASK_END.search(text):
+            self.task, self._shown = None, ""
+            self.status.clear()
+        elif returned := _RETURNED.search(text):
+            if self.task is not None:
+                self._returned(returned.group("value"))
+        elif _TASK_FAILED.search(text):
+            self.echo(f"failed; Airflow's log: {self.log_path}")
+        elif warning := _PIPELINE_WARNING.match(text):
+            level = (warning.group("level") or warning.group("level2")).lower()
+            self.echo(f"{level}: {warning.group('event') or warning.group('message')}", final=False)
+        elif _AIRFLOW_LOG_LINE.match(text):
+            pass
+        elif marked := parse_mark(text):
+            meter = parse_meter(marked[1])
+            if meter is not None:
+                self.progress(meter)
+            else:
+                self.echo(marked[1])
+        elif (meter := parse_meter(text)) is not None:
+            self.progress(meter)
+
+    def _returned(self, value: str) -> None:
+        try:
+            result = ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            result = value  # a str is logged without quotes (a run id, a digest)
+        summary = summarize(f"{self.dag_id}.{self.task.split('[')[0]}", result)
+        if summary:
+            self.echo(summary)
+
+    def progress(self, meter: str) -> None:
+        # A finished bar (loading weights, a download) gives way to the task's running time.
+        self.meter = None if meter_percent(meter) == 100 else meter
+        self.render()
+
+    def echo(self, text: str, final: bool = True) -> None:
+        self.status.line(f"  {self.label:<15} {text}")
+        log.info("%s %s: %s", self.dag_id, self.label, text)
+        self.summarized = self.summarized or final
+        self._rendered, self._shown = float("-inf"), ""
+
+    def render(self, force: bool = False) -> None:
+        now = self._clock()
+        if self.task is None or self.summarized or (not force and now - self._rendered < self.refresh):
+            return
+        elapsed = int(now - self._started)
+        text = f"  {self.label:<15} {self.meter or f'running {elapsed // 60}:{elapsed % 60:02d}'}"
+        if text != self._shown:
+            self.status.show(text)
+            self._shown = text
+        self._rendered = now
+
+    def close(self) -> None:
+        self.status.clear()
 
 
 def airflow(args: list[str], env: dict[str, str], log_path: Path, echo_task_output: bool = False) -> None:
     """Runs an ``airflow`` command with its full output in ``log_path``. With
-    ``echo_task_output``, what the tasks print (progress bars, step results)
-    is shown live and Airflow's own log lines stay in the file. Failures raise
-    with the end of the log."""
+    ``echo_task_output``, the tasks' progress and results are shown live
+    (``TaskEcho``) and everything else stays in the file. Failures raise
+    with the end of what the tasks printed (or of the log) and its path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=30)
-    with open(log_path, "a") as log, subprocess.Popen(
-        [_bin("airflow"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    ) as process:
-        for line in process.stdout:
-            log.write(line)
-            tail.append(line.rstrip("\n"))
-            if echo_task_output and not _AIRFLOW_LOG_LINE.match(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
+    task_tail: deque[str] = deque(maxlen=30)  # lines that are not Airflow's own: the tasks' output, tracebacks
+    dag_id = args[2] if len(args) > 2 and args[:2] == ["dags", "test"] else "airflow"
+    echo = TaskEcho(dag_id, log_path) if echo_task_output else None
+    segments = Segments()
+    try:
+        with open(log_path, "a", encoding="utf-8") as log, subprocess.Popen(
+            [_bin("airflow"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ) as process:
+            stdout = process.stdout.fileno()
+            finished = False
+            while not finished:
+                pieces: list[tuple[str, str]] = []
+                if select.select([stdout], [], [], 1.0)[0]:  # at most a second between status redraws
+                    chunk = os.read(stdout, 65536)
+                    finished = not chunk
+                    pieces = list(segments.feed(chunk) if chunk else segments.close())
+                for text, ending in pieces:
+                    text = plain(text)
+                    if ending == "\r" and parse_meter(text) is not None:
+                        if echo is not None:  # progress redraws: shown, not logged
+                            echo.feed(text)
+                        continue
+                    log.write(text + "\n")
+                    if text.strip():
+                        tail.append(text)
+                        if not _AIRFLOW_LOG_LINE.match(text) and not text.startswith("[finsent "):
+                            task_tail.append(text)
+                    if echo is not None:
+                        echo.feed(text)
+                log.flush()
+                if echo is not None:
+                    echo.render()
+    finally:
+        if echo is not None:
+            echo.close()
     if process.returncode != 0:
         raise RuntimeError(
-            f"airflow {' '.join(args)} exited with {process.returncode}; full log: {log_path}\n" + "\n".join(tail)
+            f"airflow {' '.join(args)} exited with {process.returncode}; full log: {log_path}\n"
+            + "\n".join(task_tail or tail)
         )
 
 

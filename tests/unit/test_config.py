@@ -85,3 +85,23 @@ def test_the_committed_configuration_reference_is_up_to_date():
     assert committed.read_text() == configuration_markdown(), (
         "docs/configuration.md is stale: run `.venv/bin/finsent config --markdown > docs/configuration.md`")
     assert "FINSENT_TRAIN__TEACHER_MODEL" in committed.read_text() and "soup" not in committed.read_text()
+
+
+def test_the_cli_says_what_is_wrong_with_the_settings_and_exits_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINSENT_")} | {"FINSENT_STATE_DIR": str(tmp_path)}
+    cases = [
+        (["config", "--recipe", "no-such"], {}, "invalid settings: no recipe named 'no-such'"),
+        (["config"], {"FINSENT_TRAIN__LORA_R": "4"}, "invalid settings: train: lora_r applies only with finetune_method=lora"),
+        (["config"], {"FINSENT_SOUP_SIZE": "4"}, "unknown finsent settings in the environment: FINSENT_SOUP_SIZE"),
+    ]
+    for args, extra, expected in cases:
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "--recipe", "fpb-minilm"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and '"mlm_steps": 0' in done.stdout.splitlines()[-1] and '"recipe": "fpb-minilm"' in done.stdout
