@@ -83,6 +83,9 @@ def configure_logging(log_file: Path | None = None, *, quiet: bool = False, stre
     for handler in handlers:
         handler._finsent = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    # Off first: captureWarnings(True) does nothing if it believes it is on, though something
+    # (warnings.catch_warnings on exit) may have put the previous showwarning back since.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     adopt_library_loggers()
     return log_file
