@@ -25,7 +25,7 @@ FPB_CITATION = (
 REUTERS_LICENCE = (
     "Reuters-21578, Distribution 1.0 (Reuters Ltd. and Carnegie Group; prepared by D. D. Lewis): freely available "
     "for research use only, not commercially; copyright stays with Reuters. Used as unlabeled text (masked-LM "
-    "adaptation, or sentences a teacher model labeled for self-training or distillation)."
+    "adaptation, or sentences a teacher model labeled for distillation)."
 )
 UNKNOWN_LICENCE = "licence not recorded by the pipeline: check the source's terms before any use"
 
@@ -38,7 +38,7 @@ LIMITATIONS = [
     "Trained on short sentences (typically under 40 words); paragraphs and documents are truncated at the maximum "
     "sequence length and lose context.",
     "The labeled data are news about Finnish companies listed on OMX Helsinki, and the unlabeled corpus (when "
-    "masked-LM adaptation, self-training or distillation used it) is 1987 Reuters newswire: vocabulary, companies "
+    "masked-LM adaptation or distillation used it) is 1987 Reuters newswire: vocabulary, companies "
     "and market conventions of other regions and later years are under-represented.",
     "Not investment advice: the label says how a sentence reads, not what a security will do.",
     "Scores are softmax outputs, not calibrated probabilities unless the expected calibration error above is small; "
