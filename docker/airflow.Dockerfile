@@ -61,3 +61,6 @@ RUN pip check > /tmp/pip-check.txt || true; \
 
 COPY --chown=airflow:0 --chmod=0755 mlflow/server.sh /opt/finsent/mlflow/server.sh
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
+# The named training recipes: an installed package has no repository beside it to find them in.
+COPY --chown=airflow:0 recipes/ /opt/finsent/recipes/
+ENV FINSENT_RECIPES_DIR=/opt/finsent/recipes

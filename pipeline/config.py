@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     recipe: str | None = Field(
         None, description="a training recipe: a name in recipes/ (demo, fpb-minilm, fpb-distilled, gpu-bert-base) or a "
         "YAML file; its fields replace TrainConfig's defaults, FINSENT_TRAIN__* variables still override them")
+    recipes_dir: Path | None = Field(
+        None, description="where named recipes are looked up; unset: recipes/ of the repository (an installed "
+        "package, as in the docker images, needs it set)")
     tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server")
     experiment: str = Field("finsent", description="MLflow experiment of the training runs")
     model_name: str = Field("finsent-sentiment", description="the registered model")
@@ -211,7 +214,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _apply_recipe(self) -> "Settings":
         if self.recipe is not None:
-            recipe = load_recipe(self.recipe)
+            recipe = load_recipe(self.recipe, self.recipes_dir)
             explicit = self.train.model_dump(include=self.train.model_fields_set)
             try:
                 self.train = TrainConfig.model_validate({**recipe.train, **explicit})

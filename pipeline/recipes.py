@@ -17,28 +17,30 @@ class Recipe:
     train: dict
 
 
-def recipe_names() -> list[str]:
-    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+def recipe_names(recipes_dir: Path | None = None) -> list[str]:
+    return sorted(path.stem for path in (recipes_dir or RECIPES_DIR).glob("*.yaml"))
 
 
-def recipe_path(name_or_path: str) -> Path:
+def recipe_path(name_or_path: str, recipes_dir: Path | None = None) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ValueError(f"recipe file {path} does not exist")
         return path.resolve()
-    named = RECIPES_DIR / f"{name_or_path}.yaml"
+    folder = recipes_dir or RECIPES_DIR
+    named = folder / f"{name_or_path}.yaml"
     if not named.is_file():
-        raise ValueError(f"no recipe named {name_or_path!r}; the named ones are {', '.join(recipe_names())}, "
-                         "or give a path to a .yaml file")
+        known = ", ".join(recipe_names(folder)) or f"none: {folder} holds no .yaml file"
+        raise ValueError(f"no recipe named {name_or_path!r}; the named ones are {known}, or give a path to a .yaml file")
     return named
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """The recipe's fields as written; ``Settings`` checks them against ``TrainConfig``."""
+def load_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Recipe:
+    """The recipe's fields as written; ``Settings`` checks them against ``TrainConfig``.
+    Names are looked up in ``recipes_dir`` (default: the repository's ``recipes/``)."""
     import yaml
 
-    path = recipe_path(name_or_path)
+    path = recipe_path(name_or_path, recipes_dir)
     train = yaml.safe_load(path.read_text()) or {}
     if not isinstance(train, dict):
         raise ValueError(f"recipe {path} must be a mapping of TrainConfig fields, not {type(train).__name__}")

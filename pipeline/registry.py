@@ -64,7 +64,7 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
         if settings.recipe is not None:
             from pipeline.recipes import load_recipe
 
-            recipe = load_recipe(settings.recipe)
+            recipe = load_recipe(settings.recipe, settings.recipes_dir)
             mlflow.log_artifact(str(recipe.path), "recipe")
             mlflow.set_tag("recipe", recipe.name)
         mlflow.set_tags({

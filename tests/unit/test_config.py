@@ -105,3 +105,13 @@ def test_the_cli_says_what_is_wrong_with_the_settings_and_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "--recipe", "fpb-minilm"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and '"mlm_steps": 0' in done.stdout.splitlines()[-1] and '"recipe": "fpb-minilm"' in done.stdout
+
+
+def test_named_recipes_are_found_in_the_configured_folder(monkeypatch, tmp_path):
+    _clean_env(monkeypatch)
+    (tmp_path / "site.yaml").write_text("# site: the image's own recipe\nepochs: 2\n")
+    monkeypatch.setenv("FINSENT_RECIPES_DIR", str(tmp_path))
+    assert Settings(recipe="site").train.epochs == 2
+    with pytest.raises(ValidationError) as caught:
+        Settings(recipe="fpb-minilm")  # the repository's recipes are not in that folder
+    assert "no recipe named 'fpb-minilm'; the named ones are site" in settings_error_message(caught.value)
