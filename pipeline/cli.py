@@ -231,15 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.logs import configure_cli_logging
 
     args = build_parser().parse_args(argv)
-    configure_cli_logging(args.command)  # the full log in <state_dir>/logs/<command>.log, a concise one on stderr
     try:
         settings = settings_with_recipe(getattr(args, "recipe", None))
     except ValidationError as error:
         print(f"finsent {args.command}: invalid settings: {settings_error_message(error)}", file=sys.stderr)
         return 2
-    except ValueError as error:  # an unknown FINSENT_ variable, a recipe that is not there
+    except ValueError as error:  # an unknown FINSENT_ variable
         print(f"finsent {args.command}: {error}", file=sys.stderr)
         return 2
+    configure_cli_logging(args.command, settings.state_dir)  # the full log in <state_dir>/logs/, a concise one on stderr
     result = args.func(settings, args)
     if result is not None:
         _print_result(result)

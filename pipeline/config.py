@@ -278,13 +278,20 @@ def unknown_environment_keys(environ: Mapping[str, str]) -> list[str]:
 def settings_with_recipe(recipe: str | None) -> Settings:
     """The process's settings, with ``recipe`` (e.g. a DAG run's param) in place of
     ``FINSENT_RECIPE``; FINSENT_TRAIN__* variables still override its fields."""
-    return get_settings() if recipe is None else Settings(recipe=recipe)
+    if recipe is None:
+        return get_settings()
+    _refuse_unknown_environment_keys()
+    return Settings(recipe=recipe)
 
 
 @functools.cache
 def get_settings() -> Settings:
     """The process's settings, read once from the environment."""
+    _refuse_unknown_environment_keys()
+    return Settings()
+
+
+def _refuse_unknown_environment_keys() -> None:
     if unknown := unknown_environment_keys(os.environ):
         raise ValueError(f"unknown finsent settings in the environment: {', '.join(unknown)} "
                          "(docs/configuration.md lists them all)")
-    return Settings()

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _OWN_LOGGERS = ("pipeline", "serving", "dags", "__main__")
 # Libraries that install their own handler (and stop propagation) when imported:
 # adopted, their records reach the file and obey the terminal's thresholds.
@@ -70,7 +69,7 @@ def configure_logging(log_file: Path | None = None, *, quiet: bool = False, stre
         handler.close()
     root.setLevel(logging.INFO)
     terminal = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    terminal.setFormatter(logging.Formatter(_TERMINAL_FORMAT, "%H:%M:%S"))
+    terminal.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     terminal.addFilter(TerminalFilter(logging.WARNING if quiet else logging.INFO))
     handlers: list[logging.Handler] = [terminal]
     if log_file is not None:
@@ -342,16 +341,11 @@ class StatusLine:
             self._shown = 0
 
 
-def configure_cli_logging(command: str) -> Path | None:
+def configure_cli_logging(command: str, state_dir: Path | None) -> Path | None:
     """``finsent <command>``'s logging: the full log in ``<state_dir>/logs/<command>.log``
-    (no file where the settings cannot be read: the command reports that
-    itself); ``finsent demo`` keeps its own INFO lines off the terminal."""
-    try:
-        from pipeline.config import Settings
-
-        log_file: Path | None = log_file_for(Settings().state_dir, command)
-    except Exception:  # the command's own settings check says what is wrong
-        log_file = None
+    (none without a ``state_dir``: settings that could not be read); ``finsent
+    demo`` keeps its own INFO lines off the terminal."""
+    log_file = None if state_dir is None else log_file_for(state_dir, command)
     try:
         return configure_logging(log_file, quiet=command == "demo")
     except OSError:  # an unwritable state folder: log to the terminal only

@@ -113,15 +113,14 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def finetune_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig,
-                         init_seed: int) -> dict:
+def finetune_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFrame, cfg: TrainConfig) -> dict:
     """What a fine-tuning run's checkpoints belong to: the starting model, every
     row of both splits (targets included: a teacher's probabilities change the
     run) and the whole config, since any option may change the training."""
     digest = hashlib.sha256()
     for frame in (train, validation):
         digest.update(frame.to_json(orient="split", double_precision=15).encode("utf-8"))
-    return {"model_dir": str(model_dir), "init_seed": init_seed, "rows_sha256": digest.hexdigest(),
+    return {"model_dir": str(model_dir), "rows_sha256": digest.hexdigest(),
             "config": cfg.model_dump(mode="json")}
 
 
@@ -166,8 +165,8 @@ def save_result(out_dir: Path, fingerprint: dict, result: dict) -> None:
 
 def cached_scores(path: Path, key: dict, score: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays ``score`` returns, kept in ``path`` (``.npz``) for a retry with
-    the same ``key``: a retried distillation step takes its teachers'
-    probabilities from there instead of loading and running the teachers again.
+    the same ``key``: a retried distillation step takes its teacher's
+    probabilities from there instead of loading and running the teacher again.
     The student's checkpoints were trained on exactly these targets, so reading
     them back (not scoring again, perhaps on other hardware) lets it resume."""
     key_text = json.dumps(key, sort_keys=True)

@@ -114,7 +114,7 @@ def _train(model_dir: str, rows: pd.DataFrame, validation: pd.DataFrame, out_dir
     from transformers import set_seed
 
     checkpoints = out_dir / CHECKPOINTS
-    _, checkpoint = prepare_checkpoint_dir(checkpoints, finetune_fingerprint(model_dir, rows, validation, cfg, cfg.seed))
+    _, checkpoint = prepare_checkpoint_dir(checkpoints, finetune_fingerprint(model_dir, rows, validation, cfg))
     set_seed(cfg.seed)
     model, tokenizer = load_classifier(model_dir, cfg.pooling)
     if cfg.finetune_method == "lora":
@@ -207,7 +207,7 @@ def _call_fingerprint(model_dir: str, train: pd.DataFrame, validation: pd.DataFr
                       corpus: list[str] | None, teacher: str | None) -> dict:
     """What a saved result (and a teacher's kept scores) belong to: the rows and
     config, plus the corpus where the config reads it and the pinned ``teacher``'s identity."""
-    fingerprint = finetune_fingerprint(model_dir, train, validation, cfg, cfg.seed)
+    fingerprint = finetune_fingerprint(model_dir, train, validation, cfg)
     if corpus is not None and cfg.distill_corpus_texts > 0:
         fingerprint["corpus_sha256"] = texts_sha256(corpus)
     if teacher:

@@ -97,6 +97,7 @@ def test_the_cli_says_what_is_wrong_with_the_settings_and_exits_2(tmp_path):
         (["config", "--recipe", "no-such"], {}, "invalid settings: no recipe named 'no-such'"),
         (["config"], {"FINSENT_TRAIN__LORA_R": "4"}, "invalid settings: train: lora_r applies only with finetune_method=lora"),
         (["config"], {"FINSENT_SOUP_SIZE": "4"}, "unknown finsent settings in the environment: FINSENT_SOUP_SIZE"),
+        (["config", "--recipe", "fpb-minilm"], {"FINSENT_SOUP_SIZE": "4"}, "unknown finsent settings in the environment"),
     ]
     for args, extra, expected in cases:
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env={**env, **extra},

@@ -96,7 +96,8 @@ def test_failed_step_shows_the_end_of_its_output_and_where_its_log_is(tmp_path, 
     monkeypatch.setenv("FINSENT_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("FINSENT_PROJECT_DIR", str(tmp_path))
     # A step that fails after its logging is set up and it has logged.
-    script = ("import logging, sys; from pipeline.logs import configure_cli_logging; configure_cli_logging('finetune'); "
+    script = ("import logging, sys; from pipeline.logs import configure_cli_logging; "
+              f"configure_cli_logging('finetune', {str(tmp_path / 'state')!r}); "
               "logging.getLogger('pipeline.train').warning('about to fail'); sys.exit('no training data')")
     real_popen = subprocess.Popen
     monkeypatch.setattr(steps.subprocess, "Popen",
