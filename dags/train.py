@@ -1,4 +1,4 @@
-"""train: masked-LM adaptation → fine-tuning (mapped over the sweep's trials)
+"""train (on new labeled data or on drift): masked-LM adaptation → fine-tuning (mapped over the sweep's trials)
 → best trial → evaluation → registration (alias ``candidate``). Heavy steps
 run as ``finsent`` subprocesses in the GPU pool (and, under CeleryExecutor,
 on the GPU queue). The run's ``recipe`` param names a training recipe
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from assets import CANDIDATE_MODEL, CURATED_LABELED
+from assets import CANDIDATE_MODEL, CURATED_LABELED, DRIFT
 
 from pipeline.config import get_settings
 
@@ -24,7 +24,8 @@ def _recipe(params: dict) -> list[str]:
     return ["--recipe", params["recipe"]] if params.get("recipe") else []
 
 
-@dag(dag_id="train", schedule=[CURATED_LABELED], start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+# New labeled data, or the monitor's drift signal, starts a training run.
+@dag(dag_id="train", schedule=(CURATED_LABELED | DRIFT), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
      tags=["finsent"], params={"recipe": RECIPE})
 def train_dag():
     @task

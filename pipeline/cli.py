@@ -56,6 +56,53 @@ def cmd_news_report(settings: Settings, args) -> dict:
     return news_report(settings, args.from_date, args.to_date)
 
 
+def cmd_monitor(settings: Settings, args) -> dict:
+    from pipeline.monitor.jobs import monitor_range
+
+    return monitor_range(settings, args.from_date, args.to_date)
+
+
+def _monitor_rows(settings: Settings, table: str, args, **equal):
+    from pipeline.monitor.jobs import store_for
+
+    store = store_for(settings)
+    try:
+        return store.read(table, args.from_date, args.to_date, **equal)
+    finally:
+        store.close()
+
+
+def _print_rows(frame, fmt: str, columns: list[str]) -> None:
+    frame = frame[[c for c in columns if c in frame]]
+    if fmt == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif fmt == "json":
+        print(frame.to_json(orient="records"))
+    elif frame.empty:
+        print("(no rows)")
+    else:
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+
+
+def cmd_index(settings: Settings, args) -> None:
+    dimension, key = ("entity", args.entity) if args.entity else ("topic", args.topic) if args.topic else ("overall", "all")
+    rows = _monitor_rows(settings, "index", args, dimension=dimension, key=key)
+    _print_rows(rows, args.format, ["day", "dimension", "key", "stories", "net_mean", "positive_share", "negative_share",
+                                    "decayed_net", "zscore", "baseline_days", "low_coverage", "model_version"])
+
+
+def cmd_alerts(settings: Settings, args) -> None:
+    rows = _monitor_rows(settings, "alerts", args)
+    _print_rows(rows, args.format, ["day", "dimension", "key", "direction", "net_mean", "zscore", "stories",
+                                    "baseline_days", "model_version"])
+
+
+def cmd_monitor_report(settings: Settings, args) -> dict:
+    from pipeline.monitor.publish import publish_report
+
+    return publish_report(settings, args.from_date, args.to_date, Path(args.out) if args.out else None)
+
+
 def cmd_start_run(settings: Settings, args) -> dict:
     from pipeline.train.jobs import start_run
 
@@ -191,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     report = add("news-report", cmd_news_report, "reconciled news counts over a range of days (e.g. after a backfill)")
     report.add_argument("--from-date", type=date.fromisoformat, required=True)
     report.add_argument("--to-date", type=date.fromisoformat, required=True)
+    def date_range(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--from", dest="from_date", type=date.fromisoformat, required=True, help="first day (YYYY-MM-DD)")
+        command.add_argument("--to", dest="to_date", type=date.fromisoformat, required=True, help="last day, included")
+        return command
+
+    date_range(add("monitor", cmd_monitor, "score each day's news with the champion: index, alerts, drift (as the monitor DAG)"))
+    index = date_range(add("index", cmd_index, "print the daily sentiment index (overall, or one entity or topic)"))
+    which = index.add_mutually_exclusive_group()
+    which.add_argument("--entity", default=None, help="an entity, e.g. usa or opec")
+    which.add_argument("--topic", default=None, help="a topic, e.g. earn or crude")
+    index.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    date_range(add("alerts", cmd_alerts, "list the alerts the monitor raised")).add_argument(
+        "--format", choices=("table", "json"), default="table")
+    date_range(add("monitor-report", cmd_monitor_report, "HTML report of the index, alerts, drift and shadow scoring, "
+                   "logged to the MLflow experiment finsent-monitor")).add_argument(
+        "--out", default=None, help="HTML file (default: <state_dir>/reports/monitor-<from>-<to>.html)")
     add("start-run", cmd_start_run, "open the MLflow run that the training steps log into")
     add("mlm-adapt", cmd_mlm_adapt, "masked-LM domain adaptation, gated on validation perplexity").add_argument(
         "--run-id", required=True)
@@ -240,7 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finsent {args.command}: {error}", file=sys.stderr)
         return 2
     configure_cli_logging(args.command, settings.state_dir)  # the full log in <state_dir>/logs/, a concise one on stderr
-    result = args.func(settings, args)
+    from pipeline.monitor import MonitorError
+
+    try:
+        result = args.func(settings, args)
+    except MonitorError as error:  # a clear reason, no traceback; the full log has the rest
+        print(f"finsent {args.command}: {error}", file=sys.stderr)
+        return 1
     if result is not None:
         _print_result(result)
     return 0

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -49,7 +50,11 @@ class IngestConfig(BaseModel):
     id_column: str | None = Field(
         None, description="id column of CSV/JSONL/Parquet/hub sources (labeled: else a hash of the text; news: else 'id')")
     timestamp_column: str | None = Field("timestamp", description="timestamp column of news landing files")
-    entity_column: str | None = Field(None, description="ticker/entity column of news landing files")
+    title_column: str | None = Field("title", description="headline column of news landing files")
+    entity_column: str | None = Field(
+        "entities", description="entities (tickers, companies, places) column of news landing files: a list, or one "
+        "string with '|' or ';' between them")
+    topics_column: str | None = Field("topics", description="topics column of news landing files, as entity_column")
     source_column: str | None = Field("source", description="source (publisher) column of news landing files")
     max_garbled_share: float = Field(0.01, description="a batch with more rows of non-printable/garbled characters fails")
     max_truncated_share: float = Field(
@@ -167,6 +172,35 @@ class ServingConfig(BaseModel):
     max_text_chars: int = Field(10_000, description="characters per text; more get a 422")
 
 
+class MonitorConfig(BaseModel):
+    """The daily sentiment index, its alerts and drift checks (the monitor DAG, `finsent monitor`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_date: date = Field(
+        date(1987, 2, 26), description="first day the monitor DAG schedules (it catches up from here): your feed's start")
+    end_date: date | None = Field(None, description="last day the monitor DAG schedules; unset: no end")
+    min_stories: int = Field(5, ge=1, description="a day (overall, or of one entity or topic) with fewer stories is "
+                             "low coverage: shown, never alerted on nor used as a baseline")
+    baseline_days: int = Field(30, ge=2, description="z-scores compare with this many trailing days that have stories")
+    min_baseline_days: int = Field(5, ge=2, description="fewer baseline days than this: no z-score")
+    decay_halflife_days: float = Field(7.0, gt=0, description="half-life of the decayed average of net sentiment")
+    alert_zscore: float = Field(3.0, gt=0, description="|z-score| at or above which a day raises an alert")
+    alert_min_stories: int = Field(10, ge=1, description="fewest stories of an alerted day (overall, entity or topic)")
+    reprint_days: int = Field(3, ge=0, description="a story that repeats one of the previous N days' is a reprint")
+    near_duplicate_jaccard: float = Field(
+        0.8, gt=0, le=1, description="word-shingle Jaccard similarity (MinHash) at which two stories are the same")
+    drift_window_days: int = Field(7, ge=1, description="drift compares the trailing N days' texts with the reference")
+    drift_texts_per_day: int = Field(100, ge=1, description="texts of a day kept (sampled) for drift checks")
+    drift_window_texts: int = Field(400, ge=10, description="texts per drift window (sampled from the trailing days)")
+    drift_reference_texts: int = Field(1000, ge=10, description="reference texts from the champion's training data")
+    drift_calibration_windows: int = Field(200, ge=20, description="in-distribution windows that set the thresholds")
+    shadow_sample: int = Field(20, ge=0, description="disagreements between champion and candidate kept for analysts")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the index/alerts tables; unset: SQLite <state_dir>/monitor.db "
+        "(scaled out: postgresql+psycopg://...)")
+
+
 class OrchestrationConfig(BaseModel):
     """Where Airflow runs the training tasks."""
 
@@ -210,6 +244,9 @@ class Settings(BaseSettings):
     release: ReleaseConfig = ReleaseConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     serving: ServingConfig = ServingConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    alert_webhook: str | None = Field(
+        None, description="URL that each monitor alert is POSTed to as JSON (retried; a failure never fails the day)")
 
     @model_validator(mode="after")
     def _apply_recipe(self) -> "Settings":
@@ -245,6 +282,14 @@ class Settings(BaseSettings):
     @property
     def data_docs_dir(self) -> Path:
         return self.state_dir / "data-docs"
+
+    @property
+    def monitor_dir(self) -> Path:
+        return self.data_dir / "monitor"
+
+    @property
+    def monitor_database_url(self) -> str:
+        return self.monitor.database_url or f"sqlite:///{(self.state_dir / 'monitor.db').resolve()}"
 
     @property
     def runs_dir(self) -> Path:

@@ -22,6 +22,11 @@ MODEL_CARD = "model_card.md"
 LINEAGE_TAGS = ("data_digest", "test_digest", "git_commit", "config_hash")
 
 
+def connect_uri(tracking_uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
 def connect(settings: Settings) -> MlflowClient:
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_experiment(settings.experiment)

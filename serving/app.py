@@ -8,7 +8,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Request
+from datetime import date
+
+from fastapi import FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel, Field, StrictStr, field_validator
 
 from pipeline.config import Settings
@@ -39,6 +41,30 @@ class PredictResponse(BaseModel):
     model_name: str
     model_version: str
     predictions: list[SentimentOut]
+
+
+class IndexRow(BaseModel):
+    day: date
+    stories: int
+    net_mean: float | None
+    positive_share: float | None
+    negative_share: float | None
+    neutral_share: float | None
+    decayed_net: float | None
+    zscore: float | None
+    baseline_days: int
+    low_coverage: bool
+    model_version: str | None
+    onnx_sha256: str | None
+
+
+class IndexResponse(BaseModel):
+    dimension: str
+    key: str
+    rows: list[IndexRow]
+
+
+MAX_INDEX_DAYS = 3660
 
 
 def load_model(settings: Settings, cache: Path) -> OnnxClassifier:
@@ -88,5 +114,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, detail=f"texts[{too_long[0]}] is longer than {settings.serving.max_text_chars} characters")
         predictions = [SentimentOut(label=p.label, scores=p.scores) for p in model.predict(body.texts)]
         return PredictResponse(model_name=model.name, model_version=model.version, predictions=predictions)
+
+    @app.get("/v1/index", response_model=IndexResponse)
+    def sentiment_index(
+        request: Request,
+        first: Annotated[date, Query(alias="from", description="first day, YYYY-MM-DD")],
+        last: Annotated[date, Query(alias="to", description="last day, included")],
+        entity: Annotated[str | None, Query(max_length=256, description="one entity, e.g. usa")] = None,
+        topic: Annotated[str | None, Query(max_length=256, description="one topic, e.g. earn")] = None,
+    ) -> IndexResponse:
+        """The daily sentiment index the monitor wrote: overall, or of one entity or topic."""
+        if last < first:
+            raise HTTPException(422, detail=f"'to' ({last}) is before 'from' ({first})")
+        if (last - first).days >= MAX_INDEX_DAYS:
+            raise HTTPException(422, detail=f"at most {MAX_INDEX_DAYS} days per request")
+        if entity is not None and topic is not None:
+            raise HTTPException(422, detail="give 'entity' or 'topic', not both")
+        dimension, key = ("entity", entity) if entity is not None else ("topic", topic) if topic is not None else ("overall", "all")
+        from pipeline.monitor.store import MonitorStore
+
+        store = getattr(request.app.state, "index_store", None)
+        if store is None:
+            store = request.app.state.index_store = MonitorStore(settings.monitor_database_url)
+        rows = store.read("index", first, last, dimension=dimension, key=key)
+        records = rows.astype(object).where(rows.notna(), None).to_dict("records")
+        return IndexResponse(dimension=dimension, key=key, rows=[IndexRow(**r) for r in records])
 
     return app

@@ -1,8 +1,9 @@
 """An exported classifier folder (model.onnx, tokenizer.json, serving.json)
-run with onnxruntime."""
+run with onnxruntime: the one scoring path of the API and the monitor."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ class Prediction:
     scores: dict[str, float]
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -34,6 +43,8 @@ class OnnxClassifier:
         self.name: str = manifest.get("model_name", "unknown")
         self.version: str = str(manifest.get("model_version", "unknown"))
         self.batch_size = batch_size
+        self.model_dir = model_dir
+        self.onnx_sha256 = file_sha256(model_dir / manifest["onnx_file"])
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(pad_id=manifest["pad_token_id"], pad_token=manifest["pad_token"])
@@ -59,8 +70,12 @@ class OnnxClassifier:
             out[index] = self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self.input_names})[0]
         return out
 
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """Softmax probabilities in input order, columns in ``self.labels`` order."""
+        return _softmax(self.logits(texts))
+
     def predict(self, texts: list[str]) -> list[Prediction]:
-        probs = _softmax(self.logits(texts))
+        probs = self.probabilities(texts)
         return [
             Prediction(label=self.labels[int(row.argmax())], scores=dict(zip(self.labels, map(float, row))))
             for row in probs

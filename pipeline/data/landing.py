@@ -24,7 +24,8 @@ def day_files(landing_dir: Path, day: date) -> list[Path]:
 
 def layout_reuters(reuters_dir: Path, landing_dir: Path) -> dict[str, int]:
     """Writes each Reuters-21578 story into ``<landing>/<its DATE>/reuters.jsonl``
-    (``id``, ``timestamp``, ``text``, ``source``), so the news stream can be
+    (``id``, ``timestamp``, ``title``, ``text``, ``entities``, ``topics``,
+    ``source``), so the news stream can be
     ingested and backfilled day by day. Rewrites the files: running it twice
     gives the same bytes."""
     stories = read_reuters(reuters_dir).dropna(subset=["date"]).sort_values(["date", "doc_id"])
@@ -33,7 +34,8 @@ def layout_reuters(reuters_dir: Path, landing_dir: Path) -> dict[str, int]:
         folder = landing_dir / day
         folder.mkdir(parents=True, exist_ok=True)
         lines = [
-            json.dumps({"id": f"reuters-{row.doc_id}", "timestamp": row.timestamp, "text": row.text, "source": row.source})
+            json.dumps({"id": f"reuters-{row.doc_id}", "timestamp": row.timestamp, "title": row.title, "text": row.text,
+                        "entities": row.entities, "topics": row.topics, "source": row.source})
             for row in group.itertuples()
         ]
         (folder / "reuters.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import date, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import IngestConfig, Settings
 from pipeline.data.clean import CleanResult, require_clean_share, text_problem
 from pipeline.data.landing import day_files
-from pipeline.data.sources import normalize_value
+from pipeline.data.sources import normalize_text, normalize_value
 from pipeline.data.tabular import STANDARD_COLUMNS, ColumnMapping, SourceError, read_table
 from pipeline.data.tokens import content_tokens, load_tokenizer, token_counts
 from pipeline.data.validate import truncated_share, validate_corpus
 
 log = logging.getLogger(__name__)
 
-NEWS_COLUMNS = ["id", "timestamp", "text", "entity", "source"]
+NEWS_COLUMNS = ["id", "timestamp", "title", "text", "entities", "topics", "source"]
 QUARANTINE_COLUMNS = ["file", "line", "id", "text", "reason"]
 COUNTS_FILE = "_counts.json"
 
@@ -48,8 +50,27 @@ def _read_day(files: list[Path], mapping: ColumnMapping) -> tuple[pd.DataFrame, 
     return raw, file_errors
 
 
+_TAG_SEPARATORS = re.compile(r"[|;]")
+
+
+def as_tags(value) -> list[str]:
+    """An entity or topic cell as a list of distinct names: a list as it is, a
+    string split at ``|`` or ``;``, nothing for a missing value."""
+    if isinstance(value, str):
+        items = _TAG_SEPARATORS.split(value)
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        items = [str(item) for item in value if item is not None]
+    else:
+        items = []
+    return list(dict.fromkeys(name for item in items if (name := normalize_text(item))))
+
+
 def _clean_day(raw: pd.DataFrame, max_chars: int) -> CleanResult:
-    raw = raw.assign(text=raw["text"].map(normalize_value))
+    raw = raw.assign(
+        text=raw["text"].map(normalize_value),
+        title=raw["title"].map(lambda t: normalize_text(t) if isinstance(t, str) and t.strip() else None),
+        entities=raw["entity"].map(as_tags), topics=raw["topics"].map(as_tags),
+    )
     raw["reason"] = [text_problem(t, e, 1, max_chars) for t, e in zip(raw["text"], raw["error"])]
     bad = raw[raw["reason"].notna()]
     good = raw[raw["reason"].isna()]
@@ -65,7 +86,8 @@ def _clean_day(raw: pd.DataFrame, max_chars: int) -> CleanResult:
 def news_mapping(cfg: IngestConfig) -> ColumnMapping:
     """Landing-file columns → the standard ones (``FINSENT_INGEST__*_COLUMN``)."""
     return ColumnMapping(text=cfg.text_column, id=cfg.id_column or "id", timestamp=cfg.timestamp_column,
-                         entity=cfg.entity_column, source=cfg.source_column)
+                         title=cfg.title_column, entity=cfg.entity_column, topics=cfg.topics_column,
+                         source=cfg.source_column)
 
 
 def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping | None = None, tokenizer=None) -> dict:

@@ -170,6 +170,11 @@ _REUTERS_DOC = re.compile(r"<REUTERS\b([^>]*)>(.*?)</REUTERS>", re.S)
 _NEWID = re.compile(r'NEWID="(\d+)"')
 _DATE = re.compile(r"<DATE>\s*([^<]+?)\s*</DATE>")
 _BODY = re.compile(r"<BODY>(.*?)</BODY>", re.S)
+_TITLE = re.compile(r"<TITLE>(.*?)</TITLE>", re.S)
+_D = re.compile(r"<D>(.*?)</D>", re.S)
+# The story's tags: TOPICS are its subjects, the rest name who and where it is about.
+REUTERS_TOPIC_TAGS = ("TOPICS",)
+REUTERS_ENTITY_TAGS = ("PLACES", "ORGS", "EXCHANGES", "COMPANIES")
 _CONTROL_ENTITY = re.compile(r"&#\d+;")
 _TRAILER = re.compile(r"\s*Reuter\s*$")
 
@@ -188,8 +193,23 @@ def parse_reuters_timestamp(raw: str) -> str | None:
         return None
 
 
+def _clean_sgml(text: str) -> str:
+    return normalize_text(html.unescape(_CONTROL_ENTITY.sub("", text)))
+
+
+def _tags(doc: str, names: tuple[str, ...]) -> list[str]:
+    found: list[str] = []
+    for name in names:
+        block = re.search(rf"<{name}>(.*?)</{name}>", doc, re.S)
+        if block:
+            found += [tag for raw in _D.findall(block.group(1)) if (tag := _clean_sgml(raw)) and tag not in found]
+    return found
+
+
 def read_reuters(reuters_dir: Path) -> pd.DataFrame:
-    """Bodies of the Reuters-21578 stories, with their date and id."""
+    """The Reuters-21578 stories that have a body: id, date, body text, title,
+    and their tags as ``topics`` (``<TOPICS>``) and ``entities`` (``<PLACES>``,
+    ``<ORGS>``, ``<EXCHANGES>``, ``<COMPANIES>``)."""
     files = sorted(reuters_dir.glob("reut2-*.sgm"))
     if not files:
         raise FileNotFoundError(f"no reut2-*.sgm files in {reuters_dir}")
@@ -203,11 +223,15 @@ def read_reuters(reuters_dir: Path) -> pd.DataFrame:
             text = _CONTROL_ENTITY.sub("", body.group(1))
             text = html.unescape(_TRAILER.sub("", text))
             date = _DATE.search(doc)
+            title = _TITLE.search(doc)
             records.append({
                 "doc_id": int(_NEWID.search(attrs).group(1)),
                 "date": parse_reuters_date(date.group(1)) if date else None,
                 "timestamp": parse_reuters_timestamp(date.group(1)) if date else None,
+                "title": _clean_sgml(title.group(1)) if title else None,
                 "text": normalize_text(text),
+                "topics": _tags(doc, REUTERS_TOPIC_TAGS),
+                "entities": _tags(doc, REUTERS_ENTITY_TAGS),
                 "source": path.name,
             })
-    return pd.DataFrame(records, columns=["doc_id", "date", "timestamp", "text", "source"])
+    return pd.DataFrame(records, columns=["doc_id", "date", "timestamp", "title", "text", "topics", "entities", "source"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-STANDARD_COLUMNS = ["id", "timestamp", "text", "label", "entity", "source", "file", "line", "error"]
+STANDARD_COLUMNS = ["id", "timestamp", "title", "text", "label", "entity", "topics", "source", "file", "line", "error"]
 TABULAR_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
 
@@ -28,7 +28,9 @@ class ColumnMapping:
     label: str | None = None
     id: str | None = None
     timestamp: str | None = None
+    title: str | None = None
     entity: str | None = None
+    topics: str | None = None
     source: str | None = None
 
     def fields(self) -> dict[str, str]:

@@ -17,6 +17,7 @@ EXPECTED_TASKS = {
     "ingest": ["ingest_corpus", "ingest_labeled", "ingest_news", "version_data"],
     "train": ["evaluate", "finetune", "mlm_adapt", "pick_best", "register", "start_run", "sweep_trials"],
     "release": ["export_onnx", "gate", "promote"],
+    "monitor": ["build_index", "detect_drift", "score_news", "trigger_retraining"],
 }
 HEAVY = ["torch", "transformers", "mlflow", "onnxruntime", "great_expectations", "dvc", "pipeline.train", "sklearn"]
 
@@ -95,6 +96,33 @@ def test_the_train_dag_takes_a_recipe_param(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_drift_emitted_by_the_monitor_schedules_training(tmp_path):
+    code = (
+        "import json, sys; sys.path.insert(0, 'dags')\n"
+        "import importlib.util\n"
+        "def load(name):\n"
+        "    spec = importlib.util.spec_from_file_location(name + '_dag', f'dags/{name}.py')\n"
+        "    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "    return getattr(module, name + '_dag')()\n"
+        "monitor, train = load('monitor'), load('train')\n"
+        "trigger = monitor.get_task('trigger_retraining')\n"
+        "print(json.dumps({'catchup': monitor.catchup, 'schedule': monitor.schedule,\n"
+        "    'start': monitor.start_date.date().isoformat(), 'end': monitor.end_date.date().isoformat(),\n"
+        "    'outlets': [a.name for a in trigger.outlets],\n"
+        "    'depends_on_past': monitor.get_task('build_index').depends_on_past,\n"
+        "    'train_on': sorted(a.name for a in train.timetable.asset_condition.objects)}))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db",
+           "FINSENT_MONITOR__START_DATE": "1987-03-01", "FINSENT_MONITOR__END_DATE": "1987-03-31"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"catchup": True, "schedule": "@daily", "start": "1987-03-01", "end": "1987-03-31",
+                     "outlets": ["finsent-drift"], "depends_on_past": True,
+                     "train_on": ["finsent-curated-labeled", "finsent-drift"]}
 
 
 @pytest.mark.parametrize("package", ["pipeline", "serving"])

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.landing import day_folder, layout_reuters
-from pipeline.data.news import ingest_news_day, load_news, news_partition, news_quarantine, news_report
+from pipeline.data.news import as_tags, ingest_news_day, load_news, news_partition, news_quarantine, news_report
 from pipeline.data.tabular import ColumnMapping, SourceError, read_table
 from pipeline.data.validate import DataValidationError
 from tests.conftest import make_settings
@@ -30,7 +30,25 @@ def test_reuters_layout_is_one_folder_per_date_and_repeatable(tmp_path, reuters_
     layout_reuters(reuters_subset, landing)
     assert {p: p.read_bytes() for p in landing.rglob("*.jsonl")} == first
     story = json.loads(next(iter(first.values())).splitlines()[0])
-    assert set(story) == {"id", "timestamp", "text", "source"}
+    assert set(story) == {"id", "timestamp", "title", "text", "entities", "topics", "source"}
+
+
+def test_reuters_stories_keep_their_title_and_tags(news_settings, reuters_subset):
+    counts = layout_reuters(reuters_subset, news_settings.landing_zone)
+    day = date.fromisoformat(max(counts, key=counts.get))
+    ingest_news_day(news_settings, day)
+    stories = pd.read_parquet(news_partition(news_settings, day) / "news.parquet")
+    assert stories["title"].notna().mean() > 0.9
+    assert not stories["title"].str.contains("&lt;|&#", regex=True).any()
+    tagged = stories[stories["topics"].map(len) > 0]
+    assert len(tagged) and all(isinstance(t, str) and t == t.strip() for ts in tagged["topics"] for t in ts)
+    assert stories["entities"].map(len).sum() > 0
+
+
+def test_tag_cells_become_lists():
+    assert as_tags("NOK| ELQ ;NOK") == ["NOK", "ELQ"]
+    assert as_tags(["usa", "usa", " uk "]) == ["usa", "uk"]
+    assert as_tags(None) == [] and as_tags(float("nan")) == [] and as_tags("") == []
 
 
 def test_a_day_replaces_its_own_partition(news_settings, reuters_subset):
@@ -142,5 +160,6 @@ def test_news_columns_are_mapped_from_the_settings(news_settings):
     result = ingest_news_day(news_settings.model_copy(update={"ingest": mapped}), day)
     assert result["clean"] == 2
     clean = pd.read_parquet(news_partition(news_settings, day) / "news.parquet")
-    assert clean[["id", "entity", "source"]].values.tolist() == [["n1", "NOK", "wire"], ["n2", "ELQ", "wire"]]
+    assert clean[["id", "source"]].values.tolist() == [["n1", "wire"], ["n2", "wire"]]
+    assert [list(e) for e in clean["entities"]] == [["NOK"], ["ELQ"]]
     assert clean["text"].tolist()[0] == "Nokia profit rose, sales grew"  # one record over two lines, normalised
