@@ -46,7 +46,10 @@ def monitor_dag():
     def score_news(data_interval_start=None) -> dict:
         from pipeline.monitor.jobs import score_news as score
 
-        return score(get_settings(), data_interval_start.date())
+        result = score(get_settings(), data_interval_start.date())
+        if result["status"] == "no news":  # the day's other tasks are skipped with it: a no-op costs one task
+            raise AirflowSkipException(f"no news for {result['date']}: nothing to score, index or check")
+        return result
 
     @task(depends_on_past=True, on_success_callback=announce_alerts)
     def build_index(scored: dict, data_interval_start=None) -> dict:

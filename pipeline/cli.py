@@ -72,29 +72,17 @@ def _monitor_rows(settings: Settings, table: str, args, **equal):
         store.close()
 
 
-def _print_rows(frame, fmt: str, columns: list[str]) -> None:
-    frame = frame[[c for c in columns if c in frame]]
-    if fmt == "csv":
-        print(frame.to_csv(index=False), end="")
-    elif fmt == "json":
-        print(frame.to_json(orient="records"))
-    elif frame.empty:
-        print("(no rows)")
-    else:
-        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
-
-
 def cmd_index(settings: Settings, args) -> None:
+    from pipeline.monitor.store import INDEX_VIEW, render_rows
+
     dimension, key = ("entity", args.entity) if args.entity else ("topic", args.topic) if args.topic else ("overall", "all")
-    rows = _monitor_rows(settings, "index", args, dimension=dimension, key=key)
-    _print_rows(rows, args.format, ["day", "dimension", "key", "stories", "net_mean", "positive_share", "negative_share",
-                                    "decayed_net", "zscore", "baseline_days", "low_coverage", "model_version"])
+    print(render_rows(_monitor_rows(settings, "index", args, dimension=dimension, key=key), args.format, INDEX_VIEW))
 
 
 def cmd_alerts(settings: Settings, args) -> None:
-    rows = _monitor_rows(settings, "alerts", args)
-    _print_rows(rows, args.format, ["day", "dimension", "key", "direction", "net_mean", "zscore", "stories",
-                                    "baseline_days", "model_version"])
+    from pipeline.monitor.store import ALERTS_VIEW, render_rows
+
+    print(render_rows(_monitor_rows(settings, "alerts", args), args.format, ALERTS_VIEW))
 
 
 def cmd_monitor_report(settings: Settings, args) -> dict:

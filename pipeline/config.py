@@ -191,8 +191,8 @@ class MonitorConfig(BaseModel):
     near_duplicate_jaccard: float = Field(
         0.8, gt=0, le=1, description="word-shingle Jaccard similarity (MinHash) at which two stories are the same")
     drift_window_days: int = Field(7, ge=1, description="drift compares the trailing N days' texts with the reference")
-    drift_texts_per_day: int = Field(100, ge=1, description="texts of a day kept (sampled) for drift checks")
-    drift_window_texts: int = Field(400, ge=10, description="texts per drift window (sampled from the trailing days)")
+    drift_texts_per_day: int = Field(100, ge=1, description="texts of a day kept for drift checks (one sentence of each of up to N stories)")
+    drift_window_texts: int = Field(200, ge=10, description="texts per drift window (sampled from the trailing days)")
     drift_reference_texts: int = Field(1000, ge=10, description="reference texts from the champion's training data")
     drift_calibration_windows: int = Field(200, ge=20, description="in-distribution windows that set the thresholds")
     shadow_sample: int = Field(20, ge=0, description="disagreements between champion and candidate kept for analysts")

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import urllib.request
+from datetime import date
 from pathlib import Path
 
 from pipeline import registry, services
@@ -21,6 +22,8 @@ DEMO_RECIPE = "demo"
 # `airflow dags test ingest <date>` ingests the news of the daily interval
 # starting at <date>: Reuters-21578's busiest day.
 DAG_RUNS = (("ingest", "1987-03-02"), ("train", None), ("release", None))
+# The monitor's stretch: a quieter week of Reuters-21578 (7 days with news in 9), so it fits the demo's minutes.
+MONITOR_DAYS = (date(1987, 4, 21), date(1987, 4, 29))
 SENTENCES = [
     "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 .",
     "The company said it would cut 400 jobs after sales fell sharply in the third quarter .",
@@ -85,6 +88,8 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         client = registry.connect(settings)
         metrics = client.get_run(champion.run_id).data.metrics
 
+        monitored = _monitor(settings, started) if settings.reuters_dir is not None else None
+
         port = services.free_port()
         _stage(f"serving models:/{settings.model_name}@champion (version {champion.version}) on port {port}", started)
         server = services.start_serving(env, port, logs / "serving.log")
@@ -101,6 +106,7 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
             "test_macro_f1": metrics.get("test_macro_f1"),
             "test_accuracy_allagree": metrics.get("test_accuracy_allagree"),
             "parity_max_abs_diff": champion.tags.get("parity_max_abs_diff"),
+            "monitor": monitored,
             "wall_s": round(time.monotonic() - started),
         }
         _stage(f"done: champion is version {champion.version}, test accuracy {_f(summary['test_accuracy'])}, "
@@ -110,6 +116,32 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
     finally:
         for process in reversed(processes):
             services.stop_process(process)
+
+
+def _monitor(settings: Settings, started: float) -> dict:
+    """The champion scores a stretch of news: the index table, the alert days, the report."""
+    from pipeline.monitor.jobs import monitor_range, store_for
+    from pipeline.monitor.publish import publish_report
+    from pipeline.monitor.store import render_rows
+
+    first, last = MONITOR_DAYS
+    _stage(f"monitor: the news of {first}..{last} scored by the champion (index, alerts, drift)", started)
+    result = monitor_range(settings, first, last)
+    store = store_for(settings)
+    try:
+        overall = store.read("index", first, last, dimension="overall")
+    finally:
+        store.close()
+    table = render_rows(overall, "table", ["day", "stories", "net_mean", "positive_share", "negative_share",
+                                           "decayed_net", "zscore", "baseline_days", "low_coverage"])
+    print("\n".join(f"  {line}" for line in table.splitlines()), flush=True)
+    alert_days = sorted({alert["day"] for alert in result["alerts"]})
+    print(f"  alerts: {len(result['alerts'])} on {', '.join(alert_days) or 'no day'}; "
+          f"drifted days: {', '.join(result['drifted_days']) or 'none'}", flush=True)
+    report = publish_report(settings, first, last)
+    _stage(f"monitor report: {report['report']} (logged to MLflow experiment {report['experiment']})", started)
+    return {"days_with_news": result["days_with_news"], "stories": result["stories"], "reprints": result["reprints"],
+            "alerts": len(result["alerts"]), "drifted_days": result["drifted_days"], "report": report["report"]}
 
 
 def _f(value) -> str:

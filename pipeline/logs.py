@@ -276,6 +276,38 @@ def _promote(result: dict) -> str:
     return f"not promoted; champion stays version {result.get('champion_version')}"
 
 
+def _score_news(result: dict) -> str:
+    if result.get("status") != "scored":
+        return f"news of {result.get('date', '?')}: nothing to score"
+    text = (f"news of {result['date']}: {_n(result.get('stories'))} stories ({_n(result.get('reprints'))} reprints) "
+            f"scored as {_n(result.get('texts'))} texts by version {result.get('model_version', '?')}")
+    shadow = result.get("shadow")
+    return text + (f"; candidate v{shadow['candidate_version']} agrees on {shadow['agreement']:.1%}" if shadow else "")
+
+
+def _build_index(result: dict) -> str:
+    overall = result.get("overall")
+    if not overall:
+        return f"index of {result.get('date', '?')}: no stories"
+    zscore = overall.get("zscore")
+    z_text = "no z-score yet" if zscore is None else f"z-score {zscore:+.2f} over {overall.get('baseline_days')} days"
+    return (f"index of {result['date']}: net sentiment {overall['net_mean']:+.3f} over {_n(overall['stories'])} "
+            f"stories, {z_text}; {len(result.get('alerts') or [])} alerts")
+
+
+def _detect_drift(result: dict) -> str:
+    if result.get("status") != "checked":
+        return f"drift of {result.get('date', '?')}: {result.get('status', 'not checked')}"
+    fired = result.get("fired") or []
+    return f"drift of {result['date']}: " + (f"DRIFT in {', '.join(fired)}" if fired else "within thresholds")
+
+
+def _monitor(result: dict) -> str:
+    return (f"{result.get('days_with_news', '?')} of {result.get('days', '?')} days with news, "
+            f"{_n(result.get('stories'))} stories, {len(result.get('alerts') or [])} alerts, "
+            f"{len(result.get('drifted_days') or [])} drifted days")
+
+
 # Keys: `finsent` step names (what run_step runs) and "<dag>.<task>" for the
 # tasks that run inside Airflow's process (their results come from its log).
 _SUMMARIES: dict[str, Callable[[Any], str]] = {
@@ -292,6 +324,11 @@ _SUMMARIES: dict[str, Callable[[Any], str]] = {
     "train.start_run": lambda run_id: f"MLflow run {run_id}",
     "release.gate": _gate,
     "release.promote": _promote,
+    "monitor": _monitor,
+    "monitor.score_news": _score_news,
+    "monitor.build_index": _build_index,
+    "monitor.detect_drift": _detect_drift,
+    "monitor.trigger_retraining": lambda result: f"finsent-drift emitted for {result.get('date')} ({', '.join(result.get('fired', []))})",
 }
 
 

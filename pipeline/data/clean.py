@@ -132,9 +132,12 @@ def clean_corpus(raw: pd.DataFrame, cfg: IngestConfig) -> CleanResult:
 
 
 def require_clean_share(counts: dict[str, int], threshold: float, quarantine: Path) -> None:
-    clean_share = counts["clean"] / max(counts["rows_in"], 1)
+    """Fails a batch whose distinct rows are too often bad. Duplicates are not
+    bad rows (a news feed reprints stories): they count on neither side."""
+    distinct = counts["rows_in"] - counts.get("duplicates", 0)
+    clean_share = counts["clean"] / max(distinct, 1)
     if clean_share < threshold:
         raise DataValidationError(
-            f"only {clean_share:.1%} of {counts['rows_in']} rows are clean (threshold {threshold:.0%}); "
+            f"only {clean_share:.1%} of {distinct} distinct rows are clean (threshold {threshold:.0%}); "
             f"{counts['quarantined']} quarantined with reasons in {quarantine}"
         )

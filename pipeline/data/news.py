@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from datetime import date, timedelta
 from pathlib import Path
@@ -124,13 +125,19 @@ def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping | None
     if report is not None:
         report.raise_for_failures()
 
-    # Replace, never append: this day's output only.
+    # Replace, never append: this day's output only. Each file is swapped in whole, so a reader (the
+    # monitor scoring the next day of a backfill, which may curate this day at the same time) never sees half.
     partition = news_partition(settings, day)
     partition.mkdir(parents=True, exist_ok=True)
     for old in partition.iterdir():
-        old.unlink()
-    cleaned.clean[NEWS_COLUMNS].to_parquet(partition / "news.parquet", index=False)
-    (partition / COUNTS_FILE).write_text(json.dumps({**summary, "file_errors": len(file_errors)}, indent=2) + "\n")
+        if old.name not in ("news.parquet", COUNTS_FILE) and not old.name.startswith("."):
+            old.unlink(missing_ok=True)
+    staged = partition / f".news.parquet.{os.getpid()}"
+    cleaned.clean[NEWS_COLUMNS].to_parquet(staged, index=False)
+    staged.replace(partition / "news.parquet")
+    staged = partition / f".{COUNTS_FILE}.{os.getpid()}"
+    staged.write_text(json.dumps({**summary, "file_errors": len(file_errors)}, indent=2) + "\n")
+    staged.replace(partition / COUNTS_FILE)
     return {**summary, "status": "ingested", "partition": str(partition.resolve()),
             "quarantine": str(quarantine.resolve()) if len(cleaned.quarantine) else None,
             "file_errors": file_errors}

@@ -180,9 +180,26 @@ def _profile(reference: DriftSample | ReferenceProfile) -> ReferenceProfile:
     return reference if isinstance(reference, ReferenceProfile) else ReferenceProfile.build(reference)
 
 
+def _window_rows(rng: np.random.Generator, n_rows: int, window_size: int, groups: np.ndarray | None,
+                 groups_per_window: int) -> np.ndarray:
+    """A window's rows: at random, or from ``groups_per_window`` random groups (days) and more if they hold too few."""
+    if groups is None:
+        return rng.choice(n_rows, window_size, replace=False)
+    order = rng.permutation(np.unique(groups))
+    count = groups_per_window
+    while (rows := np.flatnonzero(np.isin(groups, order[:count]))).size < window_size:
+        count += 1
+    return rng.choice(rows, window_size, replace=False)
+
+
 def calibrate(reference: DriftSample | ReferenceProfile, pool: DriftSample, window_size: int, n_windows: int = 200,
-              quantile: float = DEFAULT_QUANTILE, seed: int = 0) -> dict[str, float]:
+              quantile: float = DEFAULT_QUANTILE, seed: int = 0, groups: np.ndarray | None = None,
+              groups_per_window: int = 1) -> dict[str, float]:
     """Thresholds from ``n_windows`` random windows of ``pool`` (in-distribution texts not in the reference).
+
+    With ``groups`` (a day per pool row), a window is built as the monitor builds its own: from
+    ``groups_per_window`` random days of the past, so the day-to-day variation of the news mix is part of
+    what counts as in-distribution; without, windows are drawn at random.
 
     All statistics vote ("drift" = any above its threshold), so by default each gets the Bonferroni
     quantile 1 - 0.05/7 and the false-alarm rate over all of them is at most 5 %. The threshold is the
@@ -197,8 +214,8 @@ def calibrate(reference: DriftSample | ReferenceProfile, pool: DriftSample, wind
     profile, rng = _profile(reference), np.random.default_rng(seed)
     # The matrices are small: one BLAS thread ran 200 windows in 2.2 s against 4.1 s with two on shared cores.
     with threadpool_limits(1):
-        values = np.array([list(profile.statistics(pool.take(rng.choice(len(pool), window_size, replace=False)))
-                                .values()) for _ in range(n_windows)])
+        values = np.array([list(profile.statistics(pool.take(
+            _window_rows(rng, len(pool), window_size, groups, groups_per_window))).values()) for _ in range(n_windows)])
     rank = min(math.ceil((n_windows + 1) * quantile), n_windows)
     return dict(zip(STATISTIC_NAMES, np.sort(values, axis=0)[rank - 1].tolist(), strict=True))
 

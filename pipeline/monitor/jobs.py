@@ -77,7 +77,8 @@ def curated_stories(settings: Settings, day: date) -> pd.DataFrame | None:
 def _earlier_stories(settings: Settings, day: date) -> pd.DataFrame:
     frames = []
     for back in range(settings.monitor.reprint_days, 0, -1):
-        earlier = load_day_stories(settings, day - timedelta(days=back))
+        # Curated here if need be: in a parallel backfill the earlier day's own run may not have come yet.
+        earlier = curated_stories(settings, day - timedelta(days=back))
         if earlier is not None:
             frames.append(earlier[["id", "timestamp", "title", "text"]])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "timestamp", "title", "text"])
@@ -106,6 +107,18 @@ def _shadow(settings: Settings, champion, units: pd.DataFrame, probs: np.ndarray
             "agreement": float(agree.mean()), "story_agreement": story_agreement, "disagreements": disagreements}
 
 
+def _forget_day(settings: Settings, day: date, store: MonitorStore | None) -> None:
+    """A day that has no news (any more): none of its outputs remain."""
+    partition = monitor_partition(settings, day)
+    if partition.is_dir():
+        for path in partition.iterdir():
+            path.unlink()
+        partition.rmdir()
+    store = store or store_for(settings)
+    for table in ("index", "alerts", "drift", "shadow"):
+        store.replace_day(table, day, pd.DataFrame())
+
+
 def score_news(settings: Settings, day: date, store: MonitorStore | None = None) -> dict:
     """Scores the day's stories with the champion (reprints counted once, and
     shadow-scored with the candidate when there is one) and keeps a sample of
@@ -118,6 +131,7 @@ def score_news(settings: Settings, day: date, store: MonitorStore | None = None)
     if stories is None or stories.empty:
         log.info("no news for %s (no curated stories, no landing files in %s): nothing to score",
                   day, settings.landing_zone)
+        _forget_day(settings, day, store)
         return {"date": day.isoformat(), "status": "no news", "stories": 0}
     champion = load_champion(settings)
     stories["reprint_of"] = find_reprints(stories, _earlier_stories(settings, day), settings.monitor.near_duplicate_jaccard)
@@ -251,6 +265,9 @@ def monitor_day(settings: Settings, day: date, store: MonitorStore | None = None
     """What the monitor DAG does for one day, in one process."""
     store = store or store_for(settings)
     scored = score_news(settings, day, store)
+    if scored["status"] == "no news":  # as in the DAG, where the day's other tasks are skipped
+        return {"date": day.isoformat(), "stories": 0, "reprints": 0, "status": "no news", "alerts": [],
+                "overall": None, "drifted": False, "drift_status": "no news", "shadow": None}
     indexed = build_index(settings, day, store)
     drift = detect_drift(settings, day, store)
     return {"date": day.isoformat(), "stories": scored.get("stories", 0), "reprints": scored.get("reprints", 0),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from datetime import date
 from pathlib import Path
 
@@ -55,29 +56,41 @@ def load_sample(path: Path) -> tuple[list[str], DriftSample]:
 
 
 def sample_sentences(texts: list[str], n: int, seed: int) -> list[str]:
-    """Up to ``n`` distinct body sentences of ``texts``, drawn at random."""
-    sentences = list(dict.fromkeys(s for text in texts for s in split_sentences(text)))
+    """Up to ``n`` sentences, one drawn at random from each of up to ``n``
+    texts: sentences of one story move together, so a window holds at most one
+    of each (as the calibration windows, drawn from thousands of stories, do)."""
     rng = np.random.default_rng(seed)
-    picked = rng.choice(len(sentences), size=min(n, len(sentences)), replace=False) if sentences else []
-    return [sentences[i] for i in sorted(picked)]
+    stories = [sentences for text in texts if (sentences := split_sentences(text))]
+    chosen = rng.choice(len(stories), size=min(n, len(stories)), replace=False) if stories else []
+    return list(dict.fromkeys(stories[i][rng.integers(len(stories[i]))] for i in sorted(chosen)))
 
 
 def day_seed(day: date) -> int:
     return day.toordinal()
 
 
-def reference_texts(settings: Settings, n_reference: int, n_pool: int, seed: int = 0) -> tuple[list[str], list[str], str]:
-    """Reference and pool sentences drawn from different stories of the training data, and where they came from."""
+def reference_texts(settings: Settings, n_reference: int, per_day: int, seed: int = 0
+                    ) -> tuple[list[str], list[str], np.ndarray | None, str]:
+    """Reference sentences and calibration-pool sentences (with their day, when the data is dated),
+    drawn from different stories of the training data, and where they came from."""
     if settings.corpus_path.is_file():
-        texts, source = pd.read_parquet(settings.corpus_path, columns=["text"])["text"].tolist(), str(settings.corpus_path)
+        frame, source = pd.read_parquet(settings.corpus_path, columns=["date", "text"]), str(settings.corpus_path)
     else:
         path = settings.labeled_dir / "train.parquet"
-        texts, source = pd.read_parquet(path, columns=["text"])["text"].tolist(), str(path)
-    order = np.random.default_rng(seed).permutation(len(texts))
-    half = len(texts) // 2
-    reference = sample_sentences([texts[i] for i in order[:half]], n_reference, seed)
-    pool = sample_sentences([texts[i] for i in order[half:]], n_pool, seed + 1)
-    return reference, pool, source
+        frame, source = pd.read_parquet(path, columns=["text"]).assign(date=None), str(path)
+    order = np.random.default_rng(seed).permutation(len(frame))
+    half = len(frame) // 2
+    reference = sample_sentences(frame["text"].iloc[order[:half]].tolist(), n_reference, seed)
+    rest = frame.iloc[order[half:]]
+    if rest["date"].isna().all():
+        pool = sample_sentences(rest["text"].tolist(), n_reference, seed + 1)
+        return reference, pool, None, source
+    pool, days = [], []
+    for day, group in rest.dropna(subset=["date"]).groupby("date", sort=True):
+        picked = sample_sentences(group["text"].tolist(), per_day, seed + 1)
+        pool += picked
+        days += [day] * len(picked)
+    return reference, pool, np.array(days), source
 
 
 def ensure_reference(settings: Settings, model: MonitorModel) -> tuple[DriftSample, dict[str, float], dict]:
@@ -90,15 +103,20 @@ def ensure_reference(settings: Settings, model: MonitorModel) -> tuple[DriftSamp
         thresholds, meta = load_thresholds(folder / "thresholds.json")
         return reference, thresholds, meta
     log.info("building the drift reference of version %s (once per champion)", model.version)
-    reference_list, pool_list, source = reference_texts(settings, cfg.drift_reference_texts, 2 * cfg.drift_reference_texts)
+    # Calibration windows hold as many texts of each day as the monitor's windows do.
+    per_day = math.ceil(1.5 * cfg.drift_window_texts / cfg.drift_window_days)
+    reference_list, pool_list, pool_days, source = reference_texts(settings, cfg.drift_reference_texts, per_day)
     if len(pool_list) < cfg.drift_window_texts:
         raise ValueError(f"{source}: {len(pool_list)} pool sentences, fewer than a drift window "
                          f"({cfg.drift_window_texts}); lower monitor.drift_window_texts")
     reference, pool = drift_sample(model, reference_list), drift_sample(model, pool_list)
-    thresholds = calibrate(reference, pool, window_size=cfg.drift_window_texts, n_windows=cfg.drift_calibration_windows)
+    dated = pool_days is not None and len(np.unique(pool_days)) > cfg.drift_window_days
+    thresholds = calibrate(reference, pool, window_size=cfg.drift_window_texts, n_windows=cfg.drift_calibration_windows,
+                           groups=pool_days if dated else None, groups_per_window=cfg.drift_window_days)
     folder.mkdir(parents=True, exist_ok=True)
     save_sample(folder / "reference.npz", reference_list, reference)
     meta = {"source": source, "reference_texts": len(reference_list), "pool_texts": len(pool_list),
+            "windows": f"{cfg.drift_window_days} random days each" if dated else "random texts",
             "window_texts": cfg.drift_window_texts, "calibration_windows": cfg.drift_calibration_windows,
             "model_version": model.version, "onnx_sha256": model.onnx_sha256}
     save_thresholds(folder / "thresholds.json", thresholds, meta)

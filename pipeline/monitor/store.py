@@ -82,3 +82,20 @@ class MonitorStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def render_rows(frame: pd.DataFrame, fmt: str, columns: list[str]) -> str:
+    """Rows for a terminal (``table``), a spreadsheet (``csv``) or a program (``json``)."""
+    frame = frame[[c for c in columns if c in frame]]
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        return frame.to_json(orient="records")
+    if frame.empty:
+        return "(no rows)"
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+
+
+INDEX_VIEW = ["day", "dimension", "key", "stories", "net_mean", "positive_share", "negative_share", "decayed_net",
+              "zscore", "baseline_days", "low_coverage", "model_version"]
+ALERTS_VIEW = ["day", "dimension", "key", "direction", "net_mean", "zscore", "stories", "baseline_days", "model_version"]

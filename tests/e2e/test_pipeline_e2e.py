@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import subprocess
+import time
+from datetime import date
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,9 +20,19 @@ from mlflow import MlflowClient
 
 from pipeline import services
 from pipeline.config import OrchestrationConfig
-from tests.conftest import REPO, TEST_INGEST_ENV
+from pipeline.data.landing import day_folder, layout_reuters
+from pipeline.data.sources import read_phrasebank
+from pipeline.monitor.store import MonitorStore
+from tests.conftest import FPB_DIR, REPO, TEST_INGEST_ENV
 
 pytestmark = pytest.mark.e2e
+
+
+MONITOR_FIRST, MONITOR_LAST = date(1987, 3, 1), date(1987, 3, 3)
+DRIFT_DAY = date(1987, 3, 4)  # a day fed with Financial PhraseBank negatives instead of news
+MONITOR_ENV = {"start_date": MONITOR_FIRST, "end_date": DRIFT_DAY, "min_stories": 3, "drift_window_days": 1,
+               "drift_texts_per_day": 80, "drift_window_texts": 60, "drift_reference_texts": 150,
+               "drift_calibration_windows": 40}
 
 
 def _post(url: str, payload: dict) -> tuple[int, dict]:
@@ -52,6 +66,8 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, he
         "FINSENT_TRAIN__BATCH_SIZE": "16",
         "FINSENT_TRAIN__LEARNING_RATE": "0.002",
         "FINSENT_RELEASE__MIN_MACRO_F1": "0.0",
+        # The monitor: days of the Reuters subset, small drift windows, one day per window.
+        **{f"FINSENT_MONITOR__{key.upper()}": str(value) for key, value in MONITOR_ENV.items()},
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FINSENT_", "AIRFLOW"))}
     env = services.airflow_env(project / ".finsent" / "airflow", REPO / "dags", {**base, **finsent})
@@ -112,6 +128,86 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     finally:
         services.stop_process(server)
     assert server.poll() is not None
+
+
+def _monitor_rows(env: dict) -> pd.DataFrame:
+    store = MonitorStore(f"sqlite:///{Path(env['FINSENT_STATE_DIR']).resolve() / 'monitor.db'}")
+    try:
+        return store.read("index", MONITOR_FIRST, DRIFT_DAY)
+    finally:
+        store.close()
+
+
+def _monitor_runs(env: dict) -> list[dict]:
+    done = subprocess.run([services._bin("airflow"), "dags", "list-runs", "monitor", "-o", "json"], env=env,
+                                   capture_output=True, text=True)
+    start = done.stdout.find("[{")
+    return json.loads(done.stdout[start:]) if start >= 0 else []
+
+
+def test_monitor_dag_scores_a_day_emits_drift_and_a_backfill_replaces_rows(pipeline_env, reuters_subset):
+    env = dict(pipeline_env)
+    state = Path(env["FINSENT_STATE_DIR"])
+    logs = state / "logs"
+    layout_reuters(reuters_subset, state / "landing")
+    # Every DAG in the metadata DB, so an asset event finds the DAGs scheduled on it.
+    services.airflow(["dags", "reserialize"], env, logs / "airflow-cli.log")
+    services.airflow(["dags", "test", "monitor", "1987-03-02"], env, logs / "dags-test-monitor.log")
+    first = _monitor_rows(env)
+    assert set(first["day"]) == {"1987-03-02"} and "usa" in set(first["key"])
+    champion = MlflowClient(env["FINSENT_TRACKING_URI"]).get_model_version_by_alias("finsent-sentiment", "champion")
+    assert set(first["model_version"]) == {champion.version}
+
+    # Drift: a day of Financial PhraseBank negatives (short, all negative, another register) instead of news.
+    raw, _ = read_phrasebank(FPB_DIR)
+    negatives = raw[raw["label"] == "negative"]["text"].drop_duplicates().head(200).tolist()
+    folder = day_folder(state / "landing", DRIFT_DAY)
+    folder.mkdir(parents=True)
+    (folder / "fpb.jsonl").write_text("".join(json.dumps({"id": f"fpb-{i}", "text": text}) + "\n"
+                                              for i, text in enumerate(negatives)))
+    services.airflow(["dags", "unpause", "train"], env, logs / "airflow-cli.log")  # Airflow queues no paused DAG
+    services.airflow(["dags", "test", "monitor", DRIFT_DAY.isoformat()], env, logs / "dags-test-monitor-drift.log")
+    services.airflow(["dags", "pause", "train"], env, logs / "airflow-cli.log")  # no training under the scheduler below
+    drift = json.loads((state.parent / "data" / "monitor" / f"date={DRIFT_DAY}" / "drift.json").read_text())
+    assert drift["status"] == "checked" and drift["drifted"], drift
+    database = Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///").split("?")[0])
+    with sqlite3.connect(database) as connection:
+        events = connection.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'finsent-drift'").fetchall()
+        queued_for = {row[0] for row in connection.execute(
+            "SELECT q.target_dag_id FROM asset_dag_run_queue q JOIN asset a ON a.id = q.asset_id "
+            "WHERE a.name = 'finsent-drift'")}
+    assert len(events) == 1 and set(json.loads(events[0][0])["fired"]) == set(drift["fired"])
+    assert queued_for == {"train"}  # the train DAG is scheduled on the drift signal
+
+    # A backfill over three days (03-02 again) under a real scheduler: one row set per day.
+    services.airflow(["dags", "unpause", "monitor"], env, logs / "airflow-cli.log")
+    scored_at = (state.parent / "data" / "monitor" / "date=1987-03-02" / "_score.json").stat().st_mtime_ns
+    services.airflow(["backfill", "create", "--dag-id", "monitor", "--from-date", MONITOR_FIRST.isoformat(),
+                      "--to-date", MONITOR_LAST.isoformat(), "--reprocess-behavior", "completed"],
+                     env, logs / "airflow-cli.log")
+    processes, _ = services.start_airflow_services(env, logs)
+    days = {MONITOR_FIRST.isoformat(), "1987-03-02", MONITOR_LAST.isoformat()}
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            # 03-02's run from `dags test` is cleared and run again by the backfill, keeping its run id.
+            runs = [r for r in _monitor_runs(env) if r["logical_date"][:10] in days]
+            if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
+                break
+            assert time.monotonic() < deadline, f"backfill did not finish: {[(r['run_id'], r['state']) for r in runs]}"
+            time.sleep(3)
+    finally:
+        for process in reversed(processes):
+            services.stop_process(process)
+    assert all(r["state"] == "success" for r in runs), [(r["run_id"], r["state"]) for r in runs]
+    assert (state.parent / "data" / "monitor" / "date=1987-03-02" / "_score.json").stat().st_mtime_ns > scored_at
+    rows = _monitor_rows(env)
+    assert set(rows["day"]) == {"1987-03-01", "1987-03-02", "1987-03-03", DRIFT_DAY.isoformat()}
+    assert not rows.duplicated(["day", "dimension", "key"]).any()
+    again = rows[rows["day"] == "1987-03-02"].drop(columns=["baseline_days", "decayed_net", "zscore"])
+    pd.testing.assert_frame_equal(again.reset_index(drop=True),
+                                  first.drop(columns=["baseline_days", "decayed_net", "zscore"]).reset_index(drop=True))
 
 
 def test_second_run_sweeps_registers_the_best_and_the_gate_decides(pipeline_env, tmp_path):

@@ -137,3 +137,12 @@ def test_row_level_failures_name_their_rows_and_batch_failures_their_numbers(fpb
     shares = [f for f in report.failures if f.startswith("expect_column_mean_to_be_between")]
     assert len(shares) == 3 and any("is_neutral" in f and "'observed_value': 1.0" in f for f in shares)
     assert validate_labeled(skewed, IngestConfig(label_reference={}), 126).success
+
+
+def test_duplicates_do_not_count_against_the_clean_share(tmp_path):
+    from pipeline.data.clean import require_clean_share
+    from pipeline.data.validate import DataValidationError
+
+    require_clean_share({"rows_in": 100, "clean": 60, "quarantined": 0, "duplicates": 40}, 0.95, tmp_path)
+    with pytest.raises(DataValidationError, match="only 90.0% of 60 distinct rows"):
+        require_clean_share({"rows_in": 100, "clean": 54, "quarantined": 6, "duplicates": 40}, 0.95, tmp_path)

@@ -161,3 +161,37 @@ def test_webhook_is_retried_and_a_dead_one_never_raises():
         server.shutdown()
     dead = post_webhook(f"http://127.0.0.1:{free_port()}/hook", {"x": 1}, attempts=2, backoff_s=0.01, timeout_s=1)
     assert not dead["delivered"] and dead["attempts"] == 2 and dead["error"]
+
+
+@pytest.fixture()
+def postgres_url():
+    """A fresh database on the machine's PostgreSQL (the scaled-out configuration's), dropped afterwards."""
+    import os
+
+    import psycopg
+
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3,
+                                autocommit=True)
+    except psycopg.OperationalError as err:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {err}")
+    name = f"finsent_monitor_test_{os.getpid()}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name}")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_the_tables_work_on_postgres_and_a_rerun_replaces_the_day(postgres_url):
+    store = MonitorStore(postgres_url)
+    day = date(1987, 3, 2)
+    rows = day_aggregates(_scored(12, 0.2), day, 5).assign(baseline_days=0, model_version="3", onnx_sha256="ab" * 32)
+    for _ in range(2):
+        store.replace_day("index", day, rows)
+    kept = store.read("index", day, day, dimension="overall")
+    assert len(kept) == 1 and kept["net_mean"].tolist() == [pytest.approx(0.2)] and not kept["low_coverage"].any()
+    assert len(store.read("index", day, day)) == 3
+    store.close()
