@@ -108,7 +108,7 @@ def test_bad_rows_and_bad_files_are_quarantined_and_good_rows_kept(news_settings
     pq.write_table(pa.table({"id": ["w1"], "text": pa.array([7], pa.int64())}), folder / "wrong_types.parquet")
 
     # 3 of 14 rows are clean: below the threshold the day fails, naming the quarantine it wrote.
-    with pytest.raises(DataValidationError, match=r"only 21.4% of 14 rows are clean \(threshold 50%\); 10 quarantined"):
+    with pytest.raises(DataValidationError, match=r"only 23.1% of 13 distinct rows are clean \(threshold 50%\); 10 quarantined"):
         ingest_news_day(news_settings, day)
     assert len(pd.read_parquet(news_quarantine(news_settings, day))) == 10
     assert not news_partition(news_settings, day).exists()
