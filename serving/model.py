@@ -34,8 +34,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+# On 2 CPU cores the exported graph (attention unfused) runs Reuters sentences at 147-149 texts/s in
+# batches of 1-4 and at 89-98 in batches of 16-64: padding costs more than batching saves
+# (bench/RESULTS.md, "Monitor"). Other providers keep large batches until a GPU has timed them.
+CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE = 4, 64
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
+
+
 class OnnxClassifier:
-    def __init__(self, model_dir: Path, providers: list[str] | None = None, batch_size: int = 64):
+    def __init__(self, model_dir: Path, providers: list[str] | None = None, batch_size: int | None = None):
         model_dir = Path(model_dir)
         manifest = json.loads((model_dir / MANIFEST).read_text())
         self.labels: list[str] = manifest["labels"]
@@ -54,6 +61,9 @@ class OnnxClassifier:
             str(model_dir / manifest["onnx_file"]), options, providers=providers or ort.get_available_providers()
         )
         self.input_names = {i.name for i in self.session.get_inputs()}
+        if self.batch_size is None:
+            on_gpu = bool(GPU_PROVIDERS & set(self.session.get_providers()))
+            self.batch_size = DEFAULT_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """Logits in input order; batches are length-sorted to keep padding small."""
