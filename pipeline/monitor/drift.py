@@ -30,6 +30,10 @@ FALSE_ALARM_RATE = 0.05
 DEFAULT_QUANTILE = 1 - FALSE_ALARM_RATE / len(STATISTIC_NAMES)
 PSEUDO_COUNT = 0.5  # per label bin: keeps PSI finite when a window has no text of a label
 MMD_MAX_ROWS = 500
+# A reference without a single unknown token or non-ASCII character calibrates a threshold of 0, and one
+# accented name would then be drift: a mean share must move by at least a point to count.
+SHARE_STATISTICS = ("descriptor_unk_share", "descriptor_truncated", "descriptor_non_ascii_share")
+MIN_SHARE_SHIFT = 0.01
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,8 @@ def calibrate(reference: DriftSample | ReferenceProfile, pool: DriftSample, wind
         values = np.array([list(profile.statistics(pool.take(
             _window_rows(rng, len(pool), window_size, groups, groups_per_window))).values()) for _ in range(n_windows)])
     rank = min(math.ceil((n_windows + 1) * quantile), n_windows)
-    return dict(zip(STATISTIC_NAMES, np.sort(values, axis=0)[rank - 1].tolist(), strict=True))
+    thresholds = dict(zip(STATISTIC_NAMES, np.sort(values, axis=0)[rank - 1].tolist(), strict=True))
+    return {name: max(value, MIN_SHARE_SHIFT) if name in SHARE_STATISTICS else value for name, value in thresholds.items()}
 
 
 @dataclass

@@ -30,7 +30,7 @@ MAX_TOKENS = 45
 
 
 def scored_texts(rng: np.random.Generator, n: int, label_p=(0.25, 0.5, 0.25), embedding_shift: float = 0.0,
-                 extra_tokens: int = 0, non_ascii_rate: float = 0.1) -> DriftSample:
+                 extra_tokens: int = 0, non_ascii_rate: float = 0.1, non_ascii_beta: float = 50) -> DriftSample:
     """n texts as the scorer would describe them: confident softmax outputs, Gaussian embeddings,
     Poisson lengths, a few unknown tokens and non-ASCII characters."""
     labels = rng.choice(3, n, p=label_p)
@@ -40,7 +40,7 @@ def scored_texts(rng: np.random.Generator, n: int, label_p=(0.25, 0.5, 0.25), em
     embeddings = (rng.normal(size=(n, DIM)) + embedding_shift).astype(np.float32)
     n_tokens = rng.poisson(35 + extra_tokens, n) + 1
     unk_share = np.where(rng.random(n) < 0.2, rng.beta(1, 30, n), 0.0)
-    non_ascii_share = np.where(rng.random(n) < non_ascii_rate, rng.beta(1, 50, n), 0.0)
+    non_ascii_share = np.where(rng.random(n) < non_ascii_rate, rng.beta(1, non_ascii_beta, n), 0.0)
     descriptors = np.c_[n_tokens, unk_share, n_tokens > MAX_TOKENS, non_ascii_share]
     return DriftSample(probs, embeddings, descriptors)
 
@@ -98,7 +98,7 @@ def test_fresh_in_distribution_windows_rarely_raise_a_false_alarm(calibrated):
     ({"embedding_shift": 0.1}, {"embedding_mmd"}, ("prediction_", "descriptor_")),
     ({"label_p": (1.0, 0.0, 0.0)}, {"prediction_js", "prediction_psi"}, ("descriptor_",)),
     ({"extra_tokens": 10}, {"descriptor_n_tokens", "descriptor_truncated"}, ("prediction_",)),
-    ({"non_ascii_rate": 0.6}, {"descriptor_non_ascii_share"}, ("prediction_", "embedding_")),
+    ({"non_ascii_rate": 0.6, "non_ascii_beta": 10}, {"descriptor_non_ascii_share"}, ("prediction_", "embedding_")),
 ])
 def test_a_shifted_window_is_detected_by_the_right_statistic(calibrated, shift, expected, quiet_prefix):
     reference, thresholds = calibrated
@@ -168,3 +168,12 @@ def test_windows_built_from_days_count_the_day_to_day_variation_as_in_distributi
         for name, values in thresholds.items():
             alarms[name] += detect(reference, window, values).drifted
     assert alarms["by day"] <= 2 < alarms["at random"], alarms
+
+
+def test_a_share_must_move_a_point_even_when_the_reference_has_none():
+    rng = np.random.default_rng(5)
+    clean = scored_texts(rng, 800, non_ascii_rate=0.0)
+    thresholds = calibrate(ReferenceProfile.build(clean), scored_texts(rng, 1000, non_ascii_rate=0.0), WINDOW, 50)
+    assert thresholds["descriptor_non_ascii_share"] == pytest.approx(0.01)
+    one_accent = scored_texts(rng, WINDOW, non_ascii_rate=0.005)
+    assert "descriptor_non_ascii_share" not in detect(ReferenceProfile.build(clean), one_accent, thresholds).fired
