@@ -160,7 +160,7 @@ def drift(args, settings) -> dict:
     reference, thresholds, meta = ensure_reference(settings, champion)
     reference_s = time.perf_counter() - started
     size = settings.monitor.drift_window_texts
-    used = set(reference_texts(settings, settings.monitor.drift_reference_texts, per_day=1)[0])
+    used = set(reference_texts(settings, settings.monitor.drift_reference_texts, per_day=1, min_days=1)[0])
     corpus = read_reuters(args.reuters_dir)
     fresh = [s for s in sample_sentences(corpus["text"].tolist(), 3 * size + len(used), seed=11) if s not in used]
     raw, _ = read_phrasebank(args.fpb_dir)

@@ -69,10 +69,12 @@ def day_seed(day: date) -> int:
     return day.toordinal()
 
 
-def reference_texts(settings: Settings, n_reference: int, per_day: int, seed: int = 0
+def reference_texts(settings: Settings, n_reference: int, per_day: int, min_days: int, seed: int = 0
                     ) -> tuple[list[str], list[str], np.ndarray | None, str]:
-    """Reference sentences and calibration-pool sentences (with their day, when the data is dated),
-    drawn from different stories of the training data, and where they came from."""
+    """Reference sentences and calibration-pool sentences, drawn from different stories of the
+    training data, and where they came from. When the data is dated over more than ``min_days``
+    days, the pool holds up to ``per_day`` sentences of each day and their days; else it is
+    ``n_reference`` sentences at random, without days."""
     if settings.corpus_path.is_file():
         frame, source = pd.read_parquet(settings.corpus_path, columns=["date", "text"]), str(settings.corpus_path)
     else:
@@ -82,7 +84,7 @@ def reference_texts(settings: Settings, n_reference: int, per_day: int, seed: in
     half = len(frame) // 2
     reference = sample_sentences(frame["text"].iloc[order[:half]].tolist(), n_reference, seed)
     rest = frame.iloc[order[half:]]
-    if rest["date"].isna().all():
+    if rest["date"].nunique() <= min_days:
         pool = sample_sentences(rest["text"].tolist(), n_reference, seed + 1)
         return reference, pool, None, source
     pool, days = [], []
@@ -105,12 +107,13 @@ def ensure_reference(settings: Settings, model: MonitorModel) -> tuple[DriftSamp
     log.info("building the drift reference of version %s (once per champion)", model.version)
     # Calibration windows hold as many texts of each day as the monitor's windows do.
     per_day = math.ceil(1.5 * cfg.drift_window_texts / cfg.drift_window_days)
-    reference_list, pool_list, pool_days, source = reference_texts(settings, cfg.drift_reference_texts, per_day)
+    reference_list, pool_list, pool_days, source = reference_texts(
+        settings, cfg.drift_reference_texts, per_day, min_days=cfg.drift_window_days)
     if len(pool_list) < cfg.drift_window_texts:
         raise ValueError(f"{source}: {len(pool_list)} pool sentences, fewer than a drift window "
                          f"({cfg.drift_window_texts}); lower monitor.drift_window_texts")
     reference, pool = drift_sample(model, reference_list), drift_sample(model, pool_list)
-    dated = pool_days is not None and len(np.unique(pool_days)) > cfg.drift_window_days
+    dated = pool_days is not None
     thresholds = calibrate(reference, pool, window_size=cfg.drift_window_texts, n_windows=cfg.drift_calibration_windows,
                            groups=pool_days if dated else None, groups_per_window=cfg.drift_window_days)
     folder.mkdir(parents=True, exist_ok=True)
