@@ -151,9 +151,13 @@ def score_news(settings: Settings, day: date, store: MonitorStore | None = None)
     shadow = _shadow(settings, champion, units, probs, scored[scored["reprint_of"].isna()])
     store = store or store_for(settings)
     if shadow is not None:
-        _write_parquet(shadow.pop("disagreements"), partition / SHADOW_FILE)
-        log.info("shadow: candidate v%s agrees with champion v%s on %.1f%% of %d texts", shadow["candidate_version"],
-                 shadow["champion_version"], 100 * shadow["agreement"], shadow["texts"])
+        disagreements = shadow.pop("disagreements")
+        _write_parquet(disagreements, partition / SHADOW_FILE)
+        log.info("shadow: candidate v%s agrees with champion v%s on %.1f%% of %d texts (disagreements in %s)",
+                 shadow["candidate_version"], shadow["champion_version"], 100 * shadow["agreement"], shadow["texts"],
+                 partition / SHADOW_FILE)
+        for row in disagreements.head(3).itertuples():
+            log.info("shadow: champion %s, candidate %s: %s", row.champion_label, row.candidate_label, row.text[:160])
     else:
         _clear(partition, SHADOW_FILE)
     store.replace_day("shadow", day, pd.DataFrame([shadow] if shadow else []))
