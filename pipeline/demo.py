@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from datetime import date
@@ -15,15 +17,18 @@ from pathlib import Path
 from pipeline import registry, services
 from pipeline.config import Settings
 from pipeline.data.landing import layout_reuters
-from pipeline.logs import adopt_library_loggers, log_file_for
+from pipeline.logs import Segments, StatusLine, adopt_library_loggers, log_file_for, parse_meter
 
 # The training recipe the demo runs (recipes/demo.yaml) unless FINSENT_RECIPE says otherwise.
 DEMO_RECIPE = "demo"
 # `airflow dags test ingest <date>` ingests the news of the daily interval
 # starting at <date>: Reuters-21578's busiest day.
 DAG_RUNS = (("ingest", "1987-03-02"), ("train", None), ("release", None))
-# The monitor's stretch: a quieter week of Reuters-21578 (7 days with news in 9), so it fits the demo's minutes.
-MONITOR_DAYS = (date(1987, 4, 21), date(1987, 4, 29))
+# The monitor's week: a quiet one of Reuters-21578 (375 stories on 6 days), so it fits the demo's minutes.
+MONITOR_DAYS = (date(1987, 4, 23), date(1987, 4, 29))
+# Drift windows of 100 texts (not 200) and a reference of 300 (not 1,000): the champion's reference is
+# built in the demo's minutes. FINSENT_MONITOR__* variables set by the user win.
+DEMO_MONITOR = {"FINSENT_MONITOR__DRIFT_WINDOW_TEXTS": "100", "FINSENT_MONITOR__DRIFT_REFERENCE_TEXTS": "300"}
 SENTENCES = [
     "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 .",
     "The company said it would cut 400 jobs after sales fell sharply in the third quarter .",
@@ -50,6 +55,8 @@ def demo_env(tracking_uri: str, base: dict | None = None) -> dict[str, str]:
     embedded tracking server, and the demo recipe unless one is chosen."""
     env = {**(os.environ if base is None else base), "FINSENT_TRACKING_URI": tracking_uri}
     env.setdefault("FINSENT_RECIPE", DEMO_RECIPE)
+    for key, value in DEMO_MONITOR.items():
+        env.setdefault(key, value)
     return env
 
 
@@ -59,6 +66,7 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
     full logs are in ``<state_dir>/logs`` (this process's in ``demo.log``)."""
     started = time.monotonic()
     adopt_library_loggers()  # MLflow, imported with pipeline.registry, logs to demo.log, not the terminal
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the hint says where the UI is
     state = settings.state_dir.resolve()
     logs = state / "logs"
     processes = []
@@ -88,7 +96,7 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
         client = registry.connect(settings)
         metrics = client.get_run(champion.run_id).data.metrics
 
-        monitored = _monitor(settings, started) if settings.reuters_dir is not None else None
+        monitored = _monitor(settings, env, started, logs) if settings.reuters_dir is not None else None
 
         port = services.free_port()
         _stage(f"serving models:/{settings.model_name}@champion (version {champion.version}) on port {port}", started)
@@ -118,27 +126,42 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
             services.stop_process(process)
 
 
-def _monitor(settings: Settings, started: float) -> dict:
-    """The champion scores a stretch of news: the index table, the alert days, the report."""
-    from pipeline.monitor.jobs import monitor_range, store_for
+def _run_quietly(command: list[str], env: dict[str, str], log_path: Path) -> dict:
+    """Runs a ``finsent`` command with its output in ``log_path``: the terminal
+    shows its progress bar on one line and nothing else. Returns its JSON result."""
+    status, segments, last = StatusLine(), Segments(), ""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      env=env) as process:
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            log.write(chunk)
+            for text, _ in segments.feed(chunk):
+                meter = parse_meter(text)
+                if meter is not None and meter.startswith(command[3]):
+                    status.show(f"  {meter}")
+                elif text.strip():
+                    last = text
+    status.clear()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[2:])} exited with {process.returncode}: see {log_path}")
+    return json.loads(last)
+
+
+def _monitor(settings: Settings, env: dict[str, str], started: float, logs: Path) -> dict:
+    """The champion scores a week of news: the index table, the alert days, the report."""
     from pipeline.monitor.publish import publish_report
-    from pipeline.monitor.store import render_rows
 
     first, last = MONITOR_DAYS
     _stage(f"monitor: the news of {first}..{last} scored by the champion (index, alerts, drift)", started)
-    result = monitor_range(settings, first, last)
-    store = store_for(settings)
-    try:
-        overall = store.read("index", first, last, dimension="overall")
-    finally:
-        store.close()
-    table = render_rows(overall, "table", ["day", "stories", "net_mean", "positive_share", "negative_share",
-                                           "decayed_net", "zscore", "baseline_days", "low_coverage"])
-    print("\n".join(f"  {line}" for line in table.splitlines()), flush=True)
+    finsent = [sys.executable, "-m", "pipeline.cli"]
+    dates = ["--from", first.isoformat(), "--to", last.isoformat()]
+    result = _run_quietly([*finsent, "monitor", *dates], env, logs / "demo-monitor.log")
+    table = subprocess.run([*finsent, "index", *dates], env=env, capture_output=True, text=True, check=True).stdout
+    print("\n".join(f"  {line}" for line in table.rstrip().splitlines()), flush=True)
     alert_days = sorted({alert["day"] for alert in result["alerts"]})
     print(f"  alerts: {len(result['alerts'])} on {', '.join(alert_days) or 'no day'}; "
           f"drifted days: {', '.join(result['drifted_days']) or 'none'}", flush=True)
-    report = publish_report(settings, first, last)
+    report = publish_report(settings, first, last)  # in this process: MLflow is already imported here
     _stage(f"monitor report: {report['report']} (logged to MLflow experiment {report['experiment']})", started)
     return {"days_with_news": result["days_with_news"], "stories": result["stories"], "reprints": result["reprints"],
             "alerts": len(result["alerts"]), "drifted_days": result["drifted_days"], "report": report["report"]}

@@ -106,7 +106,7 @@ def ensure_reference(settings: Settings, model: MonitorModel) -> tuple[DriftSamp
         return reference, thresholds, meta
     log.info("building the drift reference of version %s (once per champion)", model.version)
     # Calibration windows hold as many texts of each day as the monitor's windows do.
-    per_day = math.ceil(1.5 * cfg.drift_window_texts / cfg.drift_window_days)
+    per_day = math.ceil(cfg.drift_window_texts / cfg.drift_window_days)
     reference_list, pool_list, pool_days, source = reference_texts(
         settings, cfg.drift_reference_texts, per_day, min_days=cfg.drift_window_days)
     if len(pool_list) < cfg.drift_window_texts:
