@@ -9,6 +9,7 @@ training sentences. It is built once per champion version."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,6 +26,8 @@ from pipeline.monitor.models import MonitorModel
 from pipeline.monitor.stories import plain_tokenizer
 
 log = logging.getLogger(__name__)
+# Part of the reference's cache key: raise it when how the reference or its thresholds are drawn changes.
+REFERENCE_FORMAT = 2
 
 
 def _unk_id(tokenizer) -> int:
@@ -98,8 +101,10 @@ def reference_texts(settings: Settings, n_reference: int, per_day: int, min_days
 def ensure_reference(settings: Settings, model: MonitorModel) -> tuple[DriftSample, dict[str, float], dict]:
     """The champion's reference sample and calibrated thresholds, built on first use."""
     cfg = settings.monitor
+    recipe = json.dumps([REFERENCE_FORMAT, cfg.drift_window_days, cfg.drift_window_texts, cfg.drift_reference_texts,
+                         cfg.drift_calibration_windows])
     folder = (settings.state_dir / "monitor" / "reference" /
-              f"v{model.version}-{model.onnx_sha256[:12]}-w{cfg.drift_window_texts}-r{cfg.drift_reference_texts}")
+              f"v{model.version}-{model.onnx_sha256[:12]}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}")
     if (folder / "thresholds.json").is_file():
         _, reference = load_sample(folder / "reference.npz")
         thresholds, meta = load_thresholds(folder / "thresholds.json")
