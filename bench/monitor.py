@@ -8,12 +8,12 @@
   in-distribution windows (Reuters sentences outside the reference) and its
   detection rate on shifted windows (Financial PhraseBank negatives only;
   non-financial text: Python standard-library docstrings).
-* ``backfill``: the whole Reuters-21578 span (1987-02-26..1987-10-20, 58 days
-  with stories) through ``airflow backfill create`` under a real scheduler
-  (LocalExecutor), and through ``finsent monitor --from --to`` (the same
-  functions in one process), wall time of each.
+* ``span``: the whole Reuters-21578 span (1987-02-26..1987-10-20, 58 days with
+  stories) through ``finsent monitor --from --to``'s function (what the DAG's
+  tasks call, in one process); ``backfill``: the same span through ``airflow
+  backfill create`` under a real scheduler (LocalExecutor); wall time of each.
 
-    .venv/bin/python bench/monitor.py --parts scoring,drift,backfill
+    .venv/bin/python bench/monitor.py --parts scoring,drift,span,backfill
 
 Starts its own MLflow server on the demo's state (``.finsent``), works in
 ``.finsent/bench-monitor``, appends one JSON object per part to
@@ -27,7 +27,6 @@ import inspect
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuters-dir", type=Path, default=REPO.parent / "shared/data/reuters21578")
     parser.add_argument("--baseline-stories", type=int, default=120, help="stories scored one text at a time (PyTorch)")
     parser.add_argument("--windows", type=int, default=100, help="drift windows per kind")
+    parser.add_argument("--backfill-timeout", type=float, default=1800, help="seconds before the backfill part reports")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/monitor.jsonl")
     return parser.parse_args()
 
@@ -193,13 +193,12 @@ def _runs(env: dict) -> list[dict]:
     return json.loads(done.stdout[start:]) if start >= 0 else []
 
 
-def backfill(args, settings) -> dict:
-    from pipeline import services
+def span(args, settings) -> dict:
+    """The whole span in one process, through the functions the DAG's tasks call."""
     from pipeline.monitor.jobs import monitor_range
 
     first, last = SPAN
     out: dict = {"span": [first.isoformat(), last.isoformat()], "calendar_days": (last - first).days + 1}
-    # One process, the same functions the DAG's tasks call.
     cli_settings = settings.model_copy(update={"project_dir": args.work / "cli-project", "state_dir": args.work / "cli-state"})
     cli_settings.corpus_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(settings.corpus_path, cli_settings.corpus_path)
@@ -208,7 +207,15 @@ def backfill(args, settings) -> dict:
     out["cli"] = {"wall_s": round(time.perf_counter() - started, 1), "days_with_news": result["days_with_news"],
                   "stories": result["stories"], "reprints": result["reprints"], "alerts": len(result["alerts"]),
                   "drifted_days": result["drifted_days"]}
+    return out
 
+
+def backfill(args, settings) -> dict:
+    """The whole span through ``airflow backfill create`` under a real scheduler."""
+    from pipeline import services
+
+    first, last = SPAN
+    out: dict = {"span": [first.isoformat(), last.isoformat()], "calendar_days": (last - first).days + 1}
     home = args.work / "airflow"
     shutil.rmtree(home, ignore_errors=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FINSENT_", "AIRFLOW"))}
@@ -223,6 +230,7 @@ def backfill(args, settings) -> dict:
     services.airflow(["dags", "reserialize"], env, logs / "airflow-cli.log")
     services.airflow(["dags", "unpause", "monitor"], env, logs / "airflow-cli.log")
     started = time.perf_counter()
+    deadline = started + args.backfill_timeout
     services.airflow(["backfill", "create", "--dag-id", "monitor", "--from-date", first.isoformat(),
                       "--to-date", last.isoformat()], env, logs / "airflow-cli.log")
     processes, _ = services.start_airflow_services(env, logs)
@@ -231,12 +239,18 @@ def backfill(args, settings) -> dict:
             runs = [r for r in _runs(env) if r["run_id"].startswith("backfill__")]
             if len(runs) == out["calendar_days"] and all(r["state"] in ("success", "failed") for r in runs):
                 break
+            if time.perf_counter() > deadline:  # report how far it got
+                break
             time.sleep(5)
     finally:
         for process in reversed(processes):
             services.stop_process(process)
+    finished = [r for r in runs if r["state"] in ("success", "failed")]
     out["airflow_backfill"] = {"wall_s": round(time.perf_counter() - started, 1), "runs": len(runs),
-                               "failed": [r["run_id"] for r in runs if r["state"] != "success"],
+                               "finished": len(finished), "days_with_news_done": sum(
+                                   (settings.monitor_dir / f"date={r['logical_date'][:10]}" / "index.parquet").is_file()
+                                   for r in finished),
+                               "failed": [r["run_id"] for r in finished if r["state"] != "success"],
                                "parallelism": env["AIRFLOW__CORE__PARALLELISM"]}
     return out
 
@@ -252,7 +266,7 @@ def main() -> None:
         prepare(args, settings)
         for part in args.parts.split(","):
             started = time.perf_counter()
-            figures = {"scoring": scoring, "drift": drift, "backfill": backfill}[part](args, settings)
+            figures = {"scoring": scoring, "drift": drift, "span": span, "backfill": backfill}[part](args, settings)
             record = {"bench": f"monitor.{part}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "host": platform.node(), "cpus": os.cpu_count(), "part_wall_s": round(time.perf_counter() - started, 1),
                       "command": "python bench/monitor.py --parts " + part, **figures}
