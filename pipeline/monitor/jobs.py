@@ -58,6 +58,8 @@ def _clear(partition: Path, *names: str) -> None:
 
 
 def store_for(settings: Settings) -> MonitorStore:
+    if settings.monitor.database_url is None:  # the default SQLite file: its folder may not exist yet
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
     return MonitorStore(settings.monitor_database_url)
 
 
