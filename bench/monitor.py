@@ -184,15 +184,6 @@ def drift(args, settings) -> dict:
     return result
 
 
-def _runs(env: dict) -> list[dict]:
-    from pipeline import services
-
-    done = subprocess.run([services._bin("airflow"), "dags", "list-runs", "monitor", "-o", "json"], env=env,
-                          capture_output=True, text=True)
-    start = done.stdout.find("[{")
-    return json.loads(done.stdout[start:]) if start >= 0 else []
-
-
 def span(args, settings) -> dict:
     """The whole span in one process, through the functions the DAG's tasks call."""
     from pipeline.monitor.jobs import monitor_range
@@ -230,18 +221,12 @@ def backfill(args, settings) -> dict:
     services.airflow(["dags", "reserialize"], env, logs / "airflow-cli.log")
     services.airflow(["dags", "unpause", "monitor"], env, logs / "airflow-cli.log")
     started = time.perf_counter()
-    deadline = started + args.backfill_timeout
     services.airflow(["backfill", "create", "--dag-id", "monitor", "--from-date", first.isoformat(),
                       "--to-date", last.isoformat()], env, logs / "airflow-cli.log")
     processes, _ = services.start_airflow_services(env, logs)
     try:
-        while True:
-            runs = [r for r in _runs(env) if r["run_id"].startswith("backfill__")]
-            if len(runs) == out["calendar_days"] and all(r["state"] in ("success", "failed") for r in runs):
-                break
-            if time.perf_counter() > deadline:  # report how far it got
-                break
-            time.sleep(5)
+        runs = services.wait_for_runs("monitor", env, lambda run: run["run_id"].startswith("backfill__"),
+                                      out["calendar_days"], timeout=args.backfill_timeout)
     finally:
         for process in reversed(processes):
             services.stop_process(process)

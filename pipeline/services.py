@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import json
 import logging
 import os
 import re
@@ -331,3 +332,24 @@ def start_serving(env: dict[str, str], port: int, log_path: Path) -> subprocess.
     )
     wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, process=process)
     return process
+
+
+def dag_runs(dag_id: str, env: dict[str, str]) -> list[dict]:
+    """``airflow dags list-runs`` as JSON (warnings may precede it on stdout)."""
+    done = subprocess.run([_bin("airflow"), "dags", "list-runs", dag_id, "-o", "json"], env=env,
+                          capture_output=True, text=True)
+    start = done.stdout.find("[{")
+    return json.loads(done.stdout[start:]) if start >= 0 else []
+
+
+def wait_for_runs(dag_id: str, env: dict[str, str], wanted, count: int, timeout: float) -> list[dict]:
+    """Polls until ``count`` runs for which ``wanted(run)`` holds are finished, or ``timeout``
+    seconds pass; returns those runs as last seen (a caller checks their number and states)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [run for run in dag_runs(dag_id, env) if wanted(run)]
+        if len(runs) == count and all(run["state"] in ("success", "failed") for run in runs):
+            return runs
+        if time.monotonic() > deadline:
+            return runs
+        time.sleep(3)

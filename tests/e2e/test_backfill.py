@@ -4,11 +4,9 @@ its own; days without landing files are clean no-ops."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from datetime import date, timedelta
 
 import pytest
@@ -21,15 +19,6 @@ from tests.conftest import REPO, TEST_INGEST_ENV, make_settings
 pytestmark = pytest.mark.e2e
 # One day without stories, then two with: each run costs a scheduler round of four tasks.
 FIRST, LAST = date(1987, 2, 28), date(1987, 3, 2)
-
-
-def _runs(env: dict) -> list[dict]:
-    done = subprocess.run(
-        [services._bin("airflow"), "dags", "list-runs", "ingest", "-o", "json"], env=env, capture_output=True, text=True
-    )
-    # Warnings may precede the JSON list on stdout.
-    start = done.stdout.find("[{")
-    return json.loads(done.stdout[start:]) if start >= 0 else []
 
 
 def _partitions(settings) -> dict[str, bytes]:
@@ -71,17 +60,13 @@ def test_backfill_matches_day_by_day_runs(tmp_path, fpb_subset, reuters_subset, 
     )
     processes, _ = services.start_airflow_services(env, logs)
     try:
-        deadline = time.monotonic() + 420
-        while True:
-            runs = [r for r in _runs(env) if r["run_id"].startswith("backfill__")]
-            if len(runs) == (LAST - FIRST).days + 1 and all(r["state"] in ("success", "failed") for r in runs):
-                break
-            assert time.monotonic() < deadline, f"backfill did not finish: {[(r['run_id'], r['state']) for r in runs]}"
-            time.sleep(3)
+        runs = services.wait_for_runs("ingest", env, lambda run: run["run_id"].startswith("backfill__"),
+                                      (LAST - FIRST).days + 1, timeout=420)
     finally:
         for process in reversed(processes):
             services.stop_process(process)
 
+    assert len(runs) == (LAST - FIRST).days + 1, [(r["run_id"], r["state"]) for r in runs]
     assert all(r["state"] == "success" for r in runs), [(r["run_id"], r["state"]) for r in runs]
     produced = _partitions(backfilled)
     # 1987-02-28 has no stories: no partition, no failure.

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import time
 from datetime import date
 import urllib.error
 import urllib.request
@@ -138,13 +136,6 @@ def _monitor_rows(env: dict) -> pd.DataFrame:
         store.close()
 
 
-def _monitor_runs(env: dict) -> list[dict]:
-    done = subprocess.run([services._bin("airflow"), "dags", "list-runs", "monitor", "-o", "json"], env=env,
-                                   capture_output=True, text=True)
-    start = done.stdout.find("[{")
-    return json.loads(done.stdout[start:]) if start >= 0 else []
-
-
 def test_monitor_dag_scores_a_day_emits_drift_and_a_backfill_replaces_rows(pipeline_env, reuters_subset):
     env = dict(pipeline_env)
     state = Path(env["FINSENT_STATE_DIR"])
@@ -192,18 +183,12 @@ def test_monitor_dag_scores_a_day_emits_drift_and_a_backfill_replaces_rows(pipel
     processes, _ = services.start_airflow_services(env, logs)
     days = {MONITOR_FIRST.isoformat(), "1987-03-02", MONITOR_LAST.isoformat()}
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            # 03-02's run from `dags test` is cleared and run again by the backfill, keeping its run id.
-            runs = [r for r in _monitor_runs(env) if r["logical_date"][:10] in days]
-            if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
-                break
-            assert time.monotonic() < deadline, f"backfill did not finish: {[(r['run_id'], r['state']) for r in runs]}"
-            time.sleep(3)
+        # 03-02's run from `dags test` is cleared and run again by the backfill, keeping its run id.
+        runs = services.wait_for_runs("monitor", env, lambda run: run["logical_date"][:10] in days, 3, timeout=600)
     finally:
         for process in reversed(processes):
             services.stop_process(process)
-    assert all(r["state"] == "success" for r in runs), [(r["run_id"], r["state"]) for r in runs]
+    assert len(runs) == 3 and all(r["state"] == "success" for r in runs), [(r["run_id"], r["state"]) for r in runs]
     assert (state.parent / "data" / "monitor" / "date=1987-03-02" / "_score.json").stat().st_mtime_ns > scored_at
     rows = _monitor_rows(env)
     assert set(rows["day"]) == {"1987-03-01", "1987-03-02", "1987-03-03", DRIFT_DAY.isoformat()}
