@@ -156,12 +156,42 @@ def cmd_gate(settings: Settings, args) -> dict:
     return gate(settings, args.version)
 
 
+def cmd_infra_check(settings: Settings, args) -> dict:
+    from pipeline.release.jobs import infra_check
+
+    return infra_check(settings, args.version)
+
+
 def cmd_release(settings: Settings, args) -> dict:
-    """export + parity → gate → promote, for the current candidate."""
-    from pipeline.release.jobs import export_candidate, gate, promote
+    """export + blessing → gate → infra check → promote, for the current candidate."""
+    from pipeline.release.jobs import export_candidate, gate, infra_check, promote
 
     exported = export_candidate(settings, args.version)
-    return promote(settings, gate(settings, exported["version"]))
+    decision = gate(settings, exported["version"])
+    infra = infra_check(settings, exported["version"]) if decision["promote"] else None
+    return promote(settings, decision, infra)
+
+
+def cmd_promote(settings: Settings, args) -> dict:
+    from pipeline.release.jobs import force_promote
+
+    if not args.force:
+        raise SystemExit("finsent promote: moving @champion past the gate needs --force and --reason "
+                         "(a gated promotion is `finsent release`)")
+    return force_promote(settings, args.version, args.reason or "")
+
+
+def cmd_rollback(settings: Settings, args) -> dict:
+    from pipeline.release.jobs import rollback
+
+    return rollback(settings, args.reason or "")
+
+
+def cmd_lineage(settings: Settings, args) -> None:
+    from pipeline.release.lineage import lineage, render_lineage
+
+    chain = lineage(settings, args.model_uri)
+    print(json.dumps(chain, indent=2, default=str) if args.format == "json" else render_lineage(chain))
 
 
 def cmd_serve(settings: Settings, args) -> None:
@@ -258,11 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("sweep-trials", cmd_sweep_trials, "the fine-tuning sweep's trials (FINSENT_TRAIN__SWEEP_*)")
     add("train", cmd_train, "every train step in one process")
     for name, func, help_text in (
-        ("export-onnx", cmd_export, "export a registered version to ONNX and check parity"),
-        ("gate", cmd_gate, "score candidate vs champion on the test split and decide"),
-        ("release", cmd_release, "export, parity, gate and promote"),
+        ("export-onnx", cmd_export, "export a registered version's ONNX variants, bless and upload them once"),
+        ("gate", cmd_gate, "score candidate vs champion on the frozen test split and the behavioural suite"),
+        ("infra-check", cmd_infra_check, "serve the candidate on a loopback port and check errors and p95"),
+        ("release", cmd_release, "export and bless, gate, infra check and promote"),
     ):
         add(name, func, help_text).add_argument("--version", default=None, help="model version (default: @candidate)")
+    promote = add("promote", cmd_promote, "move @champion to a version past the gate (recorded as forced)")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="required: this skips the gate")
+    promote.add_argument("--reason", required=True, help="why; recorded on the version")
+    add("rollback", cmd_rollback, "move @champion back to the version it replaced").add_argument(
+        "--reason", required=True, help="why; recorded on both versions")
+    lineage = add("lineage", cmd_lineage, "alias → version → ONNX files → run → recipe → data → validation → base")
+    lineage.add_argument("model_uri", nargs="?", default=None, help="models:/<name>@<alias> or models:/<name>/<version> "
+                         "(default: the champion)")
+    lineage.add_argument("--format", choices=("text", "json"), default="text")
     serve = add("serve", cmd_serve, "run the sentiment API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -292,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_cli_logging(args.command, settings.state_dir)  # the full log in <state_dir>/logs/, a concise one on stderr
     from pipeline.monitor import MonitorError
+    from pipeline.release import ReleaseError
+    from serving.errors import ModelLoadError
 
     try:
         result = args.func(settings, args)
-    except MonitorError as error:  # a clear reason, no traceback; the full log has the rest
+    except (MonitorError, ReleaseError, ModelLoadError) as error:  # a clear reason, no traceback; the full log has the rest
         print(f"finsent {args.command}: {error}", file=sys.stderr)
         return 1
     if result is not None:

@@ -150,15 +150,49 @@ class TrainConfig(BaseModel):
         return 0.5 if self.distill_weight is None else self.distill_weight
 
 
+class VariantBudget(BaseModel):
+    """How far one ONNX variant may stray from PyTorch on the frozen test split and still be blessed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_abs_diff: float | None = Field(None, description="largest |variant - PyTorch| logit difference; unset: no limit")
+    max_flip_rate: float = Field(0.0, ge=0, le=1, description="share of test sentences whose label may differ")
+    max_macro_f1_drop_pt: float = Field(0.0, ge=0, description="macro-F1 points the variant may lose")
+
+
+def _default_budgets() -> dict[str, VariantBudget]:
+    return {
+        "fp32": VariantBudget(max_abs_diff=1e-4),
+        "fp32-optimized": VariantBudget(max_abs_diff=1e-4),
+        "int8": VariantBudget(max_flip_rate=0.01, max_macro_f1_drop_pt=0.5),
+        "fp16": VariantBudget(max_abs_diff=0.05, max_flip_rate=0.01, max_macro_f1_drop_pt=0.5),
+    }
+
+
 class ReleaseConfig(BaseModel):
-    """Export, parity and the gate (the release DAG)."""
+    """Export, blessing, the gate, the infra check and promotion (the release DAG)."""
 
     model_config = ConfigDict(extra="forbid")
 
     min_macro_f1: float = Field(0.6, description="absolute floor for the first champion")
-    min_improvement: float = Field(0.0, description="candidate must beat champion macro-F1 by at least this")
-    parity_max_abs_diff: float = Field(1e-4, description="largest |ONNX - PyTorch| logit difference on the test split")
-    parity_max_flips: int = Field(0, description="test sentences whose label may differ between ONNX and PyTorch")
+    min_improvement: float = Field(
+        0.0, ge=0, description="the candidate's macro-F1 must exceed the champion's by more than this (a tie is "
+        "never promoted)")
+    bootstrap_rounds: int = Field(2000, ge=100, description="paired bootstrap resamples of the test split")
+    bootstrap_tolerance: float = Field(
+        0.01, ge=0, description="the 95 % CI's lower bound of the macro-F1 improvement must be above -tolerance")
+    slice_max_drop: float = Field(
+        0.02, ge=0, description="accuracy an agreement slice (AllAgree, 75, 66, 50) may lose against the champion")
+    behaviour_max_drop: float = Field(
+        0.05, ge=0, description="pass rate a behavioural capability may lose against the champion")
+    behavioural_dir: Path | None = Field(
+        None, description="the behavioural suite's JSONL files; unset: tests/behavioural of the repository (an "
+        "installed package, as in the docker images, needs it set)")
+    budgets: dict[str, VariantBudget] = Field(
+        default_factory=_default_budgets, description="blessing budget of each ONNX variant (fp32, fp32-optimized, "
+        "int8, fp16) against PyTorch on the frozen test split")
+    infra_requests: int = Field(200, ge=1, description="requests the infra check sends to the candidate's server")
+    infra_p95_ms: float = Field(250.0, gt=0, description="p95 latency the infra check requires of one-text requests")
 
 
 class ServingConfig(BaseModel):
@@ -170,6 +204,15 @@ class ServingConfig(BaseModel):
     model_dir: Path | None = Field(None, description="serve a local ONNX folder instead of the registry")
     max_batch: int = Field(256, description="texts per request; more get a 422")
     max_text_chars: int = Field(10_000, description="characters per text; more get a 422")
+    variant: str | None = Field(
+        None, description="the blessed ONNX variant to load (fp32, fp32-optimized, int8, fp16); unset: the fastest "
+        "blessed CPU variant on CPU, fp32-optimized (else fp32) when a GPU provider is asked for")
+    providers: list[str] = Field(
+        ["CPUExecutionProvider"], description="ONNX Runtime execution providers, in order of preference, e.g. "
+        '["CUDAExecutionProvider","CPUExecutionProvider"] on a GPU node (the monitor uses them too)')
+    allow_provider_fallback: bool = Field(
+        False, description="when a GPU provider was asked for and ONNX Runtime fell back to CPU: run on CPU with a "
+        "warning instead of refusing to load")
 
 
 class MonitorConfig(BaseModel):

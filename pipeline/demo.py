@@ -114,6 +114,8 @@ def run_demo(settings: Settings, dags_folder: Path) -> dict:
             "test_macro_f1": metrics.get("test_macro_f1"),
             "test_accuracy_allagree": metrics.get("test_accuracy_allagree"),
             "parity_max_abs_diff": champion.tags.get("parity_max_abs_diff"),
+            "served_variant": champion.tags.get("onnx_default_cpu"),
+            "blessing": {key.split("/", 1)[1]: value for key, value in champion.tags.items() if key.startswith("blessing/")},
             "monitor": monitored,
             "wall_s": round(time.monotonic() - started),
         }

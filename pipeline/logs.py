@@ -260,14 +260,28 @@ def _register(result: dict) -> str:
 
 
 def _export(result: dict) -> str:
-    parity = result.get("parity") or {}
-    return (f"version {result.get('version', '?')} exported to ONNX; parity on {_n(parity.get('n', '?'))} test sentences: "
-            f"max |logit diff| {parity.get('max_abs_diff', float('nan')):.1e}, {parity.get('label_flips', '?')} label flips")
+    if result.get("reused"):
+        return f"version {result.get('version', '?')} was released before: its files stay as they are"
+    blessed = result.get("variants") or []
+    refused = [name for name in (result.get("blessing") or {}) if name not in blessed]
+    text = (f"version {result.get('version', '?')}: blessed {', '.join(blessed)}; "
+            f"served on CPU: {result.get('default_cpu', '?')}")
+    for name in refused:
+        text += f"; {name} {result['blessing'][name]}"
+    return text
 
 
 def _gate(result: dict) -> str:
     verdict = "promote" if result.get("promote") else "reject"
     return f"{verdict} version {result.get('candidate_version', '?')}: {result.get('reason', '')}"
+
+
+def _infra_check(result: dict | None) -> str:
+    if not result:
+        return "skipped: the gate rejected the candidate"
+    verdict = "passed" if result.get("passed") else "FAILED"
+    return (f"infra check {verdict}: {result.get('requests')} requests, {result.get('errors')} errors, "
+            f"p95 {result.get('p95_ms')} ms (SLO {result.get('slo_p95_ms')} ms)")
 
 
 def _promote(result: dict) -> str:
@@ -323,6 +337,7 @@ _SUMMARIES: dict[str, Callable[[Any], str]] = {
     "ingest.version_data": lambda digest: f"data/ versioned with DVC ({str(digest)[:12]})",
     "train.start_run": lambda run_id: f"MLflow run {run_id}",
     "release.gate": _gate,
+    "release.infra_check": _infra_check,
     "release.promote": _promote,
     "monitor": _monitor,
     "monitor.score_news": _score_news,

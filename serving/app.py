@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, StrictStr, field_validator
 
 from pipeline.config import Settings
 from serving.model import OnnxClassifier
-from serving.registry import fetch_alias
+from serving.registry import load_alias
 
 log = logging.getLogger("finsent.serving")
 
@@ -40,6 +40,7 @@ class SentimentOut(BaseModel):
 class PredictResponse(BaseModel):
     model_name: str
     model_version: str
+    model_variant: str
     predictions: list[SentimentOut]
 
 
@@ -69,9 +70,10 @@ MAX_INDEX_DAYS = 3660
 
 def load_model(settings: Settings, cache: Path) -> OnnxClassifier:
     cfg = settings.serving
+    options = {"providers": cfg.providers, "allow_provider_fallback": cfg.allow_provider_fallback}
     if cfg.model_dir is not None:
-        return OnnxClassifier(cfg.model_dir)
-    return OnnxClassifier(fetch_alias(settings.tracking_uri, settings.model_name, cfg.alias, cache))
+        return OnnxClassifier(cfg.model_dir, **options)
+    return load_alias(settings.tracking_uri, settings.model_name, cfg.alias, cache, variant=cfg.variant, **options)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="finsent-serving-") as cache:
             try:
                 app.state.model = load_model(settings, Path(cache))
-                log.info("serving %s version %s", app.state.model.name, app.state.model.version)
+                log.info("serving %s version %s (%s on %s)", app.state.model.name, app.state.model.version,
+                         app.state.model.variant, ", ".join(app.state.model.providers))
             except Exception as err:  # keep the process up: /readyz reports not ready
                 app.state.load_error = f"{type(err).__name__}: {err}"
                 log.error("model load failed: %s", app.state.load_error)
@@ -100,7 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = request.app.state.model
         if model is None:
             raise HTTPException(503, detail=getattr(request.app.state, "load_error", "no model loaded"))
-        return {"status": "ready", "model_name": model.name, "model_version": model.version}
+        return {"status": "ready", "model_name": model.name, "model_version": model.version, "variant": model.variant,
+                "providers": model.providers}
 
     @app.post("/v1/predict", response_model=PredictResponse)
     def predict(body: PredictRequest, request: Request) -> PredictResponse:
@@ -113,7 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if too_long:
             raise HTTPException(422, detail=f"texts[{too_long[0]}] is longer than {settings.serving.max_text_chars} characters")
         predictions = [SentimentOut(label=p.label, scores=p.scores) for p in model.predict(body.texts)]
-        return PredictResponse(model_name=model.name, model_version=model.version, predictions=predictions)
+        return PredictResponse(model_name=model.name, model_version=model.version, model_variant=model.variant,
+                               predictions=predictions)
 
     @app.get("/v1/index", response_model=IndexResponse)
     def sentiment_index(

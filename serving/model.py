@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from serving.errors import ModelLoadError
+
 MANIFEST = "serving.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_checksums(folder: Path, onnx_file: str) -> dict[str, str]:
+    """The sha256 of the files the manifest vouches for (it cannot hold its own)."""
+    return {name: file_sha256(folder / name) for name in (onnx_file, "tokenizer.json")}
+
+
+def verify_checksums(folder: Path, expected: dict[str, str], source: str) -> None:
+    """Refuses a folder whose files differ from ``expected`` (name → sha256), naming the first that does."""
+    for name, digest in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; {source} lists it with sha256 {digest[:16]}…")
+        actual = file_sha256(path)
+        if actual != digest:
+            raise ModelLoadError(
+                f"{path} has sha256 {actual[:16]}…, but {source} recorded {digest[:16]}…: refusing to load a file "
+                "that changed after it was blessed")
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -42,27 +64,49 @@ GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExec
 
 
 class OnnxClassifier:
-    def __init__(self, model_dir: Path, providers: list[str] | None = None, batch_size: int | None = None):
+    """``expected_sha256`` (file name → sha256, from the registry) is checked
+    before anything is loaded, as is the manifest's own record of the model and
+    tokenizer files. A GPU provider asked for but not given is an error unless
+    ``allow_provider_fallback``: ONNX Runtime itself only logs it."""
+
+    def __init__(self, model_dir: Path, providers: list[str] | None = None, batch_size: int | None = None,
+                 expected_sha256: dict[str, str] | None = None, allow_provider_fallback: bool = False):
         model_dir = Path(model_dir)
         manifest = json.loads((model_dir / MANIFEST).read_text())
+        if expected_sha256:
+            verify_checksums(model_dir, expected_sha256, "the registry")
+        verify_checksums(model_dir, manifest.get("sha256", {}), f"{model_dir / MANIFEST}")
         self.labels: list[str] = manifest["labels"]
         self.max_length: int = manifest["max_length"]
         self.name: str = manifest.get("model_name", "unknown")
         self.version: str = str(manifest.get("model_version", "unknown"))
+        self.variant: str = manifest.get("variant", "fp32")
         self.batch_size = batch_size
         self.model_dir = model_dir
-        self.onnx_sha256 = file_sha256(model_dir / manifest["onnx_file"])
+        onnx_path = model_dir / manifest["onnx_file"]
+        self.onnx_sha256 = file_sha256(onnx_path)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(pad_id=manifest["pad_token_id"], pad_token=manifest["pad_token"])
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(model_dir / manifest["onnx_file"]), options, providers=providers or ort.get_available_providers()
-        )
+        requested = providers or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise ModelLoadError(f"{onnx_path} is not a loadable ONNX model: {err}") from err
+        self.providers: list[str] = self.session.get_providers()
+        asked_gpu = GPU_PROVIDERS & set(requested)
+        self.provider_fallback = bool(asked_gpu) and not asked_gpu & set(self.providers)
+        if self.provider_fallback:
+            message = (f"asked for {', '.join(sorted(asked_gpu))} but ONNX Runtime runs {onnx_path.name} on "
+                       f"{', '.join(self.providers)} (no GPU, or an onnxruntime without it)")
+            if not allow_provider_fallback:
+                raise ModelLoadError(message + "; set FINSENT_SERVING__ALLOW_PROVIDER_FALLBACK=true to run on CPU anyway")
+            log.warning("PROVIDER FALLBACK: %s", message)
         self.input_names = {i.name for i in self.session.get_inputs()}
         if self.batch_size is None:
-            on_gpu = bool(GPU_PROVIDERS & set(self.session.get_providers()))
+            on_gpu = bool(GPU_PROVIDERS & set(self.providers))
             self.batch_size = DEFAULT_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
 
     def logits(self, texts: list[str]) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Fetching the exported model of a registry alias (MLflow client only)."""
+"""Loading a registered version's blessed ONNX variant (MLflow client only).
+
+The release writes each version's variants once, under ``onnx/v<version>/<variant>/``
+of its run, and records on the version: the blessed variants (``onnx_variants``),
+the fastest blessed on CPU (``onnx_default_cpu``) and the sha256 of every file
+(``sha256/<variant>/<file>``). Nothing is loaded unless its bytes match those tags."""
 
 from __future__ import annotations
 
@@ -10,33 +15,79 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from serving.model import MANIFEST
+from serving.model import GPU_PROVIDERS, MANIFEST, ModelLoadError, OnnxClassifier
+
+ARTIFACT_TAG, VARIANTS_TAG, DEFAULT_CPU_TAG = "onnx_artifact", "onnx_variants", "onnx_default_cpu"
+SHA_PREFIX = "sha256/"
+GPU_PREFERENCE = ("fp32-optimized", "fp32")
 
 
-def fetch_version(tracking_uri: str, version: ModelVersion, dest: Path) -> Path:
-    """Downloads the ONNX folder logged with a registered version into
-    ``dest/v<version>/``; a folder already complete there is reused."""
-    artifact = version.tags.get("onnx_artifact")
-    if not artifact:
-        raise LookupError(f"{version.name} version {version.version} has no exported ONNX model yet")
-    target = dest / f"v{version.version}"
-    folder = target / artifact
-    if (folder / MANIFEST).is_file():
-        return folder
+def sha_tag(variant: str, file: str) -> str:
+    return f"{SHA_PREFIX}{variant}/{file}"
+
+
+def blessed_variants(version: ModelVersion) -> list[str]:
+    return [v for v in version.tags.get(VARIANTS_TAG, "").split(",") if v]
+
+
+def variant_checksums(version: ModelVersion, variant: str) -> dict[str, str]:
+    prefix = f"{SHA_PREFIX}{variant}/"
+    return {key[len(prefix):]: value for key, value in version.tags.items() if key.startswith(prefix)}
+
+
+def choose_variant(version: ModelVersion, requested: str | None, providers: list[str]) -> str:
+    """``requested`` if blessed; else the fastest blessed CPU variant, or on a GPU provider fp32-optimized/fp32."""
+    blessed = blessed_variants(version)
+    label = f"{version.name} version {version.version}"
+    if not blessed or not version.tags.get(ARTIFACT_TAG):
+        raise LookupError(f"{label} has no blessed ONNX variants yet: run `finsent release` (or the release DAG) for it")
+    if requested:
+        if requested not in blessed:
+            raise LookupError(f"{label}: variant {requested!r} is not blessed (blessed: {', '.join(blessed)})")
+        return requested
+    if GPU_PROVIDERS & set(providers):
+        return next(v for v in (*GPU_PREFERENCE, *blessed) if v in blessed)
+    return version.tags.get(DEFAULT_CPU_TAG) or blessed[0]
+
+
+def _download(tracking_uri: str, version: ModelVersion, artifact: str, target: Path) -> None:
     mlflow.set_tracking_uri(tracking_uri)
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:  # complete or absent: a half download is never reused
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # complete or absent: a half download is never reused
         mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=artifact, dst_path=tmp)
         shutil.rmtree(target, ignore_errors=True)
         Path(tmp).rename(target)
         Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
-    return folder
 
 
-def fetch_alias(tracking_uri: str, model_name: str, alias: str, dest: Path) -> Path:
-    """Downloads the ONNX folder logged with ``models:/<name>@<alias>``."""
+def load_version(tracking_uri: str, version: ModelVersion, dest: Path, variant: str | None = None,
+                 providers: list[str] | None = None, allow_provider_fallback: bool = False) -> OnnxClassifier:
+    """Downloads (or reuses, in ``dest``) the chosen blessed variant, verifies every
+    file against the registry's sha256 tags and loads it."""
+    providers = providers or ["CPUExecutionProvider"]
+    chosen = choose_variant(version, variant, providers)
+    checksums = variant_checksums(version, chosen)
+    if not checksums:
+        raise ModelLoadError(f"{version.name} version {version.version} records no sha256 for variant {chosen!r}: "
+                             "refusing to load files nothing vouches for")
+    artifact = f"{version.tags[ARTIFACT_TAG]}/{chosen}"
+    target = dest / f"v{version.version}" / chosen
+    folder = target / Path(artifact).name
+
+    def load() -> OnnxClassifier:
+        return OnnxClassifier(folder, providers=providers, expected_sha256=checksums,
+                              allow_provider_fallback=allow_provider_fallback)
+
+    if (folder / MANIFEST).is_file():
+        try:
+            return load()
+        except ModelLoadError:  # a cached copy that changed: fetch the registry's bytes again
+            pass
+    _download(tracking_uri, version, artifact, target)
+    return load()
+
+
+def load_alias(tracking_uri: str, model_name: str, alias: str, dest: Path, **options) -> OnnxClassifier:
+    """Loads the blessed variant of ``models:/<name>@<alias>``."""
     version = MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias)
-    try:
-        return fetch_version(tracking_uri, version, dest)
-    except LookupError:
-        raise LookupError(f"{model_name} version {version.version} (@{alias}) has no exported ONNX model yet") from None
+    return load_version(tracking_uri, version, dest, **options)

@@ -185,10 +185,16 @@ def tiny_onnx(tmp_path_factory, tiny_classifier) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite, local artifacts) on a free port."""
+def mlflow_service(tmp_path_factory):
+    """A real MLflow tracking server (SQLite, local artifacts) on a free port: its URI and artifact folder."""
     from pipeline.services import start_mlflow_server, stop_process
 
-    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-state"))
-    yield uri
+    state = tmp_path_factory.mktemp("mlflow-state")
+    process, uri = start_mlflow_server(state)
+    yield uri, state / "mlflow" / "artifacts"
     stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_service) -> str:
+    return mlflow_service[0]

@@ -1,4 +1,4 @@
-"""Export to ONNX with dynamic batch and sequence axes, and parity against PyTorch."""
+"""Export to ONNX (the fp32 variant) with dynamic batch and sequence axes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from serving.model import MANIFEST, OnnxClassifier
+from serving.model import MANIFEST, manifest_checksums
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_FILE = "model.onnx"
@@ -39,21 +38,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = 
     (out_dir / MANIFEST).write_text(json.dumps({
         "onnx_file": ONNX_FILE, "labels": labels, "max_length": max_length,
         "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
-        "model_name": model_name, "model_version": model_version,
+        "model_name": model_name, "model_version": model_version, "variant": "fp32",
+        "sha256": manifest_checksums(out_dir, ONNX_FILE),
     }, indent=2))
     return out_dir
-
-
-@torch.no_grad()
-def check_parity(hf_dir: Path, onnx_dir: Path, texts: list[str], max_length: int) -> dict:
-    """Max absolute logit difference and label flips between PyTorch and onnxruntime."""
-    from pipeline.train.model import load_classifier, predict_logits
-
-    model, tokenizer = load_classifier(str(hf_dir))
-    reference = predict_logits(model, tokenizer, texts, max_length)
-    exported = OnnxClassifier(onnx_dir, providers=["CPUExecutionProvider"]).logits(texts)
-    return {
-        "n": len(texts),
-        "max_abs_diff": float(np.abs(reference - exported).max()) if texts else 0.0,
-        "label_flips": int((reference.argmax(axis=1) != exported.argmax(axis=1)).sum()),
-    }

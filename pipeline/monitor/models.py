@@ -15,7 +15,7 @@ from pipeline import registry
 from pipeline.config import Settings
 from pipeline.monitor import MonitorError
 from serving.model import OnnxClassifier
-from serving.registry import fetch_version
+from serving.registry import blessed_variants, load_version
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class MonitorModel:
         return self.classifier.onnx_sha256
 
     def encoder(self) -> "Encoder":
-        return _encoder(self.tracking_uri, self.model_name, self.version, str(self.cache))
+        return _encoder(self.tracking_uri, self.model_name, self.version, str(self.cache), self.classifier.max_length)
 
 
 def _cache(settings: Settings) -> Path:
@@ -40,17 +40,22 @@ def _cache(settings: Settings) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _classifier(tracking_uri: str, model_name: str, version: str, cache: str) -> OnnxClassifier:
+def _classifier(tracking_uri: str, model_name: str, version: str, cache: str, variant: str | None,
+                providers: tuple[str, ...], allow_provider_fallback: bool) -> OnnxClassifier:
+    """The served variant, checksum-verified against the registry as the API loads it."""
     found = registry.connect_uri(tracking_uri).get_model_version(model_name, version)
-    return OnnxClassifier(fetch_version(tracking_uri, found, Path(cache)))
+    return load_version(tracking_uri, found, Path(cache), variant=variant, providers=list(providers),
+                        allow_provider_fallback=allow_provider_fallback)
 
 
 def load_alias(settings: Settings, alias: str) -> MonitorModel | None:
     """The alias's exported model; None when the alias does not exist or has no ONNX export."""
     found = registry.version_by_alias(settings, alias)
-    if found is None or not found.tags.get("onnx_artifact"):
+    if found is None or not blessed_variants(found):
         return None
-    classifier = _classifier(settings.tracking_uri, settings.model_name, found.version, str(_cache(settings)))
+    serving = settings.serving
+    classifier = _classifier(settings.tracking_uri, settings.model_name, found.version, str(_cache(settings)),
+                             serving.variant, tuple(serving.providers), serving.allow_provider_fallback)
     return MonitorModel(alias, found.version, classifier, _cache(settings), settings.tracking_uri, settings.model_name)
 
 
@@ -93,7 +98,7 @@ class Encoder:
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(tracking_uri: str, model_name: str, version: str, cache: str) -> Encoder:
+def _encoder(tracking_uri: str, model_name: str, version: str, cache: str, max_length: int) -> Encoder:
     found = registry.connect_uri(tracking_uri).get_model_version(model_name, version)
     target = Path(cache) / f"v{version}" / "hf"
     marker = target / ".complete"
@@ -101,5 +106,4 @@ def _encoder(tracking_uri: str, model_name: str, version: str, cache: str) -> En
         hf_dir = registry.download_hf_model(found, target)
         marker.write_text(str(hf_dir))
     hf_dir = Path(marker.read_text())
-    classifier = _classifier(tracking_uri, model_name, version, cache)
-    return Encoder(hf_dir, classifier.max_length)
+    return Encoder(hf_dir, max_length)

@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 
 from pipeline import registry
-from pipeline.config import Settings, TrainConfig
+from pipeline.config import LABELS, Settings, TrainConfig
 from pipeline.data.frozen import require_frozen_test_set
 from pipeline.data.ingest import load_split
 from pipeline.data.version import read_digest
@@ -138,6 +138,7 @@ def evaluate(settings: Settings, run_id: str, model_dir: str) -> dict:
     from pipeline.train.evaluate import (
         classification_metrics, label_ids, plot_confusion_matrix, plot_reliability_diagram, softmax,
     )
+    from pipeline.release.behavioural import load_suite, run_suite
     from pipeline.train.model import load_classifier, predict_logits
 
     out = _run_dir(settings, run_id, "evaluate")
@@ -151,9 +152,14 @@ def evaluate(settings: Settings, run_id: str, model_dir: str) -> dict:
         plot_reliability_diagram(y_true, probs, out / "reliability_diagram.png"),
     ]
     (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    behaviour = run_suite(load_suite(settings.release.behavioural_dir, LABELS),
+                          lambda texts: softmax(predict_logits(model, tokenizer, texts, settings.train.max_length)), LABELS)
+    (out / "behaviour.json").write_text(json.dumps(behaviour, indent=2))
     registry.connect(settings)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
+        mlflow.log_metrics({f"behaviour_{name}": entry["pass_rate"] for name, entry in behaviour["capabilities"].items()})
+        mlflow.log_artifact(str(out / "behaviour.json"), "metrics")
         for plot in plots:
             mlflow.log_artifact(str(plot), "plots")
         mlflow.log_artifact(str(out / "test_metrics.json"), "metrics")
@@ -188,6 +194,7 @@ def build_model_card(settings: Settings, run_id: str, model_dir: Path) -> Path:
         git_commit=tags.get("git_commit") or registry.git_commit(settings.project_dir),
         config_hash=config_hash, train_config=cfg.model_dump(mode="json"),
         test_metrics={key.removeprefix("test_"): value for key, value in metrics.items() if key.startswith("test_")},
+        behaviour={key.removeprefix("behaviour_"): value for key, value in metrics.items() if key.startswith("behaviour_")},
         labeled_source=source, phrasebank=is_fpb, corpus_source=corpus,
         finetune={
             key: cast(metrics[key + suffix])

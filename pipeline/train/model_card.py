@@ -75,6 +75,7 @@ class ModelCardInputs:
     phrasebank: bool
     corpus_source: str | None = None
     finetune: dict = field(default_factory=dict)
+    behaviour: dict[str, float] = field(default_factory=dict)
 
 
 def labeled_source(settings: Settings) -> tuple[str, bool]:
@@ -110,6 +111,16 @@ def _metrics_section(metrics: dict[str, float]) -> list[str]:
     if "ece" in metrics:
         lines += ["", f"Expected calibration error (15 equal-width bins, top label): {metrics['ece']:.4f}."]
     return lines
+
+
+def _behaviour_section(rates: dict[str, float]) -> list[str]:
+    if not rates:
+        return []
+    return ["## Behavioural suite", "",
+            "Pass rates per capability of the CheckList-style suite in tests/behavioural (minimum functionality, "
+            "invariance and directional cases); the release gate rejects a candidate that regresses on any.", "",
+            "| capability | pass rate |", "|---|---|",
+            *(f"| {name} | {100 * rate:.1f} % |" for name, rate in sorted(rates.items())), ""]
 
 
 def render_model_card(card: ModelCardInputs) -> str:
@@ -164,6 +175,7 @@ def render_model_card(card: ModelCardInputs) -> str:
         "",
         *_metrics_section(card.test_metrics),
         "",
+        *_behaviour_section(card.behaviour),
         "## Intended use",
         "",
         *(f"- {line}" for line in INTENDED_USE),

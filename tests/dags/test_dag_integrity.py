@@ -16,7 +16,8 @@ DAG_FILES = sorted(path for path in (REPO / "dags").glob("*.py") if path.name !=
 EXPECTED_TASKS = {
     "ingest": ["ingest_corpus", "ingest_labeled", "ingest_news", "version_data"],
     "train": ["evaluate", "finetune", "mlm_adapt", "pick_best", "register", "start_run", "sweep_trials"],
-    "release": ["export_onnx", "gate", "promote"],
+    "release": ["export_onnx", "gate", "infra_check", "promote"],
+    "release_override": ["override"],
     "monitor": ["build_index", "detect_drift", "score_news", "trigger_retraining"],
 }
 HEAVY = ["torch", "transformers", "mlflow", "onnxruntime", "great_expectations", "dvc", "pipeline.train", "sklearn"]
@@ -37,7 +38,8 @@ spec.loader.exec_module(module)
 found = {dag.dag_id: sorted(dag.task_ids) for dag, _ in DagContext.autoregistered_dags}
 placement = {t.task_id: [t.pool, t.queue] for dag, _ in DagContext.autoregistered_dags for t in dag.tasks}
 heavy = [name for name in json.loads(sys.argv[2]) if name in sys.modules]
-print(json.dumps({"dags": found, "heavy": heavy, "placement": placement}))
+runs = {dag.dag_id: dag.max_active_runs for dag, _ in DagContext.autoregistered_dags}
+print(json.dumps({"dags": found, "heavy": heavy, "placement": placement, "max_active_runs": runs}))
 """
 
 
@@ -63,6 +65,11 @@ def test_dag_file_imports_without_db_network_or_heavy_modules(path, tmp_path):
     assert result["heavy"] == [], f"{path.name} imports {result['heavy']} at parse time"
     assert list(result["dags"]) == [path.stem], "dag_id must be the file name, one DAG per file"
     assert result["dags"][path.stem] == EXPECTED_TASKS[path.stem]
+
+
+@pytest.mark.parametrize("dag_id", ["release", "release_override"])
+def test_one_release_at_a_time(dag_id, tmp_path):
+    assert _probe(REPO / "dags" / f"{dag_id}.py", tmp_path)["max_active_runs"] == {dag_id: 1}
 
 
 def test_training_tasks_go_to_the_configured_gpu_pool_and_queue(tmp_path):

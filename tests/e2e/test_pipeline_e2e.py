@@ -89,7 +89,8 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert champion.version == candidate.version == "1"
     assert float(champion.tags["parity_max_abs_diff"]) < 1e-4
     assert int(champion.tags["parity_label_flips"]) == 0
-    assert champion.tags["gate_decision"] == "promote"
+    assert champion.tags["gate_decision"] == "promote" and champion.tags["infra_check"] == "pass"
+    assert "fp32" in champion.tags["onnx_variants"].split(",") and champion.tags["onnx_artifact"] == "onnx/v1"
     assert champion.tags["data_digest"].endswith(".dir")
     # The training checkpoints served only retries: registration removed them, the models stay.
     runs = Path(env["FINSENT_STATE_DIR"]) / "runs"

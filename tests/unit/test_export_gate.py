@@ -1,10 +1,11 @@
 import numpy as np
 import onnx
 
-from pipeline.config import ReleaseConfig
+from pipeline.config import ReleaseConfig, VariantBudget
 from pipeline.data.ingest import load_split
-from pipeline.export.onnx import check_parity
-from pipeline.release.gate import decide_promotion
+from pipeline.export.variants import bless, build_variants, default_cpu_variant
+from pipeline.train.evaluate import label_ids
+from pipeline.train.model import load_classifier, predict_logits
 from serving.model import OnnxClassifier
 
 
@@ -15,12 +16,29 @@ def test_onnx_has_dynamic_batch_and_sequence_axes(tiny_onnx):
         assert not dims[0].HasField("dim_value") and not dims[1].HasField("dim_value"), tensor.name
 
 
-def test_onnx_parity_with_pytorch_on_the_test_split(ingested, tiny_classifier, tiny_onnx):
-    texts = load_split(ingested.labeled_dir, "test")["text"].tolist()
-    parity = check_parity(tiny_classifier, tiny_onnx, texts, 64)
-    assert parity["n"] == len(texts)
-    assert parity["max_abs_diff"] < 1e-4
-    assert parity["label_flips"] == 0
+def test_every_variant_is_blessed_against_its_own_budget(ingested, tiny_classifier, tiny_onnx, tmp_path):
+    test = load_split(ingested.labeled_dir, "test")
+    texts, y = test["text"].tolist(), label_ids(test["label"])
+    model, tokenizer = load_classifier(str(tiny_classifier))
+    reference = predict_logits(model, tokenizer, texts, 64)
+    folders = build_variants(tiny_classifier, tiny_onnx, tmp_path)
+    budgets = ReleaseConfig().budgets
+    blessings = {name: bless(name, folder, reference, texts, y, budgets[name]) for name, folder in folders.items()}
+    fp32, optimized = blessings["fp32"], blessings["fp32-optimized"]
+    assert fp32.blessed and fp32.n == len(texts) and fp32.max_abs_diff < 1e-4 and fp32.label_flips == 0
+    assert optimized.blessed, optimized.reasons
+    fused = {node.op_type for node in onnx.load(str(folders["fp32-optimized"] / "model.onnx")).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= fused  # the optimizer fused the tiny BERT
+    assert any(node.op_type in {"DynamicQuantizeMatMul", "MatMulInteger"}
+               for node in onnx.load(str(folders["int8"] / "model.onnx")).graph.node)
+    assert "unverified on GPU" in blessings["fp16"].verified_on
+    for name, folder in folders.items():  # each folder is servable as it is, and says what it is
+        served = OnnxClassifier(folder)
+        assert served.variant == name and served.logits(texts[:3]).shape == (3, 3)
+    strict = VariantBudget(max_abs_diff=1e-12)
+    refused = bless("fp32", tiny_onnx, reference, texts, y, strict)
+    assert not refused.blessed and "max |logit diff|" in refused.reasons[0]
+    assert default_cpu_variant({**blessings, "int8": refused}) in {"fp32", "fp32-optimized"}
 
 
 def test_onnx_classifier_handles_any_batch_and_length(tiny_onnx):
@@ -32,19 +50,3 @@ def test_onnx_classifier_handles_any_batch_and_length(tiny_onnx):
     assert {p.label for p in predictions} <= {"negative", "neutral", "positive"}
     one_by_one = np.vstack([model.logits([t]) for t in texts])
     np.testing.assert_allclose(model.logits(texts), one_by_one, atol=1e-4)
-
-
-def test_gate_first_model_needs_the_floor():
-    cfg = ReleaseConfig(min_macro_f1=0.6)
-    assert decide_promotion({"macro_f1": 0.61}, None, cfg).promote
-    rejected = decide_promotion({"macro_f1": 0.59}, None, cfg)
-    assert not rejected.promote and "floor" in rejected.reason
-
-
-def test_gate_candidate_must_be_at_least_as_good_as_champion():
-    cfg = ReleaseConfig(min_macro_f1=0.6)
-    assert decide_promotion({"macro_f1": 0.80}, {"macro_f1": 0.80}, cfg).promote
-    worse = decide_promotion({"macro_f1": 0.79}, {"macro_f1": 0.80}, cfg)
-    assert not worse.promote and "worse" in worse.reason
-    strict = ReleaseConfig(min_improvement=0.01)
-    assert not decide_promotion({"macro_f1": 0.805}, {"macro_f1": 0.80}, strict).promote

@@ -97,8 +97,10 @@ def test_a_candidate_is_shadow_scored(monitored, tiny_classifier):
     settings, champion, _ = monitored
     candidate = _register(settings, tiny_classifier)  # the same weights: they must agree
     assert candidate != champion
+    # The same variant for both: each version's default is its fastest blessed one, which may differ.
+    pinned = settings.model_copy(update={"serving": settings.serving.model_copy(update={"variant": "fp32"})})
     try:
-        scored = score_news(settings, date(1987, 3, 3))
+        scored = score_news(pinned, date(1987, 3, 3))
     finally:
         registry.connect(settings).set_registered_model_alias(settings.model_name, registry.CANDIDATE, champion)
     assert scored["shadow"]["candidate_version"] == candidate and scored["shadow"]["agreement"] == pytest.approx(1.0)

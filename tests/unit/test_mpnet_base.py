@@ -42,7 +42,11 @@ def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, inges
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.data.ingest import load_split
-    from pipeline.export.onnx import check_parity, export_onnx
+    from pipeline.config import ReleaseConfig
+    from pipeline.export.onnx import export_onnx
+    from pipeline.export.variants import bless, build_variants
+    from pipeline.train.evaluate import label_ids
+    from pipeline.train.model import load_classifier, predict_logits
     from pipeline.train.classify import finetune
     from pipeline.train.mlm import adapt_mlm
     from pipeline.train.pooling import MeanPoolMPNetForSequenceClassification
@@ -65,7 +69,14 @@ def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, inges
     onnx_dir = export_onnx(model_dir, tmp_path / "onnx", 64)
     served = OnnxClassifier(onnx_dir, providers=["CPUExecutionProvider"])
     assert served.input_names == {"input_ids", "attention_mask"}
-    texts = load_split(ingested.labeled_dir, "test")["text"].tolist()
-    parity = check_parity(model_dir, onnx_dir, texts, 64)
-    assert parity["n"] == len(texts) and parity["label_flips"] == 0 and parity["max_abs_diff"] < 1e-4
+    test = load_split(ingested.labeled_dir, "test")
+    texts, y = test["text"].tolist(), label_ids(test["label"])
+    model, tokenizer = load_classifier(str(model_dir))
+    reference = predict_logits(model, tokenizer, texts, 64)
+    budgets = ReleaseConfig().budgets
+    # Every variant builds for this architecture too, and the plain export is blessed.
+    folders = build_variants(model_dir, onnx_dir, tmp_path / "variants")
+    blessings = {name: bless(name, folder, reference, texts, y, budgets[name]) for name, folder in folders.items()}
+    assert set(blessings) == {"fp32", "fp32-optimized", "int8", "fp16"}
+    assert blessings["fp32"].blessed and blessings["fp32"].label_flips == 0 and blessings["fp32"].max_abs_diff < 1e-4
     assert served.logits(["Operating profit rose to EUR 13.1 mn ."]).shape == (1, 3)

@@ -116,8 +116,12 @@ def test_summaries_of_the_demo_steps():
                                                              "used": "base", "steps": 40})
     assert summarize("evaluate", {"metrics": {"accuracy": 0.844, "macro_f1": 0.826, "accuracy_allagree": 0.97}}) == \
         "test accuracy 0.8440, macro-F1 0.8260, AllAgree accuracy 0.9700"
-    assert summarize("export-onnx", {"version": "1", "parity": {"n": 942, "max_abs_diff": 2.1e-06, "label_flips": 0}}) == \
-        "version 1 exported to ONNX; parity on 942 test sentences: max |logit diff| 2.1e-06, 0 label flips"
+    assert summarize("export-onnx", {"version": "1", "variants": ["fp32", "fp32-optimized"], "default_cpu": "fp32-optimized",
+                                     "blessing": {"fp32": "blessed", "fp32-optimized": "blessed",
+                                                  "int8": "not blessed: label flips 2.02 % > 1.00 %"}}) == \
+        "version 1: blessed fp32, fp32-optimized; served on CPU: fp32-optimized; int8 not blessed: label flips 2.02 % > 1.00 %"
+    assert "released before" in summarize("export-onnx", {"version": "1", "reused": True})
+    assert summarize("release.infra_check", None) == "skipped: the gate rejected the candidate"
     assert summarize("ingest.ingest_labeled", {"rows_in": 4846, "clean": 4836, "quarantined": 4, "duplicates": 6,
                                                "splits": {"train": 3503, "validation": 391, "test": 942}}) == \
         "4,846 labeled rows in: 4,836 clean, 4 quarantined, 6 duplicates; train/validation/test 3,503/391/942"

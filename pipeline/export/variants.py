@@ -1,0 +1,186 @@
+"""The served variants of an exported classifier and their blessing.
+
+``fp32`` is the plain export. ``fp32-optimized`` is the same network through
+ONNX Runtime's transformer optimizer (fused attention, LayerNorm and GELU).
+``int8`` is its dynamic quantization and ``fp16`` its half-precision copy for GPU
+nodes. A variant is *blessed* only when it stays within its own budget against
+PyTorch on the frozen test split; an unblessed variant is never uploaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import VariantBudget
+from serving.model import MANIFEST, OnnxClassifier, manifest_checksums
+
+log = logging.getLogger(__name__)
+
+FP32, OPTIMIZED, INT8, FP16 = "fp32", "fp32-optimized", "int8", "fp16"
+VARIANTS = (FP32, OPTIMIZED, INT8, FP16)
+# fp16 is for GPU nodes: on the CPU provider it runs (ONNX Runtime casts around the kernels it lacks)
+# but slower than fp32, so it is never the CPU default, and it stays unverified-on-GPU until a GPU runs it.
+CPU_VARIANTS = (FP32, OPTIMIZED, INT8)
+SPEED_TEXTS = 256
+
+
+@dataclass
+class Blessing:
+    variant: str
+    blessed: bool
+    n: int
+    max_abs_diff: float
+    label_flips: int
+    flip_rate: float
+    macro_f1_delta_pt: float
+    cpu_seq_per_s: float
+    reasons: list[str] = field(default_factory=list)
+    verified_on: str = "CPUExecutionProvider"
+
+    def summary(self) -> str:
+        verdict = "blessed" if self.blessed else "not blessed: " + "; ".join(self.reasons)
+        return (f"{verdict} | flips {self.label_flips}/{self.n} ({100 * self.flip_rate:.2f} %), "
+                f"macro-F1 {self.macro_f1_delta_pt:+.2f} pt, max|dlogit| {self.max_abs_diff:.1e}, "
+                f"{self.cpu_seq_per_s:.0f} seq/s on CPU")
+
+
+def _copy_side_files(source: Path, dest: Path, onnx_file: str, variant: str) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "tokenizer.json", dest / "tokenizer.json")
+    manifest = json.loads((source / MANIFEST).read_text())
+    manifest.update(onnx_file=onnx_file, variant=variant)
+    manifest["sha256"] = manifest_checksums(dest, onnx_file)
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+def export_optimized(hf_dir: Path, fp32_dir: Path, out_dir: Path) -> Path:
+    """Exports through the TorchScript exporter with eager attention (the graph
+    ONNX Runtime's fusion patterns match; the dynamo export fuses no attention),
+    then runs the transformer optimizer on it."""
+    import torch
+    from onnxruntime.transformers import optimizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import pipeline.train.pooling  # noqa: F401  (registers the mean-pooling head with the Auto classes)
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    example = tokenizer(["Profit rose.", "Net sales fell by 5 % in the quarter ."], padding=True, return_tensors="pt")
+    names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "unoptimized.onnx"
+    torch.onnx.export(
+        model, tuple(example[name] for name in names), str(raw), input_names=names, output_names=["logits"],
+        dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names}, opset_version=17, dynamo=False,
+    )
+    config = model.config
+    optimized = optimizer.optimize_model(
+        str(raw), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size,
+    )
+    fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    log.info("fp32-optimized: fused %s", fused)
+    optimized.save_model_to_file(str(out_dir / "model.onnx"))
+    raw.unlink()
+    return _copy_side_files(fp32_dir, out_dir, "model.onnx", OPTIMIZED)
+
+
+def quantize_int8(source_dir: Path, out_dir: Path) -> Path:
+    """Dynamic quantization with per-channel weights: on the demo's MiniLM champion 19 label flips in 942
+    test sentences against 32 per-tensor, at the same speed (bench/RESULTS.md, "Release variants")."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The dynamo export's value_info holds shapes the quantizer's shape inference contradicts: drop them.
+    model = onnx.load(str(source_dir / "model.onnx"))
+    del model.graph.value_info[:]
+    source = out_dir / "unquantized.onnx"
+    onnx.save(model, str(source))
+    # Shape inference cannot type the outputs of the optimizer's fused (com.microsoft) nodes; they are float.
+    quantize_dynamic(str(source), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    source.unlink()
+    return _copy_side_files(source_dir, out_dir, "model.onnx", INT8)
+
+
+def convert_fp16(source_dir: Path, out_dir: Path) -> Path:
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = OnnxModel(onnx.load(str(source_dir / "model.onnx")))
+    model.convert_float_to_float16(keep_io_types=True)  # logits stay float32 for every caller
+    model.save_model_to_file(str(out_dir / "model.onnx"))
+    return _copy_side_files(source_dir, out_dir, "model.onnx", FP16)
+
+
+def build_variants(hf_dir: Path, fp32_dir: Path, out_root: Path) -> dict[str, Path]:
+    """Every variant this base can have, next to ``fp32_dir``. A variant that
+    cannot be built (an architecture the optimizer does not know) is logged and left out."""
+    folders = {FP32: fp32_dir}
+    try:
+        folders[OPTIMIZED] = export_optimized(hf_dir, fp32_dir, out_root / OPTIMIZED)
+    except Exception as err:  # the plain export still serves; the reason is in the blessing record
+        log.warning("fp32-optimized not built: %s: %s", type(err).__name__, err)
+    source = folders.get(OPTIMIZED, fp32_dir)
+    folders[INT8] = quantize_int8(source, out_root / INT8)
+    folders[FP16] = convert_fp16(source, out_root / FP16)
+    return folders
+
+
+def _macro_f1(y: np.ndarray, predicted: np.ndarray, classes: int) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, predicted, labels=list(range(classes)), average="macro", zero_division=0))
+
+
+def _seq_per_s(model: OnnxClassifier, texts: list[str]) -> float:
+    sample = texts[:SPEED_TEXTS]
+    model.logits(sample[:16])  # warm-up
+    start = time.perf_counter()
+    model.logits(sample)
+    return len(sample) / (time.perf_counter() - start)
+
+
+def bless(variant: str, folder: Path, reference_logits: np.ndarray, texts: list[str], y: np.ndarray,
+          budget: VariantBudget) -> Blessing:
+    """Scores the variant on the test texts and checks it against its budget."""
+    model = OnnxClassifier(folder, providers=["CPUExecutionProvider"])
+    logits = model.logits(texts)
+    flips = int((logits.argmax(axis=1) != reference_logits.argmax(axis=1)).sum())
+    classes = reference_logits.shape[1]
+    delta_pt = 100 * (_macro_f1(y, logits.argmax(axis=1), classes) - _macro_f1(y, reference_logits.argmax(axis=1), classes))
+    result = Blessing(
+        variant=variant, blessed=True, n=len(texts),
+        max_abs_diff=float(np.abs(logits - reference_logits).max()) if texts else 0.0,
+        label_flips=flips, flip_rate=flips / max(len(texts), 1), macro_f1_delta_pt=delta_pt,
+        cpu_seq_per_s=_seq_per_s(model, texts),
+        verified_on="CPUExecutionProvider" + ("; unverified on GPU" if variant == FP16 else ""),
+    )
+    if budget.max_abs_diff is not None and result.max_abs_diff > budget.max_abs_diff:
+        result.reasons.append(f"max |logit diff| {result.max_abs_diff:.1e} > {budget.max_abs_diff:.0e}")
+    if result.flip_rate > budget.max_flip_rate:
+        result.reasons.append(f"label flips {100 * result.flip_rate:.2f} % > {100 * budget.max_flip_rate:.2f} %")
+    if -delta_pt > budget.max_macro_f1_drop_pt:
+        result.reasons.append(f"macro-F1 {delta_pt:+.2f} pt, more than {budget.max_macro_f1_drop_pt:.2f} pt lower")
+    result.blessed = not result.reasons
+    return result
+
+
+def default_cpu_variant(blessings: dict[str, Blessing]) -> str:
+    """The fastest blessed CPU variant; fp32 must be blessed for any to be served."""
+    served = [b for name, b in blessings.items() if name in CPU_VARIANTS and b.blessed]
+    if not served:
+        raise ValueError("no CPU variant was blessed")
+    return max(served, key=lambda b: b.cpu_seq_per_s).variant
+
+
+def blessing_record(blessings: dict[str, Blessing], default_cpu: str) -> dict:
+    return {"default_cpu": default_cpu, "variants": {name: asdict(b) for name, b in blessings.items()}}
