@@ -81,6 +81,6 @@ def render_lineage(chain: dict) -> str:
         f"{chain['data']['git_commit']}; frozen test split {chain['data']['test_digest']}",
         f"   ├─ validation (Great Expectations Data Docs): {', '.join(chain['validation']['gx_data_docs']) or 'none logged'}",
         f"   └─ base model: {chain['base']['base_model']}; masked-LM: {chain['base']['masked_lm'] or 'not run'}; "
-        f"teacher: {chain['base']['teacher_model'] or 'none'}",
+        f"teacher: {chain['base']['teacher_model'] if chain['base']['teacher_model'] not in (None, 'None') else 'none'}",
     ]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from pipeline import registry
 from pipeline.cli import main as finsent
+from pipeline.config import get_settings
 from pipeline.release import ReleaseError
 from pipeline.release.jobs import export_candidate, force_promote, gate, infra_check, promote, rollback
 from serving.errors import ModelLoadError
@@ -146,6 +147,7 @@ def test_gate_infra_check_compare_and_set_force_and_rollback(released, capsys):
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
+        get_settings.cache_clear()  # the CLI reads the environment once per process
         with pytest.raises(SystemExit, match="needs --force"):
             finsent(["promote", same, "--reason", "hotfix"])
         assert _champion(settings) == good
@@ -165,6 +167,7 @@ def test_gate_infra_check_compare_and_set_force_and_rollback(released, capsys):
         assert finsent(["lineage", f"models:/{MODEL}/{worse}", "--format", "json"]) == 0
         chain = json.loads(capsys.readouterr().out)
         assert chain["version"] == worse and chain["onnx"]["variants"]["fp32"]["files"]["model.onnx"]
+    get_settings.cache_clear()
 
 
 def test_failures_are_clear_and_leave_the_champion(released, tmp_path, tiny_onnx, monkeypatch):
