@@ -96,7 +96,7 @@ def export_candidate(settings: Settings, version: str | None = None) -> dict:
     split against PyTorch, uploads the blessed ones to a new path and records
     their sha256 on the version. A version already released is left as it is."""
     from pipeline.export.onnx import export_onnx
-    from pipeline.export.variants import FP32, bless, blessing_record, build_variants, default_cpu_variant
+    from pipeline.export.variants import FP32, blessing_record, build_and_bless, default_cpu_variant
     from pipeline.train.evaluate import label_ids
     from pipeline.train.model import load_classifier, predict_logits
     from serving.model import file_sha256
@@ -112,13 +112,11 @@ def export_candidate(settings: Settings, version: str | None = None) -> dict:
     test = _test_split(settings)
     texts, max_length = test["text"].tolist(), settings.train.max_length
     fp32_dir = export_onnx(hf_dir, work / "variants" / FP32, max_length, candidate.name, candidate.version)
-    folders = build_variants(hf_dir, fp32_dir, work / "variants")
     model, tokenizer = load_classifier(str(hf_dir))
     reference = predict_logits(model, tokenizer, texts, max_length)
     del model
-    y = label_ids(test["label"])
-    budgets = settings.release.budgets
-    blessings = {name: bless(name, folder, reference, texts, y, budgets[name]) for name, folder in folders.items()}
+    folders, blessings = build_and_bless(hf_dir, fp32_dir, work / "variants", reference, texts,
+                                         label_ids(test["label"]), settings.release.budgets)
     for blessing in blessings.values():
         log.info("%s: %s", blessing.variant, blessing.summary())
     fp32 = blessings[FP32]

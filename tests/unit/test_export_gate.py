@@ -3,7 +3,7 @@ import onnx
 
 from pipeline.config import ReleaseConfig, VariantBudget
 from pipeline.data.ingest import load_split
-from pipeline.export.variants import bless, build_variants, default_cpu_variant
+from pipeline.export.variants import _feed_forward_matmuls, bless, build_and_bless, default_cpu_variant
 from pipeline.train.evaluate import label_ids
 from pipeline.train.model import load_classifier, predict_logits
 from serving.model import OnnxClassifier
@@ -21,9 +21,8 @@ def test_every_variant_is_blessed_against_its_own_budget(ingested, tiny_classifi
     texts, y = test["text"].tolist(), label_ids(test["label"])
     model, tokenizer = load_classifier(str(tiny_classifier))
     reference = predict_logits(model, tokenizer, texts, 64)
-    folders = build_variants(tiny_classifier, tiny_onnx, tmp_path)
     budgets = ReleaseConfig().budgets
-    blessings = {name: bless(name, folder, reference, texts, y, budgets[name]) for name, folder in folders.items()}
+    folders, blessings = build_and_bless(tiny_classifier, tiny_onnx, tmp_path, reference, texts, y, budgets)
     fp32, optimized = blessings["fp32"], blessings["fp32-optimized"]
     assert fp32.blessed and fp32.n == len(texts) and fp32.max_abs_diff < 1e-4 and fp32.label_flips == 0
     assert optimized.blessed, optimized.reasons
@@ -39,6 +38,24 @@ def test_every_variant_is_blessed_against_its_own_budget(ingested, tiny_classifi
     refused = bless("fp32", tiny_onnx, reference, texts, y, strict)
     assert not refused.blessed and "max |logit diff|" in refused.reasons[0]
     assert default_cpu_variant({**blessings, "int8": refused}) in {"fp32", "fp32-optimized"}
+
+
+def test_int8_falls_back_to_attention_only_when_every_matmul_is_out_of_budget(ingested, tiny_classifier, tiny_onnx,
+                                                                               tmp_path):
+    test = load_split(ingested.labeled_dir, "test")
+    texts, y = test["text"].tolist(), label_ids(test["label"])
+    model, tokenizer = load_classifier(str(tiny_classifier))
+    reference = predict_logits(model, tokenizer, texts, 64)
+    never = {**ReleaseConfig().budgets, "int8": VariantBudget(max_abs_diff=1e-12)}
+    folders, blessings = build_and_bless(tiny_classifier, tiny_onnx, tmp_path, reference, texts, y, never)
+    int8 = blessings["int8"]
+    assert not int8.blessed and int8.scope == "attention" and len(int8.earlier_attempts) == 1
+    assert "every MatMul" in int8.earlier_attempts[0] and "feed-forward kept fp32" in int8.summary()
+    graph = onnx.load(str(folders["int8"] / "model.onnx")).graph
+    float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    layers = 2  # the tiny BERT's: two feed-forward projections each stay fp32
+    assert len(float_matmuls) == 2 * layers
+    assert len(_feed_forward_matmuls(onnx.load(str(folders["fp32-optimized"] / "model.onnx")))) == 2 * layers
 
 
 def test_onnx_classifier_handles_any_batch_and_length(tiny_onnx):

@@ -44,7 +44,7 @@ def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, inges
     from pipeline.data.ingest import load_split
     from pipeline.config import ReleaseConfig
     from pipeline.export.onnx import export_onnx
-    from pipeline.export.variants import bless, build_variants
+    from pipeline.export.variants import build_and_bless
     from pipeline.train.evaluate import label_ids
     from pipeline.train.model import load_classifier, predict_logits
     from pipeline.train.classify import finetune
@@ -75,8 +75,7 @@ def test_an_mpnet_base_fine_tunes_exports_with_parity_and_serves(tmp_path, inges
     reference = predict_logits(model, tokenizer, texts, 64)
     budgets = ReleaseConfig().budgets
     # Every variant builds for this architecture too, and the plain export is blessed.
-    folders = build_variants(model_dir, onnx_dir, tmp_path / "variants")
-    blessings = {name: bless(name, folder, reference, texts, y, budgets[name]) for name, folder in folders.items()}
+    folders, blessings = build_and_bless(model_dir, onnx_dir, tmp_path / "variants", reference, texts, y, budgets)
     assert set(blessings) == {"fp32", "fp32-optimized", "int8", "fp16"}
     assert blessings["fp32"].blessed and blessings["fp32"].label_flips == 0 and blessings["fp32"].max_abs_diff < 1e-4
     assert served.logits(["Operating profit rose to EUR 13.1 mn ."]).shape == (1, 3)

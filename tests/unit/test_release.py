@@ -175,6 +175,12 @@ def test_failures_are_clear_and_leave_the_champion(released, tmp_path, tiny_onnx
     champion = _champion(settings)
     with pytest.raises(ReleaseError, match="needs --reason"):
         force_promote(settings, worse, "  ")
+    # A candidate that loses on the agreement slices and on the behavioural suite: the reasons are in its tags.
+    strict = settings.model_copy(update={"release": settings.release.model_copy(update={"behaviour_max_drop": 0.0})})
+    assert not gate(strict, worse)["promote"]
+    reason = _version(settings, worse).tags["gate_reason"]
+    assert reason.startswith(f"rejected against champion v{champion}") and "slice:agree50" in reason
+    assert "behaviour:" in reason and _version(settings, worse).tags["gate_decision"] == "reject"
     down = settings.model_copy(update={"tracking_uri": "http://127.0.0.1:9"})
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(Exception, match="127.0.0.1:9"):
