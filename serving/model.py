@@ -38,13 +38,17 @@ def manifest_checksums(folder: Path, onnx_file: str) -> dict[str, str]:
     return {name: file_sha256(folder / name) for name in (onnx_file, "tokenizer.json")}
 
 
-def verify_checksums(folder: Path, expected: dict[str, str], source: str) -> None:
-    """Refuses a folder whose files differ from ``expected`` (name → sha256), naming the first that does."""
+def verify_checksums(folder: Path, expected: dict[str, str], source: str, hashed: dict[str, str] | None = None) -> None:
+    """Refuses a folder whose files differ from ``expected`` (name → sha256), naming the first that does.
+    ``hashed`` keeps the digests computed, so a second check of the same files reads none again."""
+    hashed = {} if hashed is None else hashed
     for name, digest in sorted(expected.items()):
         path = folder / name
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing; {source} lists it with sha256 {digest[:16]}…")
-        actual = file_sha256(path)
+        if name not in hashed:
+            hashed[name] = file_sha256(path)
+        actual = hashed[name]
         if actual != digest:
             raise ModelLoadError(
                 f"{path} has sha256 {actual[:16]}…, but {source} recorded {digest[:16]}…: refusing to load a file "
@@ -73,9 +77,10 @@ class OnnxClassifier:
                  expected_sha256: dict[str, str] | None = None, allow_provider_fallback: bool = False):
         model_dir = Path(model_dir)
         manifest = json.loads((model_dir / MANIFEST).read_text())
+        hashed: dict[str, str] = {}
         if expected_sha256:
-            verify_checksums(model_dir, expected_sha256, "the registry")
-        verify_checksums(model_dir, manifest.get("sha256", {}), f"{model_dir / MANIFEST}")
+            verify_checksums(model_dir, expected_sha256, "the registry", hashed)
+        verify_checksums(model_dir, manifest.get("sha256", {}), f"{model_dir / MANIFEST}", hashed)
         self.labels: list[str] = manifest["labels"]
         self.max_length: int = manifest["max_length"]
         self.name: str = manifest.get("model_name", "unknown")
@@ -84,7 +89,7 @@ class OnnxClassifier:
         self.batch_size = batch_size
         self.model_dir = model_dir
         onnx_path = model_dir / manifest["onnx_file"]
-        self.onnx_sha256 = file_sha256(onnx_path)
+        self.onnx_sha256 = hashed.get(manifest["onnx_file"]) or file_sha256(onnx_path)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(pad_id=manifest["pad_token_id"], pad_token=manifest["pad_token"])

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from serving.model import GPU_PROVIDERS, MANIFEST, ModelLoadError, OnnxClassifier
+from serving.model import GPU_PROVIDERS, MANIFEST, ModelLoadError, OnnxClassifier, verify_checksums
+
+T = TypeVar("T")
 
 ARTIFACT_TAG, VARIANTS_TAG, DEFAULT_CPU_TAG = "onnx_artifact", "onnx_variants", "onnx_default_cpu"
 SHA_PREFIX = "sha256/"
@@ -60,11 +64,11 @@ def _download(tracking_uri: str, version: ModelVersion, artifact: str, target: P
         Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
 
 
-def load_version(tracking_uri: str, version: ModelVersion, dest: Path, variant: str | None = None,
-                 providers: list[str] | None = None, allow_provider_fallback: bool = False) -> OnnxClassifier:
-    """Downloads (or reuses, in ``dest``) the chosen blessed variant, verifies every
-    file against the registry's sha256 tags and loads it."""
-    providers = providers or ["CPUExecutionProvider"]
+def _verified(tracking_uri: str, version: ModelVersion, dest: Path, variant: str | None, providers: list[str],
+              open_folder: Callable[[Path, dict[str, str]], T]) -> T:
+    """Opens the chosen blessed variant's folder in ``dest`` with ``open_folder``
+    (which checks it against the registry's sha256s), downloading it first when
+    absent; a cached copy that fails the check is fetched again once."""
     chosen = choose_variant(version, variant, providers)
     checksums = variant_checksums(version, chosen)
     if not checksums:
@@ -73,18 +77,32 @@ def load_version(tracking_uri: str, version: ModelVersion, dest: Path, variant: 
     artifact = f"{version.tags[ARTIFACT_TAG]}/{chosen}"
     target = dest / f"v{version.version}" / chosen
     folder = target / Path(artifact).name
-
-    def load() -> OnnxClassifier:
-        return OnnxClassifier(folder, providers=providers, expected_sha256=checksums,
-                              allow_provider_fallback=allow_provider_fallback)
-
     if (folder / MANIFEST).is_file():
         try:
-            return load()
+            return open_folder(folder, checksums)
         except ModelLoadError:  # a cached copy that changed: fetch the registry's bytes again
             pass
     _download(tracking_uri, version, artifact, target)
-    return load()
+    return open_folder(folder, checksums)
+
+
+def fetch_verified(tracking_uri: str, version: ModelVersion, dest: Path, variant: str | None = None,
+                   providers: list[str] | None = None) -> Path:
+    """The chosen blessed variant's folder, its files checked, without loading it (for another process)."""
+    def check(folder: Path, checksums: dict[str, str]) -> Path:
+        verify_checksums(folder, checksums, "the registry")
+        return folder
+
+    return _verified(tracking_uri, version, dest, variant, providers or ["CPUExecutionProvider"], check)
+
+
+def load_version(tracking_uri: str, version: ModelVersion, dest: Path, variant: str | None = None,
+                 providers: list[str] | None = None, allow_provider_fallback: bool = False) -> OnnxClassifier:
+    """Downloads (or reuses, in ``dest``) the chosen blessed variant, verifies every
+    file against the registry's sha256 tags and loads it."""
+    providers = providers or ["CPUExecutionProvider"]
+    return _verified(tracking_uri, version, dest, variant, providers, lambda folder, checksums: OnnxClassifier(
+        folder, providers=providers, expected_sha256=checksums, allow_provider_fallback=allow_provider_fallback))
 
 
 def load_alias(tracking_uri: str, model_name: str, alias: str, dest: Path, **options) -> OnnxClassifier:

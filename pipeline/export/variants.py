@@ -23,7 +23,6 @@ from serving.model import MANIFEST, OnnxClassifier, manifest_checksums
 log = logging.getLogger(__name__)
 
 FP32, OPTIMIZED, INT8, FP16 = "fp32", "fp32-optimized", "int8", "fp16"
-VARIANTS = (FP32, OPTIMIZED, INT8, FP16)
 # fp16 is for GPU nodes: on the CPU provider it runs (ONNX Runtime casts around the kernels it lacks)
 # but slower than fp32, so it is never the CPU default, and it stays unverified-on-GPU until a GPU runs it.
 CPU_VARIANTS = (FP32, OPTIMIZED, INT8)

@@ -24,7 +24,9 @@ from pipeline.data.ingest import load_split
 from pipeline.release import ReleaseError
 from pipeline.release.behavioural import load_suite, run_suite
 from pipeline.release.gate import Evaluation, decide_promotion
-from serving.registry import ARTIFACT_TAG, DEFAULT_CPU_TAG, VARIANTS_TAG, blessed_variants, load_version, sha_tag
+from serving.registry import (
+    ARTIFACT_TAG, DEFAULT_CPU_TAG, VARIANTS_TAG, blessed_variants, fetch_verified, load_version, sha_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,10 @@ def _test_split(settings: Settings):
     return test
 
 
-def _tag(settings: Settings, version: ModelVersion | str, tags: dict) -> None:
+def _tag(settings: Settings, version: ModelVersion, tags: dict) -> None:
     client = registry.connect(settings)
-    number = version.version if isinstance(version, ModelVersion) else version
     for key, value in tags.items():
-        client.set_model_version_tag(settings.model_name, number, key, str(value))
+        client.set_model_version_tag(settings.model_name, version.version, key, str(value))
 
 
 def _free_artifact_path(settings: Settings, run_id: str, version: str) -> str:
@@ -149,8 +150,7 @@ def export_candidate(settings: Settings, version: str | None = None) -> dict:
 
 def evaluate_version(settings: Settings, version: ModelVersion, test, suite) -> Evaluation:
     """Scores a version's served (default CPU, checksum-verified) variant on the test split and the suite."""
-    from pipeline.train.evaluate import agreement_slices, label_ids
-    from pipeline.train.evaluate import classification_metrics
+    from pipeline.train.evaluate import agreement_slices, classification_metrics, label_ids
 
     model = load_version(settings.tracking_uri, version, settings.state_dir / "release" / "models")
     probs = model.probabilities(test["text"].tolist())
@@ -215,13 +215,11 @@ def infra_check(settings: Settings, version: str | None = None) -> dict:
     from pipeline.services import free_port, start_serving, stop_process
 
     candidate = _candidate(settings, version)
-    model = load_version(settings.tracking_uri, candidate, settings.state_dir / "release" / "models")
+    folder = fetch_verified(settings.tracking_uri, candidate, settings.state_dir / "release" / "models")
     texts = _test_split(settings)["text"].tolist()
     port = free_port()
-    env = {**os.environ, "FINSENT_SERVING__MODEL_DIR": str(model.model_dir.resolve()),
-           "FINSENT_TRACKING_URI": settings.tracking_uri}
+    env = {**os.environ, "FINSENT_SERVING__MODEL_DIR": str(folder.resolve()), "FINSENT_TRACKING_URI": settings.tracking_uri}
     log_path = settings.state_dir / "logs" / f"infra-check-v{candidate.version}.log"
-    del model
     url = f"http://127.0.0.1:{port}/v1/predict"
     latencies, errors = [], []
     process = start_serving(env, port, log_path)

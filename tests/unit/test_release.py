@@ -19,7 +19,7 @@ from pipeline.release import ReleaseError
 from pipeline.release.jobs import export_candidate, force_promote, gate, infra_check, promote, rollback
 from serving.errors import ModelLoadError
 from serving.model import MANIFEST, OnnxClassifier
-from serving.registry import blessed_variants, load_version, variant_checksums
+from serving.registry import blessed_variants, fetch_verified, load_version, variant_checksums
 from tests.conftest import make_settings
 
 MODEL = "finsent-release-test"
@@ -101,6 +101,8 @@ def test_re_releasing_never_changes_the_served_bytes_and_a_tampered_file_is_refu
         stored.write_bytes(original[:-64] + bytes(64))  # same size, other bytes
         with pytest.raises(ModelLoadError, match=r"model\.onnx has sha256 .* refusing"):
             load_version(settings.tracking_uri, after, tmp_path / "fresh-cache")
+        with pytest.raises(ModelLoadError, match=r"model\.onnx has sha256"):  # what the infra check serves
+            fetch_verified(settings.tracking_uri, after, tmp_path / "fresh-cache-2")
     finally:
         stored.write_bytes(original)
     model = load_version(settings.tracking_uri, after, tmp_path / "cache")
