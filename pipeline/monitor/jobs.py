@@ -172,16 +172,6 @@ def score_news(settings: Settings, day: date, store: MonitorStore | None = None)
     return summary
 
 
-def _history(settings: Settings, day: date) -> pd.DataFrame:
-    earliest = (day - timedelta(days=HISTORY_DAYS)).isoformat()
-    frames = []
-    for path in sorted(settings.monitor_dir.glob(f"date=*/{INDEX_FILE}")):
-        partition_day = path.parent.name.removeprefix("date=")
-        if earliest <= partition_day < day.isoformat():
-            frames.append(read_parquet_partition(path))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
-
-
 def build_index(settings: Settings, day: date, store: MonitorStore | None = None) -> dict:
     """The day's index rows (overall, per entity, per topic) and its alerts."""
     partition = monitor_partition(settings, day)
@@ -196,7 +186,9 @@ def build_index(settings: Settings, day: date, store: MonitorStore | None = None
     stories = read_parquet_partition(path)
     originals = stories[stories["reprint_of"].isna()]
     cfg = settings.monitor
-    index = with_baselines(day_aggregates(originals, day, cfg.min_stories), _history(settings, day), day, cfg)
+    today = day_aggregates(originals, day, cfg.min_stories)
+    history = store.baseline_rows(day, day - timedelta(days=HISTORY_DAYS), today, cfg.baseline_days)
+    index = with_baselines(today, history, day, cfg)
     index = index.assign(model_version=stories["model_version"].iloc[0], onnx_sha256=stories["onnx_sha256"].iloc[0])
     index = index[INDEX_COLUMNS].sort_values(["dimension", "key"]).reset_index(drop=True)
     alerts = find_alerts(index, cfg)

@@ -8,7 +8,7 @@ import math
 from datetime import date
 
 import pandas as pd
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, create_engine, delete, select
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, create_engine, delete, func, select
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -79,6 +79,22 @@ class MonitorStore:
         with self.engine.connect() as connection:
             frame = pd.read_sql(query.order_by(*target.primary_key.columns, target.c.day), connection)
         return frame.sort_values("day", kind="stable").reset_index(drop=True)
+
+    def baseline_rows(self, day: date, earliest: date, keys: pd.DataFrame, per_key: int) -> pd.DataFrame:
+        """Index rows of ``keys`` (``dimension``, ``key``) from ``earliest`` up to the
+        day before ``day`` that are not low coverage: the last ``per_key`` of each.
+        One query, however long the history: a backfill reads no partition twice."""
+        target = TABLES["index"]
+        rank = func.row_number().over(partition_by=(target.c.dimension, target.c.key), order_by=target.c.day.desc())
+        ranked = select(target.c.day, target.c.dimension, target.c.key, target.c.net_mean, target.c.low_coverage,
+                        rank.label("rank")).where(
+            target.c.day >= earliest.isoformat(), target.c.day < day.isoformat(), target.c.low_coverage.is_(False),
+            target.c.dimension.in_(keys["dimension"].unique().tolist()), target.c.key.in_(keys["key"].unique().tolist()),
+        ).subquery()
+        with self.engine.connect() as connection:
+            frame = pd.read_sql(select(ranked).where(ranked.c.rank <= per_key), connection)
+        wanted = frame.merge(keys[["dimension", "key"]].drop_duplicates(), on=["dimension", "key"])
+        return wanted.drop(columns="rank").sort_values(["dimension", "key", "day"]).reset_index(drop=True)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -129,6 +129,31 @@ def test_replacing_a_day_never_duplicates_its_rows(tmp_path):
         "1987-03-02", "1987-03-03"]
 
 
+def _stored_baselines_match_the_whole_history(store: MonitorStore) -> None:
+    cfg = MonitorConfig(baseline_days=4, min_baseline_days=3, min_stories=5)
+    start = date(1987, 3, 1)
+    # A gappy feed with "uk" on some days only, a low-coverage day and a day after the one indexed.
+    days = {start + timedelta(days=2 * i): (20, 0.05 * i) for i in range(9)}
+    days[start + timedelta(days=3)] = (2, -0.9)
+    today = start + timedelta(days=15)
+    for day, (n, net) in {**days, today + timedelta(days=1): (20, 0.9)}.items():
+        entities = ("usa", "uk") if day.day % 4 == 1 else ("usa",)
+        store.replace_day("index", day, day_aggregates(_scored(n, net, entities=entities), day, cfg.min_stories))
+    whole = store.read("index", start, today + timedelta(days=1))
+    current = day_aggregates(_scored(20, -0.5, entities=("usa", "uk")), today, cfg.min_stories)
+    stored = store.baseline_rows(today, start, current, cfg.baseline_days)
+    assert stored.groupby(["dimension", "key"]).size().max() == cfg.baseline_days  # only what the baselines use
+    assert not stored["low_coverage"].any() and (stored["day"] < today.isoformat()).all()
+    assert set(stored["key"]) == set(current["key"])
+    columns = ["dimension", "key", "baseline_days", "zscore", "decayed_net"]
+    pd.testing.assert_frame_equal(with_baselines(current, stored, today, cfg)[columns],
+                                  with_baselines(current, whole, today, cfg)[columns])
+
+
+def test_baselines_read_from_the_table_match_the_whole_history(tmp_path):
+    _stored_baselines_match_the_whole_history(MonitorStore(f"sqlite:///{tmp_path / 'monitor.db'}"))
+
+
 class _Receiver(BaseHTTPRequestHandler):
     received: list[dict] = []
     fail_first = 0
@@ -195,3 +220,11 @@ def test_the_tables_work_on_postgres_and_a_rerun_replaces_the_day(postgres_url):
     assert len(kept) == 1 and kept["net_mean"].tolist() == [pytest.approx(0.2)] and not kept["low_coverage"].any()
     assert len(store.read("index", day, day)) == 3
     store.close()
+
+
+def test_baselines_from_postgres_match_the_whole_history(postgres_url):
+    store = MonitorStore(postgres_url)
+    try:
+        _stored_baselines_match_the_whole_history(store)
+    finally:
+        store.close()
