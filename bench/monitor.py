@@ -222,7 +222,7 @@ def backfill(args, settings) -> dict:
     services.airflow(["dags", "unpause", "monitor"], env, logs / "airflow-cli.log")
     started = time.perf_counter()
     services.airflow(["backfill", "create", "--dag-id", "monitor", "--from-date", first.isoformat(),
-                      "--to-date", last.isoformat()], env, logs / "airflow-cli.log")
+                      "--to-date", last.isoformat(), "--reprocess-behavior", "completed"], env, logs / "airflow-cli.log")
     processes, _ = services.start_airflow_services(env, logs)
     try:
         runs = services.wait_for_runs("monitor", env, lambda run: run["run_id"].startswith("backfill__"),

@@ -199,7 +199,10 @@ def cmd_serve(settings: Settings, args) -> None:
 
     from serving.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    # SIGTERM: uvicorn stops accepting, waits for requests in flight (the queued ones
+    # included) up to the drain deadline, then the app's shutdown stops the batcher.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=settings.serving.drain_timeout_s)
 
 
 def cmd_mlflow_server(settings: Settings, args) -> None:

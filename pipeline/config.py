@@ -13,7 +13,7 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.recipes import load_recipe
@@ -202,8 +202,29 @@ class ServingConfig(BaseModel):
 
     alias: str = Field("champion", description="the registry alias the API serves")
     model_dir: Path | None = Field(None, description="serve a local ONNX folder instead of the registry")
-    max_batch: int = Field(256, description="texts per request; more get a 422")
-    max_text_chars: int = Field(10_000, description="characters per text; more get a 422")
+    max_batch: int = Field(256, ge=1, description="texts per request; more get a 422")
+    max_text_chars: int = Field(10_000, ge=1, description="characters per text; more get a 422")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="request body size; a larger body gets a 413")
+    max_batch_tokens: int = Field(
+        2048, ge=64, description="padded tokens per inference batch: requests waiting together are run as one batch "
+        "up to this size (bench/serve_load.py measures it)")
+    max_queue_texts: int = Field(
+        512, ge=1, description="texts waiting for a batch; when full, requests get a 503 with Retry-After at once")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="how long a batch waits for more requests once one arrived; 0: it leaves as soon as "
+        "the inference thread is free")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; unset: the host's cores")
+    reload_interval_s: float = Field(
+        30.0, ge=0, description="how often the server asks the registry where its alias points, loading a new "
+        "version in the background; 0: never")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for POST /v1/admin/reload; unset: that endpoint is off")
+    canary_share: float = Field(
+        0.0, ge=0, le=1, description="share of predict requests answered by the @candidate version (0: off)")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="on SIGTERM: how long queued and running requests get to finish")
+    explain_max_tokens: int = Field(
+        64, ge=4, description="explain=true takes texts of at most this many tokens (it runs one pass per word)")
     variant: str | None = Field(
         None, description="the blessed ONNX variant to load (fp32, fp32-optimized, int8, fp16); unset: the fastest "
         "blessed CPU variant on CPU, fp32-optimized (else fp32) when a GPU provider is asked for")

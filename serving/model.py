@@ -55,15 +55,15 @@ def verify_checksums(folder: Path, expected: dict[str, str], source: str, hashed
                 "that changed after it was blessed")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-# On 2 CPU cores the exported graph (attention unfused) runs Reuters sentences at 147-149 texts/s in
-# batches of 1-4 and at 89-98 in batches of 16-64: padding costs more than batching saves
+# On 2 CPU cores, 1,500 Reuters sentences sorted by token count, the demo's champion: int8 282 / 333 /
+# 364 / 359 / 344 texts/s and fp32-optimized 243 / 278 / 287 / 285 / 280 at batch 1 / 4 / 8 / 16 / 32
 # (bench/RESULTS.md, "Monitor"). Other providers keep large batches until a GPU has timed them.
-CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE = 4, 64
+CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE = 8, 64
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 
 
@@ -74,7 +74,8 @@ class OnnxClassifier:
     ``allow_provider_fallback``: ONNX Runtime itself only logs it."""
 
     def __init__(self, model_dir: Path, providers: list[str] | None = None, batch_size: int | None = None,
-                 expected_sha256: dict[str, str] | None = None, allow_provider_fallback: bool = False):
+                 expected_sha256: dict[str, str] | None = None, allow_provider_fallback: bool = False,
+                 threads: int | None = None):
         model_dir = Path(model_dir)
         manifest = json.loads((model_dir / MANIFEST).read_text())
         hashed: dict[str, str] = {}
@@ -90,11 +91,16 @@ class OnnxClassifier:
         self.model_dir = model_dir
         onnx_path = model_dir / manifest["onnx_file"]
         self.onnx_sha256 = hashed.get(manifest["onnx_file"]) or file_sha256(onnx_path)
+        # Truncated, not padded: a batch is padded to its own longest text in run_encoded.
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=self.max_length)
-        self.tokenizer.enable_padding(pad_id=manifest["pad_token_id"], pad_token=manifest["pad_token"])
+        self.tokenizer.no_padding()
+        self.pad_id: int = manifest["pad_token_id"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
         requested = providers or ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
@@ -114,24 +120,34 @@ class OnnxClassifier:
             on_gpu = bool(GPU_PROVIDERS & set(self.providers))
             self.batch_size = DEFAULT_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to the model's window, not padded."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
+
+    def run_encoded(self, ids: list[list[int]]) -> np.ndarray:
+        """Logits of token id lists run as one batch, padded to the longest."""
+        width = max(map(len, ids))
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)] = tokens
+            attention_mask[row, : len(tokens)] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
+        return self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self.input_names})[0]
+
     def logits(self, texts: list[str]) -> np.ndarray:
         """Logits in input order; batches are length-sorted to keep padding small."""
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        ids = self.encode(texts)
+        order = np.argsort([len(tokens) for tokens in ids], kind="stable")
         for start in range(0, len(texts), self.batch_size):
             index = order[start : start + self.batch_size]
-            encodings = self.tokenizer.encode_batch([texts[i] for i in index])
-            feeds = {
-                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-                "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-            }
-            out[index] = self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self.input_names})[0]
+            out[index] = self.run_encoded([ids[i] for i in index])
         return out
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """Softmax probabilities in input order, columns in ``self.labels`` order."""
-        return _softmax(self.logits(texts))
+        return softmax(self.logits(texts))
 
     def predict(self, texts: list[str]) -> list[Prediction]:
         probs = self.probabilities(texts)

@@ -97,15 +97,21 @@ def fetch_verified(tracking_uri: str, version: ModelVersion, dest: Path, variant
 
 
 def load_version(tracking_uri: str, version: ModelVersion, dest: Path, variant: str | None = None,
-                 providers: list[str] | None = None, allow_provider_fallback: bool = False) -> OnnxClassifier:
+                 providers: list[str] | None = None, allow_provider_fallback: bool = False,
+                 threads: int | None = None) -> OnnxClassifier:
     """Downloads (or reuses, in ``dest``) the chosen blessed variant, verifies every
     file against the registry's sha256 tags and loads it."""
     providers = providers or ["CPUExecutionProvider"]
     return _verified(tracking_uri, version, dest, variant, providers, lambda folder, checksums: OnnxClassifier(
-        folder, providers=providers, expected_sha256=checksums, allow_provider_fallback=allow_provider_fallback))
+        folder, providers=providers, expected_sha256=checksums, allow_provider_fallback=allow_provider_fallback,
+        threads=threads))
+
+
+def resolve_alias(tracking_uri: str, model_name: str, alias: str) -> ModelVersion:
+    """The version ``models:/<name>@<alias>`` points at now."""
+    return MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias)
 
 
 def load_alias(tracking_uri: str, model_name: str, alias: str, dest: Path, **options) -> OnnxClassifier:
     """Loads the blessed variant of ``models:/<name>@<alias>``."""
-    version = MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias)
-    return load_version(tracking_uri, version, dest, **options)
+    return load_version(tracking_uri, resolve_alias(tracking_uri, model_name, alias), dest, **options)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,61 @@ def test_a_gpu_provider_that_falls_back_to_cpu_is_refused_unless_allowed(tiny_on
         OnnxClassifier(tiny_onnx, providers=asked)
     model = OnnxClassifier(tiny_onnx, providers=asked, allow_provider_fallback=True)
     assert model.provider_fallback and model.providers == ["CPUExecutionProvider"]
+
+
+def test_the_server_follows_its_alias_and_a_failed_reload_keeps_the_old_model(released):
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from serving.app import create_app
+
+    settings, artifacts, (worse, good, same), _ = released
+    client = MlflowClient(settings.tracking_uri)
+    client.set_registered_model_alias(MODEL, "live", good)  # an alias of its own: the other tests' stay as they are
+    serving = settings.serving.model_copy(update={"alias": "live", "admin_token": SecretStr("s3cret"),
+                                                  "reload_interval_s": 0.2})
+    admin = {"Authorization": "Bearer s3cret"}
+    try:
+        with TestClient(create_app(settings.model_copy(update={"serving": serving}))) as http:
+            model = http.get("/v1/model").json()
+            assert model["version"] == good and model["alias"] == "live"
+            assert model["sha256"] == variant_checksums(_version(settings, good), model["variant"])
+            assert http.post("/v1/admin/reload").status_code == 401
+            assert http.post("/v1/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            # The background poll follows the alias.
+            client.set_registered_model_alias(MODEL, "live", same)
+            deadline = time.monotonic() + 60
+            while http.get("/v1/model").json()["version"] != same:
+                assert time.monotonic() < deadline, "the alias moved, the server did not"
+                time.sleep(0.1)
+            answer = http.post("/v1/predict", json={"text": "Profit rose ."}).json()
+            assert answer["model_version"] == same and answer["model_alias"] == "live"
+            # A version whose file changed after blessing is refused; the old model keeps serving.
+            run_id = _version(settings, worse).run_id
+            variant = _version(settings, worse).tags["onnx_default_cpu"]
+            stored = next(artifacts.glob(f"*/{run_id}/artifacts/onnx/v{worse}/{variant}/model.onnx"))
+            original = stored.read_bytes()
+            stored.write_bytes(original[:-64] + bytes(64))
+            try:
+                client.set_registered_model_alias(MODEL, "live", worse)
+                result = http.post("/v1/admin/reload", headers=admin).json()
+                assert result["status"] == "failed" and result["reason"] == "model_refused", result
+                assert http.post("/v1/predict", json={"text": "Profit rose ."}).json()["model_version"] == same
+                ready = http.get("/readyz").json()
+                assert ready["model_version"] == same and ready["last_reload"]["reason"] == "model_refused"
+                assert "finsent_model_load_failures_total" in http.get("/metrics").text
+            finally:
+                stored.write_bytes(original)
+            assert http.post("/v1/admin/reload", headers=admin).json()["status"] in ("reloaded", "unchanged")
+            assert http.get("/v1/model").json()["version"] == worse
+        # A canary share of 1: every answer comes from @candidate, and says so.
+        canary = serving.model_copy(update={"canary_share": 1.0, "reload_interval_s": 0})
+        candidate = client.get_model_version_by_alias(MODEL, "candidate").version
+        with TestClient(create_app(settings.model_copy(update={"serving": canary}))) as http:
+            answer = http.post("/v1/predict", json={"text": "Profit rose ."}).json()
+            assert answer["model_alias"] == "candidate" and answer["model_version"] == candidate
+            assert http.get("/v1/model").json()["canary"]["version"] == candidate
+            assert f'finsent_predicted_texts_total{{model_version="{candidate}",role="candidate"}} 1.0' in \
+                http.get("/metrics").text
+    finally:
+        client.delete_registered_model_alias(MODEL, "live")
