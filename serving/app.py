@@ -204,6 +204,7 @@ class Models:
         try:
             self.canary = await asyncio.to_thread(_load, self.settings, "candidate", self.cache)
         except Exception as err:
+            self.canary = None
             self.metrics.load_failures.inc()
             log.warning("no canary: the candidate did not load (%s): %s", reason_code(err), err)
 
@@ -232,7 +233,21 @@ class Models:
                           "the old model keeps serving" if self.main else "nothing is served", type(err).__name__, err)
             self.last_reload = {**result, "trigger": trigger,
                                 "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            if self.settings.serving.canary_share > 0:
+                await self._follow_candidate()
             return result
+
+    async def _follow_candidate(self) -> None:
+        """The canary follows @candidate too; when it cannot load, the canary stops (all traffic to the champion)."""
+        try:
+            version = await asyncio.to_thread(resolve_alias, self.settings.tracking_uri, self.settings.model_name,
+                                              "candidate")
+        except Exception as err:
+            log.warning("canary: @candidate unresolved (%s): %s", reason_code(err), err)
+            self.canary = None
+            return
+        if self.canary is None or self.canary.model.version != version.version:
+            await self._load_canary()
 
     def pick(self) -> tuple[Served, str]:
         share = self.settings.serving.canary_share
