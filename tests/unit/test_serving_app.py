@@ -144,7 +144,7 @@ def test_bad_requests_get_a_4xx_saying_what_is_wrong(tiny_onnx, payload, status,
         (json.dumps({"texts": ["x" * 3000]}).encode(), {}, 413, "at most 2048"),
     ],
 )
-def test_broken_bodies_get_a_4xx_and_never_an_internal_detail(server, tiny_onnx, body, headers, status, fragment):
+def test_broken_bodies_get_a_4xx_and_never_an_internal_detail(tiny_onnx, body, headers, status, fragment):
     with TestClient(create_app(_settings(tiny_onnx, max_body_bytes=2048))) as client:
         response = client.post("/v1/predict", content=body, headers={"content-type": "application/json", **headers})
     assert response.status_code == status and fragment in response.text, response.text
