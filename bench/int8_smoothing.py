@@ -36,76 +36,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def encode_feeds(ids: list[list[int]], names: set[str]) -> tuple[dict, np.ndarray]:
-    width = max(map(len, ids))
-    input_ids = np.zeros((len(ids), width), np.int64)
-    mask = np.zeros_like(input_ids)
-    for row, tokens in enumerate(ids):
-        input_ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
-    feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-    return {k: v for k, v in feeds.items() if k in names}, mask.astype(bool)
-
-
-def activation_maxima(source: Path, classifier, texts: list[str], inputs: list[str], work: Path) -> dict:
-    """max |x| per channel of each named tensor over ``texts`` (padding left out)."""
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.load(str(source / "model.onnx"))
-    del probe.graph.value_info[:]
-    for name in inputs:
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    onnx.save(probe, str(work / "probe.onnx"))
-    session = ort.InferenceSession(str(work / "probe.onnx"), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    maxima: dict[str, np.ndarray] = {}
-    ids = classifier.encode(texts)
-    for start in range(0, len(ids), 8):
-        feeds, mask = encode_feeds(ids[start : start + 8], names)
-        for name, value in zip(inputs, session.run(inputs, feeds)):
-            found = np.abs(value.reshape(-1, value.shape[-1])[mask.reshape(-1)]).max(0)
-            maxima[name] = np.maximum(maxima[name], found) if name in maxima else found
-    return maxima
-
-
 def smoothed(source: Path, matmuls: set[str], maxima: dict, alpha: float, out: Path) -> Path:
-    """fp32 graph, same function: x -> x / s before each MatMul, its weight rows times s."""
     import onnx
-    from onnx import numpy_helper
+
+    from pipeline.export.smoothing import smooth
 
     model = onnx.load(str(source / "model.onnx"))
     del model.graph.value_info[:]
-    initializers = {i.name: i for i in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        if node.name in matmuls:
-            activation, weight_name = node.input[0], node.input[1]
-            weight = numpy_helper.to_array(initializers[weight_name])
-            scale = np.clip(maxima[activation] ** alpha / np.abs(weight).max(1) ** (1 - alpha), 1e-5, 1e5)
-            initializers[weight_name].CopyFrom(
-                numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), weight_name))
-            inverse = numpy_helper.from_array((1 / scale).astype(np.float32), f"{node.name}_smooth")
-            model.graph.initializer.append(inverse)
-            nodes.append(onnx.helper.make_node("Mul", [activation, inverse.name], [f"{node.name}_smoothed_input"],
-                                               name=f"{node.name}_smooth"))
-            node.input[0] = f"{node.name}_smoothed_input"
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out / "model.onnx"))
+    onnx.save(smooth(model, matmuls, maxima, alpha), str(out / "model.onnx"))
     return out / "model.onnx"
 
 
 def quantized(unquantized: Path, source: Path, excluded: list[str], out: Path) -> Path:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from pipeline.export.variants import INT8, _copy_side_files
+    from pipeline.export.variants import INT8, _copy_side_files, _quantize
 
     out.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(unquantized), str(out / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    _quantize(unquantized, out / "model.onnx", excluded)
     return _copy_side_files(source, out, "model.onnx", INT8)
 
 
@@ -114,6 +61,7 @@ def main() -> None:
     import onnx
 
     from pipeline.data.sources import read_reuters, split_sentences
+    from pipeline.export.smoothing import activation_maxima
     from pipeline.export.variants import _feed_forward_matmuls
     from serving.model import OnnxClassifier
 
@@ -146,7 +94,7 @@ def main() -> None:
     graph = onnx.load(str(source / "model.onnx"))
     matmuls = set(_feed_forward_matmuls(graph))
     activations = {node.input[0] for node in graph.graph.node if node.name in matmuls}
-    maxima = activation_maxima(source, reference, calibration, sorted(activations), work)
+    maxima = activation_maxima(source / "model.onnx", reference, calibration, sorted(activations), work)
     record: dict = {"bench": "int8_smoothing", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "host": platform.node(), "command": f"python bench/int8_smoothing.py --alphas {args.alphas}",
                     "test_sentences": len(test), "calibration_sentences": len(calibration),

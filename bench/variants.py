@@ -83,12 +83,13 @@ def main() -> None:
     pytorch_single = seq_per_s(lambda t: [predict_logits(model, tokenizer, [x], 128, batch_size=1) for x in t], sample[:150])
     fp32 = export_onnx(hf_dir, args.work / "fp32", 128)
     budgets = ReleaseConfig().budgets
-    folders, blessings = build_and_bless(hf_dir, fp32, args.work, reference, texts, y, budgets)
+    tuning = load_split(args.labeled_dir, "validation")["text"].tolist()
+    folders, blessings = build_and_bless(hf_dir, fp32, args.work, reference, texts, y, budgets, tuning)
     source = folders.get("fp32-optimized", fp32)
-    # Both int8 scopes, whichever the release kept, and the per-tensor weights the per-channel default beat.
+    # Every int8 scope, whichever the release kept, and the per-tensor weights the per-channel default beat.
     candidates = {name: folder for name, folder in folders.items() if name != "int8"}
     for scope in INT8_SCOPES:
-        candidates[f"int8-{scope}"] = quantize_int8(source, args.work / f"int8-{scope}", scope)
+        candidates[f"int8-{scope}"] = quantize_int8(source, args.work / f"int8-{scope}", scope, tuning)
     per_tensor = args.work / "int8-all-per-tensor"
     per_tensor.mkdir(exist_ok=True)
     for name in ("tokenizer.json", "serving.json"):

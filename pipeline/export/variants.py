@@ -27,10 +27,14 @@ FP32, OPTIMIZED, INT8, FP16 = "fp32", "fp32-optimized", "int8", "fp16"
 # but slower than fp32, so it is never the CPU default, and it stays unverified-on-GPU until a GPU runs it.
 CPU_VARIANTS = (FP32, OPTIMIZED, INT8)
 SPEED_TEXTS = 256
-# int8 is tried on every MatMul first, then with the feed-forward projections left in fp32. On the demo's
-# MiniLM champion (942 test sentences): all 19 label flips at 343 seq/s, attention only 4 flips at 233,
-# fp32-optimized 201 (bench/RESULTS.md, "Release variants"). The first scope within budget is kept.
-INT8_SCOPES = {"all": "every MatMul", "attention": "attention projections; feed-forward kept fp32"}
+# int8 is tried on every MatMul first; then with the feed-forward inputs smoothed into their weights and
+# the one feed-forward MatMul the tuning texts pick kept fp32; then with the feed-forward projections left
+# in fp32. On the demo's MiniLM champion (942 test sentences, 1,500 Reuters sentences for speed): every
+# MatMul 17 flips at 667 texts/s, smoothed 7 flips at 597, attention only 6 flips at 366 (bench/RESULTS.md,
+# "Release variants"). The first scope within budget is kept.
+INT8_SCOPES = {"all": "every MatMul",
+               "smoothed": "every MatMul, feed-forward inputs smoothed, one feed-forward MatMul fp32",
+               "attention": "attention projections; feed-forward kept fp32"}
 
 
 @dataclass
@@ -108,23 +112,63 @@ def _feed_forward_matmuls(model) -> list[str]:
     return [name for name, shape in weights.items() if widest in shape and shape[0] != shape[1]]
 
 
-def quantize_int8(source_dir: Path, out_dir: Path, scope: str = "all") -> Path:
-    """Dynamic quantization with per-channel weights: on the demo's MiniLM champion 19 label flips in 942
-    test sentences against 32 per-tensor, at the same speed (bench/RESULTS.md, "Release variants")."""
+def _quantize(source: Path, target: Path, excluded: list[str]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Shape inference cannot type the outputs of the optimizer's fused (com.microsoft) nodes; they are float.
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _smoothed_int8(model, source_dir: Path, out_dir: Path, tuning_texts: list[str]) -> None:
+    """Every MatMul int8, the feed-forward inputs smoothed; the one feed-forward MatMul whose fp32
+    copy lowers the mean logit error on ``tuning_texts`` most stays fp32 (no labels are used)."""
+    import onnx
+
+    from pipeline.export.smoothing import activation_maxima, smooth
+
+    feed_forward = _feed_forward_matmuls(model)
+    reference = OnnxClassifier(source_dir)
+    activations = sorted({n.input[0] for n in model.graph.node if n.name in feed_forward})
+    maxima = activation_maxima(source_dir / "model.onnx", reference, tuning_texts, activations, out_dir / "work")
+    unquantized = out_dir / "work" / "smoothed.onnx"
+    onnx.save(smooth(model, set(feed_forward), maxima), str(unquantized))
+    target = reference.logits(tuning_texts)
+    probe = out_dir / "work" / "probe"
+    probe.mkdir()
+    errors = {}
+    for name in feed_forward:
+        _quantize(unquantized, probe / "model.onnx", [name])
+        _copy_side_files(source_dir, probe, "model.onnx", INT8)
+        errors[name] = float(np.abs(OnnxClassifier(probe).logits(tuning_texts) - target).mean())
+    kept = min(errors, key=errors.get)
+    log.info("smoothed int8: %s kept fp32 (mean |dlogit| %.4f on %d tuning texts)", kept, errors[kept],
+             len(tuning_texts))
+    _quantize(unquantized, out_dir / "model.onnx", [kept])
+    shutil.rmtree(out_dir / "work")
+
+
+def quantize_int8(source_dir: Path, out_dir: Path, scope: str = "all", tuning_texts: list[str] | None = None) -> Path:
+    """Dynamic quantization with per-channel weights: on the demo's MiniLM champion 19 label flips in 942
+    test sentences against 32 per-tensor, at the same speed (bench/RESULTS.md, "Release variants").
+    ``smoothed`` needs ``tuning_texts`` (sentences of the validation split)."""
+    import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # The dynamo export's value_info holds shapes the quantizer's shape inference contradicts: drop them.
     model = onnx.load(str(source_dir / "model.onnx"))
     del model.graph.value_info[:]
-    excluded = _feed_forward_matmuls(model) if scope == "attention" else []
-    source = out_dir / "unquantized.onnx"
-    onnx.save(model, str(source))
-    # Shape inference cannot type the outputs of the optimizer's fused (com.microsoft) nodes; they are float.
-    quantize_dynamic(str(source), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    source.unlink()
+    if scope == "smoothed":
+        if not tuning_texts:
+            raise ValueError("the smoothed int8 scope needs tuning texts")
+        _smoothed_int8(model, source_dir, out_dir, tuning_texts)
+    else:
+        excluded = _feed_forward_matmuls(model) if scope == "attention" else []
+        source = out_dir / "unquantized.onnx"
+        onnx.save(model, str(source))
+        _quantize(source, out_dir / "model.onnx", excluded)
+        source.unlink()
     return _copy_side_files(source_dir, out_dir, "model.onnx", INT8)
 
 
@@ -140,11 +184,13 @@ def convert_fp16(source_dir: Path, out_dir: Path) -> Path:
 
 
 def build_and_bless(hf_dir: Path, fp32_dir: Path, out_root: Path, reference_logits: np.ndarray, texts: list[str],
-                    y: np.ndarray, budgets: dict[str, VariantBudget]) -> tuple[dict[str, Path], dict[str, Blessing]]:
+                    y: np.ndarray, budgets: dict[str, VariantBudget], tuning_texts: list[str] | None = None,
+                    ) -> tuple[dict[str, Path], dict[str, Blessing]]:
     """Every variant this base can have, next to ``fp32_dir``, each blessed or not
     against its budget. A variant that cannot be built (an architecture the
     optimizer does not know) is logged and left out; int8 keeps the first of
-    ``INT8_SCOPES`` within budget, or the last tried."""
+    ``INT8_SCOPES`` within budget, or the last tried (``smoothed`` only with
+    ``tuning_texts``, unlabeled sentences that are not the test split's)."""
     folders = {FP32: fp32_dir}
     try:
         folders[OPTIMIZED] = export_optimized(hf_dir, fp32_dir, out_root / OPTIMIZED)
@@ -154,8 +200,8 @@ def build_and_bless(hf_dir: Path, fp32_dir: Path, out_root: Path, reference_logi
     folders[FP16] = convert_fp16(source, out_root / FP16)
     blessings = {name: bless(name, folder, reference_logits, texts, y, budgets[name]) for name, folder in folders.items()}
     attempts: list[str] = []
-    for scope in INT8_SCOPES:
-        folder = quantize_int8(source, out_root / f"{INT8}-{scope}", scope)
+    for scope in (s for s in INT8_SCOPES if s != "smoothed" or tuning_texts):
+        folder = quantize_int8(source, out_root / f"{INT8}-{scope}", scope, tuning_texts)
         blessing = bless(INT8, folder, reference_logits, texts, y, budgets[INT8])
         blessing.scope, blessing.earlier_attempts = scope, list(attempts)
         folders[INT8], blessings[INT8] = folder, blessing

@@ -116,8 +116,10 @@ def export_candidate(settings: Settings, version: str | None = None) -> dict:
     model, tokenizer = load_classifier(str(hf_dir))
     reference = predict_logits(model, tokenizer, texts, max_length)
     del model
+    # The validation split's sentences tune the smoothed int8 (no labels); the test split only judges.
+    tuning = load_split(settings.labeled_dir, "validation")["text"].tolist()
     folders, blessings = build_and_bless(hf_dir, fp32_dir, work / "variants", reference, texts,
-                                         label_ids(test["label"]), settings.release.budgets)
+                                         label_ids(test["label"]), settings.release.budgets, tuning)
     for blessing in blessings.values():
         log.info("%s: %s", blessing.variant, blessing.summary())
     fp32 = blessings[FP32]
