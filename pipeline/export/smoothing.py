@@ -56,7 +56,7 @@ def smooth(model, matmuls: set[str], maxima: dict, alpha: float = ALPHA):
     initializers = {i.name: i for i in model.graph.initializer}
     nodes = []
     for node in model.graph.node:
-        if node.name in matmuls:
+        if node.name in matmuls and node.input[1] in initializers:  # x @ W with W constant; else left as is
             activation, weight_name = node.input[0], node.input[1]
             weight = numpy_helper.to_array(initializers[weight_name])
             scale = np.clip(maxima[activation] ** alpha / np.maximum(np.abs(weight).max(1), 1e-8) ** (1 - alpha),
