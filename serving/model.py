@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,6 @@ from serving.errors import ModelLoadError
 
 MANIFEST = "serving.json"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    scores: dict[str, float]
 
 
 def file_sha256(path: Path) -> str:
@@ -148,10 +141,3 @@ class OnnxClassifier:
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """Softmax probabilities in input order, columns in ``self.labels`` order."""
         return softmax(self.logits(texts))
-
-    def predict(self, texts: list[str]) -> list[Prediction]:
-        probs = self.probabilities(texts)
-        return [
-            Prediction(label=self.labels[int(row.argmax())], scores=dict(zip(self.labels, map(float, row))))
-            for row in probs
-        ]

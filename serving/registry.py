@@ -110,8 +110,3 @@ def load_version(tracking_uri: str, version: ModelVersion, dest: Path, variant: 
 def resolve_alias(tracking_uri: str, model_name: str, alias: str) -> ModelVersion:
     """The version ``models:/<name>@<alias>`` points at now."""
     return MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias)
-
-
-def load_alias(tracking_uri: str, model_name: str, alias: str, dest: Path, **options) -> OnnxClassifier:
-    """Loads the blessed variant of ``models:/<name>@<alias>``."""
-    return load_version(tracking_uri, resolve_alias(tracking_uri, model_name, alias), dest, **options)
