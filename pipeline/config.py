@@ -63,6 +63,14 @@ class IngestConfig(BaseModel):
         default_factory=lambda: dict(REFERENCE_LABEL_SHARES),
         description="expected label shares (default: Financial PhraseBank 50Agree); {} turns the check off")
     label_tolerance: float = Field(0.10, description="allowed absolute deviation of each label's share")
+    source_protocols: list[str] = Field(
+        default_factory=lambda: ["s3", "s3a"], description="URL protocols a source may be read over besides local "
+        "files (s3 and s3a need the s3 extra); any other (http, https, ftp, memory, ...) is refused unless listed")
+    max_line_bytes: int = Field(
+        1_000_000, ge=1, description="a JSONL line or CSV record larger than this is quarantined unread")
+    max_json_depth: int = Field(
+        64, ge=1, le=500, description="a JSONL line whose arrays/objects nest deeper than this is quarantined unparsed "
+        "(at most 500: Python's JSON parser runs out of stack near 1000)")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> "IngestConfig":

@@ -73,6 +73,19 @@ def text_problem(text, error, min_chars: int, max_chars: int) -> str | None:
     return None
 
 
+ID_CONFLICT = "id conflict: same id as a different text"
+
+
+def split_id_conflicts(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``rows`` without, and with, an id that names more than one text. Which
+    text such an id means cannot be told, so all of its rows are quarantined
+    (not counted as duplicates); the same id with the same text stays a
+    duplicate for deduplication. Rows without an id are never in conflict."""
+    texts_per_id = rows.groupby("id", sort=False)["text"].transform("nunique")
+    conflicting = texts_per_id.gt(1)
+    return rows[~conflicting], rows[conflicting].assign(reason=ID_CONFLICT)
+
+
 def _row_problem(text, label, error, cfg: IngestConfig) -> str | None:
     problem = text_problem(text, error, cfg.min_chars, cfg.max_chars)
     if problem is not None:

@@ -42,7 +42,7 @@ def load_split(labeled_dir: Path, split: str) -> pd.DataFrame:
 def _read_labeled(settings: Settings) -> tuple[pd.DataFrame, dict[str, int]]:
     cfg = settings.ingest
     if settings.labeled_source:
-        return read_labeled_source(settings.labeled_source, cfg.text_column, cfg.label_column, cfg.id_column)
+        return read_labeled_source(settings.labeled_source, cfg.text_column, cfg.label_column, cfg.id_column, cfg)
     if settings.fpb_dir is not None and settings.fpb_dir.is_dir():
         return read_phrasebank(settings.fpb_dir)
     log.info("no Financial PhraseBank folder at %s; reading it from the hub", settings.fpb_dir)
@@ -115,7 +115,8 @@ def ingest_corpus(settings: Settings, tokenizer=None) -> dict | None:
 
 
 def version_curated(settings: Settings) -> str:
-    """``dvc add`` + ``dvc push`` of data/; returns the digest downstream runs log."""
+    """``dvc add`` + ``dvc push`` of data/; returns the digest downstream runs log.
+    A failed push leaves ``data.dvc`` as it was and raises."""
     remote = settings.dvc_remote or str((settings.state_dir / "dvc-remote").resolve())
     return version_data(settings.project_dir, remote)
 

@@ -1,4 +1,5 @@
-"""The landing zone: raw files per day, ``<landing>/YYYY-MM-DD/*``."""
+"""The landing zone: raw files per day, ``<landing>/YYYY-MM-DD/*``, and
+where each day's curated news goes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import json
 from datetime import date
 from pathlib import Path
 
+from pipeline.config import Settings
 from pipeline.data.sources import read_reuters
 from pipeline.data.tabular import TABULAR_SUFFIXES
+
+
+def news_partition(settings: Settings, day: date) -> Path:
+    return settings.data_dir / "curated" / "news" / f"date={day.isoformat()}"
 
 
 def day_folder(landing_dir: Path, day: date) -> Path:

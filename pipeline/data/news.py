@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import IngestConfig, Settings
-from pipeline.data.clean import CleanResult, require_clean_share, text_problem
-from pipeline.data.landing import day_files
+from pipeline.data.clean import CleanResult, require_clean_share, split_id_conflicts, text_problem
+from pipeline.data.landing import day_files, news_partition
 from pipeline.data.sources import normalize_text, normalize_value
 from pipeline.data.tabular import STANDARD_COLUMNS, ColumnMapping, SourceError, read_table
 from pipeline.data.tokens import content_tokens, load_tokenizer, token_counts
@@ -31,19 +31,16 @@ QUARANTINE_COLUMNS = ["file", "line", "id", "text", "reason"]
 COUNTS_FILE = "_counts.json"
 
 
-def news_partition(settings: Settings, day: date) -> Path:
-    return settings.data_dir / "curated" / "news" / f"date={day.isoformat()}"
-
-
 def news_quarantine(settings: Settings, day: date) -> Path:
     return settings.quarantine_dir / "news" / f"date={day.isoformat()}.parquet"
 
 
-def _read_day(files: list[Path], mapping: ColumnMapping) -> tuple[pd.DataFrame, list[dict]]:
+def _read_day(files: list[Path], mapping: ColumnMapping, cfg: IngestConfig) -> tuple[pd.DataFrame, list[dict]]:
     frames, file_errors = [], []
     for path in files:
         try:
-            frames.append(read_table(str(path), mapping))
+            # A file that links out of its day folder is refused unread, as an unreadable one is.
+            frames.append(read_table(str(path), mapping, cfg=cfg, root=path.parent))
         except SourceError as err:  # the file goes to quarantine whole; the day goes on
             file_errors.append({"file": str(path), "reason": str(err)})
             log.error("quarantined file %s: %s", path, err)
@@ -77,10 +74,12 @@ def _clean_day(raw: pd.DataFrame, max_chars: int) -> CleanResult:
     good = raw[raw["reason"].isna()]
     # Rows without an id get their place in the landing zone as one.
     good = good.assign(id=good["id"].where(good["id"].notna(), good["file"] + ":" + good["line"].astype(str)))
+    good, id_conflicts = split_id_conflicts(good)
     unique = good.drop_duplicates(subset=["id"]).drop_duplicates(subset=["text"])
+    quarantine = pd.concat([bad, id_conflicts])[QUARANTINE_COLUMNS].reset_index(drop=True)
     return CleanResult(
         clean=unique.astype({"id": "str", "text": "str"}).sort_values("id").reset_index(drop=True),
-        quarantine=bad[QUARANTINE_COLUMNS].reset_index(drop=True), duplicates=len(good) - len(unique), rows_in=len(raw),
+        quarantine=quarantine, duplicates=len(good) - len(unique), rows_in=len(raw),
     )
 
 
@@ -100,7 +99,7 @@ def ingest_news_day(settings: Settings, day: date, mapping: ColumnMapping | None
         log.info("no landing files for %s in %s: nothing to do", day, settings.landing_zone)
         return {**summary, "status": "no files"}
 
-    raw, file_errors = _read_day(files, mapping or news_mapping(settings.ingest))
+    raw, file_errors = _read_day(files, mapping or news_mapping(settings.ingest), settings.ingest)
     cleaned = _clean_day(raw, settings.ingest.max_news_chars)
     report = None
     if len(cleaned.clean):

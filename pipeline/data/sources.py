@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import IngestConfig
+
 
 # Agreement files are nested (AllAgree ⊂ 75 ⊂ 66 ⊂ 50): 50Agree holds every
 # sentence; the others only tell each sentence's highest agreement level.
@@ -114,31 +116,38 @@ def _read_hub_table(dataset_id: str, text_column: str, label_column: str, id_col
 
 def read_labeled_source(
     uri: str, text_column: str = "text", label_column: str = "label", id_column: str | None = None,
+    cfg: IngestConfig | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Labeled rows from any supported source, chosen by the URI: a Financial
     PhraseBank folder, ``hf://<dataset id>``, or CSV/JSONL/Parquet files (one
     file, a folder of them, or an fsspec URL such as ``s3://…`` with the s3
-    extra). Returns raw rows and, for Financial PhraseBank, agreement levels."""
-    from pipeline.data.tabular import TABULAR_SUFFIXES, ColumnMapping, SourceError, read_table
+    extra; ``cfg.source_protocols`` lists the protocols allowed). A folder's
+    files must not link outside it. Returns raw rows and, for Financial
+    PhraseBank, agreement levels."""
+    from pipeline.data.tabular import TABULAR_SUFFIXES, ColumnMapping, SourceError, check_protocols, read_table
 
     if uri.startswith("hf://"):
         dataset_id = uri.removeprefix("hf://")
         if dataset_id == HUB_PHRASEBANK:
             return read_phrasebank_hub(dataset_id)
         return _read_hub_table(dataset_id, text_column, label_column, id_column), {}
+    cfg = cfg or IngestConfig()
+    check_protocols(uri, cfg.source_protocols)
     local = Path(uri)
+    root = None
     if "://" not in uri and local.is_dir():
         if (local / PHRASEBANK_LEVELS[50]).is_file():
             return read_phrasebank(local)
         urls = [str(p) for p in sorted(local.iterdir()) if p.suffix.lower() in TABULAR_SUFFIXES]
         if not urls:
             raise SourceError(f"{uri}: neither Financial PhraseBank files nor CSV/JSONL/Parquet files")
+        root = local
     elif "://" not in uri and not local.exists():
         raise SourceError(f"{uri}: no such file or folder")
     else:
         urls = [uri]
     mapping = ColumnMapping(text=text_column, label=label_column, id=id_column)
-    frames = [read_table(url, mapping) for url in urls]
+    frames = [read_table(url, mapping, cfg=cfg, root=root) for url in urls]
     table = pd.concat(frames, ignore_index=True)
     raw = table.assign(source=table["file"].map(lambda f: f.rsplit("/", 1)[-1]))
     return raw[RAW_COLUMNS].reset_index(drop=True), {}

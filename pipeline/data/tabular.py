@@ -1,7 +1,8 @@
 """CSV, JSONL and Parquet files (local paths or fsspec URLs) read into the
 standard columns through a configurable column mapping. A problem with one
 row is recorded on that row; a problem with the whole file (missing column,
-unreadable file) raises ``SourceError`` naming the file."""
+unreadable file, a protocol the settings do not allow, a link out of its
+folder) raises ``SourceError`` naming the file."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
+
+from pipeline.config import IngestConfig
 
 STANDARD_COLUMNS = ["id", "timestamp", "title", "text", "label", "entity", "topics", "source", "file", "line", "error"]
 TABULAR_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -39,6 +43,42 @@ class ColumnMapping:
 
 
 _EXTRAS = {"s3": "s3", "s3a": "s3"}  # URL protocol → the finsent extra that installs its filesystem
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_BARE_PROTOCOL = re.compile(r"[a-z]+")
+
+
+def url_protocols(url: str) -> list[str]:
+    """Every protocol fsspec would open ``url`` through, lower-cased: none for
+    a plain path, two for a chain such as ``simplecache::s3://b/x.csv``."""
+    from fsspec.core import split_protocol
+
+    pieces = url.split("::")
+    protocols = []
+    for piece in pieces:
+        protocol, _ = split_protocol(piece)
+        if protocol is None and len(pieces) > 1 and _BARE_PROTOCOL.fullmatch(piece):
+            protocol = piece  # fsspec reads a bare word in a chain as a protocol name
+        if protocol is not None:
+            protocols.append(protocol.lower())
+    return protocols
+
+
+def check_protocols(url: str, allowed: list[str]) -> None:
+    """Refuses, before anything is opened, a URL whose protocols are neither
+    local files nor listed in ``FINSENT_INGEST__SOURCE_PROTOCOLS``."""
+    permitted = _LOCAL_PROTOCOLS | {protocol.lower() for protocol in allowed}
+    for protocol in url_protocols(url):
+        if protocol not in permitted:
+            raise SourceError(
+                f"{url}: protocol {protocol!r} is not allowed for sources (allowed: local files"
+                f"{''.join(', ' + p for p in allowed)}); add it to FINSENT_INGEST__SOURCE_PROTOCOLS to read it")
+
+
+def check_inside(path: Path, root: Path) -> None:
+    """Refuses a file that resolves (through links) outside ``root``."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise SourceError(f"{path}: a link to {resolved}, outside the source folder {root}; not read")
 
 
 def _open_bytes(url: str) -> bytes:
@@ -55,11 +95,20 @@ def _open_bytes(url: str) -> bytes:
         return handle.read()
 
 
-def _decode_lines(data: bytes, encoding: str) -> list[tuple[int, str | None, str | None]]:
+def _too_large(size: int, max_bytes: int) -> str | None:
+    if size > max_bytes:
+        return f"{size} bytes, over the {max_bytes}-byte limit (FINSENT_INGEST__MAX_LINE_BYTES)"
+    return None
+
+
+def _decode_lines(data: bytes, encoding: str, max_bytes: int) -> list[tuple[int, str | None, str | None]]:
     """(line number, text, error) per line; a line that is not valid in the
-    declared encoding keeps its number and gets an error instead of text."""
+    declared encoding, or too large, keeps its number and gets an error instead of text."""
     out = []
     for number, raw in enumerate(data.splitlines(), start=1):
+        if error := _too_large(len(raw), max_bytes):
+            out.append((number, None, error))
+            continue
         try:
             out.append((number, raw.decode(encoding), None))
         except UnicodeDecodeError as err:
@@ -91,13 +140,42 @@ def _rows_from_records(records: list[tuple[int, dict | None, str | None]], mappi
     return pd.DataFrame(rows, columns=STANDARD_COLUMNS)
 
 
-def _read_jsonl(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame:
+_JSON_TOKEN = re.compile(r'\\.|["\[\]{}]', re.S)  # an escape pair, a quote or a bracket
+
+
+def _nested_deeper(line: str, max_depth: int) -> bool:
+    """Whether ``line``'s arrays/objects (outside strings) nest deeper than
+    ``max_depth``. json.loads recurses once per level and a deep enough line
+    ends in RecursionError; scanning first makes the limit a setting and keeps
+    the parser off such lines. Only lines with that many brackets are scanned."""
+    if line.count("[") + line.count("{") <= max_depth:
+        return False
+    depth, in_string = 0, False
+    for token in _JSON_TOKEN.finditer(line):
+        char = token.group()
+        if char == '"':
+            in_string = not in_string
+        elif in_string or len(char) == 2:
+            continue
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _read_jsonl(url: str, mapping: ColumnMapping, encoding: str, cfg: IngestConfig) -> pd.DataFrame:
     records = []
-    for number, line, error in _decode_lines(_open_bytes(url), encoding):
+    for number, line, error in _decode_lines(_open_bytes(url), encoding, cfg.max_line_bytes):
         if error is not None:
             records.append((number, None, error))
         elif not line.strip():
             continue
+        elif _nested_deeper(line, cfg.max_json_depth):
+            records.append((number, None, f"JSON nested deeper than {cfg.max_json_depth} levels "
+                                          "(FINSENT_INGEST__MAX_JSON_DEPTH)"))
         else:
             try:
                 value = json.loads(line)
@@ -184,7 +262,7 @@ def _decode_escaped(data: bytes, encoding: str, url: str) -> str:
         raise SourceError(f"{url}: not valid {encoding} at byte {err.start}: {err.reason}") from err
 
 
-def _read_csv(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame:
+def _read_csv(url: str, mapping: ColumnMapping, encoding: str, max_bytes: int) -> pd.DataFrame:
     records = _csv_records(_decode_escaped(_open_bytes(url), encoding, url))
     header = next(records, None)
     if header is None:
@@ -198,7 +276,8 @@ def _read_csv(url: str, mapping: ColumnMapping, encoding: str) -> pd.DataFrame:
     for start, values, raw, error in records:
         if error is None and not "".join(raw).strip():
             continue
-        error = error or _bad_bytes(raw, start, encoding)
+        size = sum(len(line.encode(encoding, errors="surrogateescape")) for line in raw)
+        error = error or _too_large(size, max_bytes) or _bad_bytes(raw, start, encoding)
         if error is None and len(values) != len(columns):
             error = f"{len(values)} fields, the header has {len(columns)}"
         rows.append((start, None if error else dict(zip(columns, values)), error))
@@ -223,13 +302,20 @@ def _read_parquet(url: str, mapping: ColumnMapping) -> pd.DataFrame:
     return _rows_from_records(records, mapping, url)
 
 
-def read_table(url: str, mapping: ColumnMapping, encoding: str = "utf-8") -> pd.DataFrame:
-    """One CSV / JSONL / Parquet file as standard columns."""
+def read_table(url: str, mapping: ColumnMapping, encoding: str = "utf-8", *,
+               cfg: IngestConfig | None = None, root: Path | None = None) -> pd.DataFrame:
+    """One CSV / JSONL / Parquet file as standard columns. ``cfg`` gives the
+    allowed protocols and line limits (default: the defaults); a local file
+    read from a folder source names that folder as ``root``."""
+    cfg = cfg or IngestConfig()
+    check_protocols(url, cfg.source_protocols)
+    if root is not None and not url_protocols(url):
+        check_inside(Path(url), root)
     lowered = url.lower()
     if lowered.endswith(".jsonl"):
-        return _read_jsonl(url, mapping, encoding)
+        return _read_jsonl(url, mapping, encoding, cfg)
     if lowered.endswith(".csv"):
-        return _read_csv(url, mapping, encoding)
+        return _read_csv(url, mapping, encoding, cfg.max_line_bytes)
     if lowered.endswith(".parquet"):
         return _read_parquet(url, mapping)
     raise SourceError(f"{url}: unknown file type (expected one of {', '.join(TABULAR_SUFFIXES)})")

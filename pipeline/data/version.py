@@ -39,9 +39,23 @@ def read_digest(project_dir: Path, target: str = "data") -> str:
 
 
 def version_data(project_dir: Path, remote_url: str, target: str = "data") -> str:
-    """``dvc add`` + ``dvc push``; returns the digest that downstream runs log."""
+    """``dvc add`` + ``dvc push``; returns the digest that downstream runs log.
+    ``dvc add`` rewrites ``<target>.dvc`` before anything is pushed, so when
+    either step fails the previous file is put back (or the new one removed):
+    a ``.dvc`` file never names data the remote lacks."""
     project_dir = project_dir.resolve()
     ensure_dvc_repo(project_dir, remote_url)
-    _dvc(project_dir, "add", "--quiet", target)
-    _dvc(project_dir, "push", "--quiet", target + ".dvc")
+    pointer = project_dir / f"{target}.dvc"
+    previous = pointer.read_bytes() if pointer.is_file() else None
+    try:
+        _dvc(project_dir, "add", "--quiet", target)
+        _dvc(project_dir, "push", pointer.name)  # not --quiet: that would drop the reason from a failure's message
+    except RuntimeError as err:
+        if previous is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            pointer.write_bytes(previous)
+        kept = "left as it was" if previous is not None else "not written"
+        raise RuntimeError(f"versioning {target}/ to the DVC remote {remote_url} failed; {pointer.name} was {kept}. "
+                           f"{err}") from err
     return read_digest(project_dir, target)

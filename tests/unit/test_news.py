@@ -93,8 +93,8 @@ def test_bad_rows_and_bad_files_are_quarantined_and_good_rows_kept(news_settings
         json.dumps({"id": "c", "text": "   "}).encode(),
         json.dumps({"id": "d", "text": "NUL \u0000 inside"}).encode(),
         b'{"id": "e", "text": "bad byte \xff here"}',
-        json.dumps({"id": "f", "text": "x" * 1_000_001}).encode(),
-        json.dumps({"id": "a", "text": "Same id again ."}).encode(),
+        json.dumps({"id": "f", "text": "x" * 100_001}).encode(),
+        json.dumps({"id": "a", "text": "Shares rose ."}).encode(),  # same id, same text: a duplicate
         json.dumps({"id": "g", "text": 42}).encode(),
         json.dumps(["not", "an", "object"]).encode(),
         json.dumps({"id": "h", "text": "Profit fell ."}).encode(),
@@ -125,7 +125,7 @@ def test_bad_rows_and_bad_files_are_quarantined_and_good_rows_kept(news_settings
     assert any(r.startswith("invalid JSON") for r in reasons)
     assert "empty text" in reasons and "control characters in text" in reasons
     assert any("not valid utf-8" in r for r in reasons)
-    assert any(r.startswith("text length 1000001") for r in reasons)
+    assert any(r.startswith("text length 100001") for r in reasons)
     assert sum("int, not a string" in r for r in reasons) == 2  # a JSON number and a Parquet int64 column
     assert any("list, not an object" in r for r in reasons)
     assert "missing text" in reasons
