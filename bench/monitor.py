@@ -12,6 +12,8 @@
   stories) through ``finsent monitor --from --to``'s function (what the DAG's
   tasks call, in one process); ``backfill``: the same span through ``airflow
   backfill create`` under a real scheduler (LocalExecutor); wall time of each.
+* ``threads``: one and four scoring processes at once with ONNX Runtime on
+  all cores or one thread each (what ``FINSENT_MONITOR__THREADS`` sets).
 
     .venv/bin/python bench/monitor.py --parts scoring,drift,span,backfill
 
@@ -52,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuters-dir", type=Path, default=REPO.parent / "shared/data/reuters21578")
     parser.add_argument("--baseline-stories", type=int, default=120, help="stories scored one text at a time (PyTorch)")
     parser.add_argument("--windows", type=int, default=100, help="drift windows per kind")
+    parser.add_argument("--from", dest="first", type=date.fromisoformat, default=SPAN[0], help="first day of the span")
+    parser.add_argument("--to", dest="last", type=date.fromisoformat, default=SPAN[1], help="last day of the span")
     parser.add_argument("--backfill-timeout", type=float, default=1800, help="seconds before the backfill part reports")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/monitor.jsonl")
     return parser.parse_args()
@@ -131,6 +135,44 @@ def scoring(args, settings) -> dict:
     }
 
 
+_THREADS_WORKER = """
+import sys, time
+from serving.model import OnnxClassifier
+texts = open(sys.argv[2]).read().split("\\n")
+classifier = OnnxClassifier(sys.argv[1], threads=int(sys.argv[3]) or None)
+classifier.probabilities(texts[:16])
+started = time.perf_counter()
+classifier.probabilities(texts)
+print(time.perf_counter() - started)
+"""
+
+
+def threads(args, settings) -> dict:
+    """Several scoring processes at once, as parallel Airflow tasks run them:
+    ONNX Runtime threads per process against wall time for all of them."""
+    import pandas as pd
+
+    from pipeline.data.sources import split_sentences
+    from pipeline.monitor.models import load_champion
+
+    model_dir = load_champion(settings).classifier.model_dir
+    corpus = pd.read_parquet(settings.corpus_path, columns=["text"])["text"].head(2000)
+    texts = [s for text in corpus for s in split_sentences(text)][:1500]
+    path = args.work / "threads-texts.txt"
+    path.write_text("\n".join(texts))
+    out: dict = {"texts_per_process": len(texts), "runs": []}
+    for processes, per_process in ((1, 0), (1, 1), (4, 0), (4, 1)):
+        started = time.perf_counter()
+        workers = [subprocess.Popen([sys.executable, "-c", _THREADS_WORKER, str(model_dir), str(path), str(per_process)],
+                                    stdout=subprocess.PIPE, text=True, cwd=REPO) for _ in range(processes)]
+        inner = [float(w.communicate()[0]) for w in workers]
+        wall = time.perf_counter() - started
+        out["runs"].append({"processes": processes, "threads": per_process or "cores", "wall_s": round(wall, 2),
+                            "scoring_s": [round(x, 2) for x in inner],
+                            "texts_per_s": round(processes * len(texts) / max(inner), 1)})
+    return out
+
+
 def _docstring_sentences(limit: int) -> list[str]:
     """English prose that is not financial news: the standard library's docstrings."""
     import collections, email, http.client, json as json_module, logging as logging_module, pathlib, re as re_module
@@ -188,7 +230,7 @@ def span(args, settings) -> dict:
     """The whole span in one process, through the functions the DAG's tasks call."""
     from pipeline.monitor.jobs import monitor_range
 
-    first, last = SPAN
+    first, last = args.first, args.last
     out: dict = {"span": [first.isoformat(), last.isoformat()], "calendar_days": (last - first).days + 1}
     cli_settings = settings.model_copy(update={"project_dir": args.work / "cli-project", "state_dir": args.work / "cli-state"})
     cli_settings.corpus_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +247,7 @@ def backfill(args, settings) -> dict:
     """The whole span through ``airflow backfill create`` under a real scheduler."""
     from pipeline import services
 
-    first, last = SPAN
+    first, last = args.first, args.last
     out: dict = {"span": [first.isoformat(), last.isoformat()], "calendar_days": (last - first).days + 1}
     home = args.work / "airflow"
     shutil.rmtree(home, ignore_errors=True)
@@ -236,8 +278,24 @@ def backfill(args, settings) -> dict:
                                    (settings.monitor_dir / f"date={r['logical_date'][:10]}" / "index.parquet").is_file()
                                    for r in finished),
                                "failed": [r["run_id"] for r in finished if r["state"] != "success"],
-                               "parallelism": env["AIRFLOW__CORE__PARALLELISM"]}
+                               "parallelism": env["AIRFLOW__CORE__PARALLELISM"],
+                               "tasks": _task_seconds(env)}
     return out
+
+
+def _task_seconds(env: dict[str, str]) -> list[dict]:
+    """Per task and state: how many ran and their seconds, from Airflow's metadata DB."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    query = sqlalchemy.text("SELECT task_id, state, COUNT(*), SUM(duration), AVG(duration) FROM task_instance "
+                            "WHERE dag_id = 'monitor' GROUP BY task_id, state ORDER BY task_id, state")
+    try:
+        with engine.connect() as connection:
+            return [{"task": task, "state": state, "count": count, "total_s": round(total or 0, 1),
+                     "mean_s": round(mean or 0, 2)} for task, state, count, total, mean in connection.execute(query)]
+    finally:
+        engine.dispose()
 
 
 def main() -> None:
@@ -251,7 +309,8 @@ def main() -> None:
         prepare(args, settings)
         for part in args.parts.split(","):
             started = time.perf_counter()
-            figures = {"scoring": scoring, "drift": drift, "span": span, "backfill": backfill}[part](args, settings)
+            figures = {"scoring": scoring, "drift": drift, "span": span, "backfill": backfill,
+                       "threads": threads}[part](args, settings)
             record = {"bench": f"monitor.{part}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "host": platform.node(), "cpus": os.cpu_count(), "part_wall_s": round(time.perf_counter() - started, 1),
                       "command": "python bench/monitor.py --parts " + part, **figures}

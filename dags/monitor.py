@@ -44,9 +44,14 @@ def announce_alerts(context) -> None:
 def monitor_dag():
     @task
     def score_news(data_interval_start=None) -> dict:
+        from pipeline.monitor.days import has_work
+
+        settings, day = get_settings(), data_interval_start.date()
+        if not has_work(settings, day):  # checked before the scoring stack is imported: most days of a backfill
+            raise AirflowSkipException(f"no news for {day}: no curated stories, no landing files")
         from pipeline.monitor.jobs import score_news as score
 
-        result = score(get_settings(), data_interval_start.date())
+        result = score(settings, day)
         if result["status"] == "no news":  # the day's other tasks are skipped with it: a no-op costs one task
             raise AirflowSkipException(f"no news for {result['date']}: nothing to score, index or check")
         return result

@@ -61,6 +61,8 @@ RUN pip check > /tmp/pip-check.txt || true; \
 
 COPY --chown=airflow:0 --chmod=0755 mlflow/server.sh /opt/finsent/mlflow/server.sh
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
+# airflow_local_settings.py: the scheduler and Celery workers import the pipeline once, before forking tasks.
+ENV PYTHONPATH=/opt/airflow/dags/local_settings
 # The named training recipes: an installed package has no repository beside it to find them in.
 COPY --chown=airflow:0 recipes/ /opt/finsent/recipes/
 ENV FINSENT_RECIPES_DIR=/opt/finsent/recipes

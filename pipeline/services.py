@@ -131,6 +131,11 @@ def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None)
     for section, options in settings.items():
         env.update({f"AIRFLOW__{section.upper()}__{key.upper()}": value for key, value in options.items()})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Several monitor days score at once: their ONNX Runtime threads share the cores instead of fighting over them.
+    env.setdefault("FINSENT_MONITOR__THREADS", str(max(1, (os.cpu_count() or 1) // int(settings["core"]["parallelism"]))))
+    # airflow_local_settings.py: the scheduler imports the pipeline before forking tasks.
+    local_settings = str((dags_folder / "local_settings").resolve())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [local_settings, env.get("PYTHONPATH")]))
     return env
 
 

@@ -117,15 +117,19 @@ class OnnxClassifier:
         """Token ids of each text, truncated to the model's window, not padded."""
         return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
 
-    def run_encoded(self, ids: list[list[int]]) -> np.ndarray:
-        """Logits of token id lists run as one batch, padded to the longest."""
+    def feeds(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """BERT-style inputs for token id lists, padded to the longest."""
         width = max(map(len, ids))
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(ids), width), dtype=np.int64)
         for row, tokens in enumerate(ids):
             input_ids[row, : len(tokens)] = tokens
             attention_mask[row, : len(tokens)] = 1
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
+
+    def run_encoded(self, ids: list[list[int]]) -> np.ndarray:
+        """Logits of token id lists run as one batch, padded to the longest."""
+        feeds = self.feeds(ids)
         return self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self.input_names})[0]
 
     def logits(self, texts: list[str]) -> np.ndarray:

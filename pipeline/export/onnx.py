@@ -42,3 +42,39 @@ def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = 
         "sha256": manifest_checksums(out_dir, ONNX_FILE),
     }, indent=2))
     return out_dir
+
+
+class _MeanPooledEncoder(torch.nn.Module):
+    """The classifier's encoder, its last hidden states mean-pooled over the real tokens."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def export_encoder(hf_dir: Path, path: Path, max_length: int) -> Path:
+    """Writes the classifier's encoder to ``path`` as ONNX (output ``embeddings``:
+    mean-pooled last hidden states; the classifier's tokenizer feeds it). The
+    monitor's embedding drift runs it with ONNX Runtime, so its daily tasks need
+    neither torch nor transformers."""
+    from pipeline.train.model import load_classifier
+
+    model, tokenizer = load_classifier(str(hf_dir))
+    wrapper = _MeanPooledEncoder(model.base_model.eval()).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = tokenizer(["Profit rose.", "Net sales fell by 5 % in the quarter ."], padding=True, return_tensors="pt")
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
+    names = [name for name in INPUTS if name in example]
+    torch.onnx.export(
+        wrapper, (), kwargs={name: example[name] for name in names}, f=str(path), input_names=names,
+        output_names=["embeddings"], external_data=False, dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
+    )
+    return path

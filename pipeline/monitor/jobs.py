@@ -19,6 +19,7 @@ from pipeline.config import Settings
 from pipeline.data.landing import day_files
 from pipeline.monitor import MonitorError
 from pipeline.monitor.alerts import describe, post_webhook
+from pipeline.monitor.days import monitor_partition
 from pipeline.monitor.dedup import find_reprints
 from pipeline.monitor.index import INDEX_COLUMNS, day_aggregates, find_alerts, with_baselines
 from pipeline.monitor.score import score_texts, story_scores
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 STORY_FILE, INDEX_FILE, ALERTS_FILE = "stories.parquet", "index.parquet", "alerts.parquet"
 SHADOW_FILE, DRIFT_SAMPLE_FILE, DRIFT_FILE = "shadow.parquet", "drift_sample.npz", "drift.json"
 HISTORY_DAYS = 400  # how far back baselines look for 30 days with stories
-
-
-def monitor_partition(settings: Settings, day: date) -> Path:
-    return settings.monitor_dir / f"date={day.isoformat()}"
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from pipeline import registry
 from pipeline.config import Settings
@@ -26,13 +27,14 @@ class MonitorModel:
     cache: Path
     tracking_uri: str
     model_name: str
+    threads: int | None = None
 
     @property
     def onnx_sha256(self) -> str:
         return self.classifier.onnx_sha256
 
     def encoder(self) -> "Encoder":
-        return _encoder(self.tracking_uri, self.model_name, self.version, str(self.cache), self.classifier.max_length)
+        return _encoder(self.tracking_uri, self.model_name, self.version, str(self.cache), self.classifier, self.threads)
 
 
 def _cache(settings: Settings) -> Path:
@@ -41,11 +43,11 @@ def _cache(settings: Settings) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _classifier(tracking_uri: str, model_name: str, version: str, cache: str, variant: str | None,
-                providers: tuple[str, ...], allow_provider_fallback: bool) -> OnnxClassifier:
+                providers: tuple[str, ...], allow_provider_fallback: bool, threads: int | None) -> OnnxClassifier:
     """The served variant, checksum-verified against the registry as the API loads it."""
     found = registry.connect_uri(tracking_uri).get_model_version(model_name, version)
     return load_version(tracking_uri, found, Path(cache), variant=variant, providers=list(providers),
-                        allow_provider_fallback=allow_provider_fallback)
+                        allow_provider_fallback=allow_provider_fallback, threads=threads)
 
 
 def load_alias(settings: Settings, alias: str) -> MonitorModel | None:
@@ -55,8 +57,10 @@ def load_alias(settings: Settings, alias: str) -> MonitorModel | None:
         return None
     serving = settings.serving
     classifier = _classifier(settings.tracking_uri, settings.model_name, found.version, str(_cache(settings)),
-                             serving.variant, tuple(serving.providers), serving.allow_provider_fallback)
-    return MonitorModel(alias, found.version, classifier, _cache(settings), settings.tracking_uri, settings.model_name)
+                             serving.variant, tuple(serving.providers), serving.allow_provider_fallback,
+                             settings.monitor.threads)
+    return MonitorModel(alias, found.version, classifier, _cache(settings), settings.tracking_uri, settings.model_name,
+                        settings.monitor.threads)
 
 
 def load_champion(settings: Settings) -> MonitorModel:
@@ -69,41 +73,45 @@ def load_champion(settings: Settings) -> MonitorModel:
 
 
 class Encoder:
-    """Mean-pooled last hidden states of the champion's encoder (PyTorch: the
-    ONNX export has the logits only)."""
+    """Mean-pooled last hidden states of the champion's encoder, exported to
+    ONNX once per version (the served export has the logits only) and fed by
+    the classifier's own tokenizer."""
 
-    def __init__(self, hf_dir: Path, max_length: int):
-        import torch
+    def __init__(self, onnx_path: Path, classifier: OnnxClassifier, threads: int | None):
+        import onnxruntime as ort
 
-        from pipeline.train.model import load_classifier
-
-        self._torch = torch
-        model, self.tokenizer = load_classifier(str(hf_dir))
-        self.encoder = model.base_model.eval()
-        self.max_length = max_length
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.classifier = classifier
 
     def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        torch = self._torch
-        out = np.zeros((len(texts), self.encoder.config.hidden_size), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                index = order[start : start + batch_size]
-                batch = self.tokenizer([texts[i] for i in index], truncation=True, max_length=self.max_length,
-                                       padding=True, return_tensors="pt")
-                hidden = self.encoder(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                out[index] = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).numpy()
+        ids = self.classifier.encode(texts)
+        out = np.zeros((len(texts), self.session.get_outputs()[0].shape[-1]), dtype=np.float32)
+        order = np.argsort([len(tokens) for tokens in ids], kind="stable")
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            feeds = self.classifier.feeds([ids[i] for i in index])
+            out[index] = self.session.run(["embeddings"], {k: v for k, v in feeds.items() if k in self.input_names})[0]
         return out
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(tracking_uri: str, model_name: str, version: str, cache: str, max_length: int) -> Encoder:
-    found = registry.connect_uri(tracking_uri).get_model_version(model_name, version)
-    target = Path(cache) / f"v{version}" / "hf"
-    marker = target / ".complete"
-    if not marker.is_file():
-        hf_dir = registry.download_hf_model(found, target)
-        marker.write_text(str(hf_dir))
-    hf_dir = Path(marker.read_text())
-    return Encoder(hf_dir, max_length)
+def _encoder(tracking_uri: str, model_name: str, version: str, cache: str, classifier: OnnxClassifier,
+             threads: int | None) -> Encoder:
+    target = Path(cache) / f"v{version}"
+    path = target / "encoder.onnx"
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target / "encoder.lock"), timeout=1800):  # the days of a parallel backfill ask together
+        if not path.is_file():
+            from pipeline.export.onnx import export_encoder
+
+            found = registry.connect_uri(tracking_uri).get_model_version(model_name, version)
+            hf_dir = registry.download_hf_model(found, target / "hf")
+            staged = export_encoder(hf_dir, target / "encoder.onnx.partial", classifier.max_length)
+            staged.replace(path)
+    return Encoder(path, classifier, threads)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from pipeline.config import Settings
 from pipeline.data.sources import split_sentences
@@ -27,7 +28,7 @@ from pipeline.monitor.stories import plain_tokenizer
 
 log = logging.getLogger(__name__)
 # Part of the reference's cache key: raise it when how the reference or its thresholds are drawn changes.
-REFERENCE_FORMAT = 2
+REFERENCE_FORMAT = 3
 
 
 def _unk_id(tokenizer) -> int:
@@ -105,10 +106,18 @@ def ensure_reference(settings: Settings, model: MonitorModel) -> tuple[DriftSamp
                          cfg.drift_calibration_windows])
     folder = (settings.state_dir / "monitor" / "reference" /
               f"v{model.version}-{model.onnx_sha256[:12]}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}")
-    if (folder / "thresholds.json").is_file():
-        _, reference = load_sample(folder / "reference.npz")
-        thresholds, meta = load_thresholds(folder / "thresholds.json")
-        return reference, thresholds, meta
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # The days of a parallel backfill reach this together: one builds, the others wait and read.
+    with FileLock(str(folder.parent / f"{folder.name}.lock"), timeout=3600):
+        if (folder / "thresholds.json").is_file():
+            _, reference = load_sample(folder / "reference.npz")
+            thresholds, meta = load_thresholds(folder / "thresholds.json")
+            return reference, thresholds, meta
+        return _build_reference(settings, model, folder)
+
+
+def _build_reference(settings: Settings, model: MonitorModel, folder: Path) -> tuple[DriftSample, dict[str, float], dict]:
+    cfg = settings.monitor
     log.info("building the drift reference of version %s (once per champion)", model.version)
     # Calibration windows hold as many texts of each day as the monitor's windows do.
     per_day = math.ceil(cfg.drift_window_texts / cfg.drift_window_days)

@@ -155,3 +155,16 @@ def test_serving_never_imports_training_code():
 @pytest.mark.parametrize("folder", ["mlflow", "docker"])
 def test_no_package_shadowing(folder):
     assert not (REPO / folder / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("argv, preloaded", [(["airflow", "scheduler"], True), (["airflow", "celery", "worker"], True),
+                                             (["airflow", "dags", "list"], False), (["airflow", "api-server"], False)])
+def test_only_processes_that_fork_tasks_preload_the_pipeline(argv, preloaded, tmp_path):
+    from pipeline.services import airflow_env
+
+    env = airflow_env(tmp_path / "home", REPO / "dags", {"PATH": "/usr/bin:/bin"})
+    probe = (f"import sys; sys.argv = {argv!r}; import airflow_local_settings; "
+             "print('pipeline.monitor.jobs' in sys.modules and 'great_expectations' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(preloaded)]

@@ -228,3 +228,26 @@ def test_baselines_from_postgres_match_the_whole_history(postgres_url):
         _stored_baselines_match_the_whole_history(store)
     finally:
         store.close()
+
+
+def test_the_onnx_encoder_embeds_as_the_pytorch_encoder_does(tiny_classifier, tiny_onnx, tmp_path):
+    import torch
+
+    from pipeline.export.onnx import export_encoder
+    from pipeline.monitor.models import Encoder
+    from pipeline.train.model import load_classifier
+    from serving.model import OnnxClassifier
+
+    texts = ["Profit rose.", "Net sales fell by 5 % in the quarter compared with a year earlier .", "Shares", "x " * 200]
+    classifier = OnnxClassifier(tiny_onnx)
+    encoder = Encoder(export_encoder(tiny_classifier, tmp_path / "encoder.onnx", classifier.max_length), classifier, 1)
+    ours = encoder.embed(texts, batch_size=2)
+
+    model, tokenizer = load_classifier(str(tiny_classifier))
+    batch = tokenizer(texts, truncation=True, max_length=classifier.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.base_model.eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
