@@ -10,6 +10,7 @@ scheduled on it. Backfill: ``airflow backfill create --dag-id monitor
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task
@@ -42,7 +43,8 @@ def announce_alerts(context) -> None:
     tags=["finsent"],
 )
 def monitor_dag():
-    @task
+    # Scoring runs in the task's own process: Airflow's supervisor ends the task's process group on a timeout.
+    @task(execution_timeout=timedelta(minutes=get_settings().orchestration.step_timeout_minutes))
     def score_news(data_interval_start=None) -> dict:
         from pipeline.monitor.days import has_work
 

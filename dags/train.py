@@ -7,6 +7,8 @@ without it FINSENT_RECIPE, or TrainConfig's defaults, apply."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pendulum
 from airflow.sdk import Param, dag, task
 from assets import CANDIDATE_MODEL, CURATED_LABELED, DRIFT
@@ -15,7 +17,8 @@ from pipeline.config import get_settings
 
 _orchestration = get_settings().orchestration
 # A retried step resumes from its last checkpoint (same run folder), so retries are cheap.
-GPU = {"pool": _orchestration.gpu_pool, "queue": _orchestration.gpu_queue, "retries": 2}
+GPU = {"pool": _orchestration.gpu_pool, "queue": _orchestration.gpu_queue, "retries": 2,
+       "execution_timeout": timedelta(minutes=_orchestration.step_timeout_minutes)}
 RECIPE = Param(None, type=["null", "string"], description="a recipe name in recipes/ or a YAML file path")
 
 

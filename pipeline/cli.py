@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finsent {args.command}: {error}", file=sys.stderr)
         return 2
     configure_cli_logging(args.command, settings.state_dir)  # the full log in <state_dir>/logs/, a concise one on stderr
+    from pipeline.steps import end_group_on_sigterm
+
+    end_group_on_sigterm()  # a step that a task started: its children end with it
     from pipeline.monitor import MonitorError
     from pipeline.release import ReleaseError
     from serving.errors import ModelLoadError

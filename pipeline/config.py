@@ -285,6 +285,9 @@ class OrchestrationConfig(BaseModel):
     gpu_pool: str = Field("gpu", description="Airflow pool for training tasks; give it as many slots as GPUs")
     gpu_queue: str = Field("gpu", description="Celery queue of the GPU workers (CeleryExecutor only)")
     gpu_pool_slots: int = Field(1, description="slots of the GPU pool: the number of GPUs (1 on a CPU-only machine)")
+    step_timeout_minutes: float = Field(
+        360, gt=0, description="execution_timeout of the long tasks (masked-LM adaptation, fine-tuning, evaluation, "
+        "export, a monitor day's scoring): past it the task fails and its step's process group ends")
 
 
 class Settings(BaseSettings):

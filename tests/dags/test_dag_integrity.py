@@ -39,7 +39,9 @@ found = {dag.dag_id: sorted(dag.task_ids) for dag, _ in DagContext.autoregistere
 placement = {t.task_id: [t.pool, t.queue] for dag, _ in DagContext.autoregistered_dags for t in dag.tasks}
 heavy = [name for name in json.loads(sys.argv[2]) if name in sys.modules]
 runs = {dag.dag_id: dag.max_active_runs for dag, _ in DagContext.autoregistered_dags}
-print(json.dumps({"dags": found, "heavy": heavy, "placement": placement, "max_active_runs": runs}))
+timeouts = {t.task_id: t.execution_timeout and t.execution_timeout.total_seconds()
+            for dag, _ in DagContext.autoregistered_dags for t in dag.tasks}
+print(json.dumps({"dags": found, "heavy": heavy, "placement": placement, "max_active_runs": runs, "timeouts": timeouts}))
 """
 
 
@@ -168,3 +170,10 @@ def test_only_processes_that_fork_tasks_preload_the_pipeline(argv, preloaded, tm
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(preloaded)]
+
+
+def test_long_tasks_have_the_configured_execution_timeout(tmp_path):
+    long_tasks = {"train": ["evaluate", "finetune", "mlm_adapt"], "release": ["export_onnx"], "monitor": ["score_news"]}
+    for dag_id, task_ids in long_tasks.items():
+        timeouts = _probe(REPO / "dags" / f"{dag_id}.py", tmp_path, FINSENT_ORCHESTRATION__STEP_TIMEOUT_MINUTES="90")["timeouts"]
+        assert {task_id: timeouts[task_id] for task_id in task_ids} == {task_id: 5400.0 for task_id in task_ids}
