@@ -13,9 +13,11 @@ import os
 import platform
 import random
 import re
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,6 +71,32 @@ def run_wrk(url: str, script: Path, clients: int, duration: int) -> dict:
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     figures["socket_errors"] = sum(map(int, errors.groups())) if errors else 0
     return figures
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_profile(pid: int, before: dict[int, float], after: dict[int, float], children: float, wall: float) -> dict:
+    """Where the two cores went during one wrk run: the server's event-loop
+    thread, its other threads (the inference thread and ONNX Runtime's pool),
+    and wrk itself, in CPU seconds and as a share of all cores."""
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    others = sorted((v for tid, v in used.items() if tid != pid), reverse=True)
+    capacity = wall * (os.cpu_count() or 1)
+    return {"wall_s": round(wall, 1), "event_loop_cpu_s": round(used.get(pid, 0.0), 1),
+            "other_threads_cpu_s": [round(v, 1) for v in others if v >= 0.1],
+            "wrk_cpu_s": round(children, 1),
+            "share_of_cores": round((sum(used.values()) + children) / capacity, 3)}
 
 
 def server_buckets(url: str, route: str, status: str) -> list[tuple[float, float]]:
@@ -137,7 +165,14 @@ def main() -> None:
                     record.setdefault("variant", httpx_json(f"{url}/v1/model")["variant"])
                 for count in clients:
                     before = server_buckets(url, "/v1/predict", "200") if command is None else []
+                    threads_before, children_before = thread_cpu(process.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+                    started = time.perf_counter()
                     figures = run_wrk(url, script, count, args.duration)
+                    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    figures["cpu"] = cpu_profile(process.pid, threads_before, thread_cpu(process.pid),
+                                                 children.ru_utime + children.ru_stime
+                                                 - children_before.ru_utime - children_before.ru_stime,
+                                                 time.perf_counter() - started)
                     if command is None:
                         figures["server_200"] = histogram_between(before, server_buckets(url, "/v1/predict", "200"))
                     record[f"{name}_c{count}"] = figures

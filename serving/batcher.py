@@ -145,7 +145,7 @@ class Batcher:
             ids = [tokens for job in batch for tokens in job.ids]
             started = time.perf_counter()
             try:
-                logits = await loop.run_in_executor(self._executor, model.run_encoded, ids)
+                logits = await loop.run_in_executor(self._executor, model.run_sorted, ids)
             except Exception as err:  # one bad batch answers its own requests, the batcher goes on
                 for job in batch:
                     if not job.future.done():

@@ -53,10 +53,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-# On 2 CPU cores, 1,500 Reuters sentences sorted by token count, the demo's champion: int8 282 / 333 /
-# 364 / 359 / 344 texts/s and fp32-optimized 243 / 278 / 287 / 285 / 280 at batch 1 / 4 / 8 / 16 / 32
-# (bench/RESULTS.md, "Monitor"). Other providers keep large batches until a GPU has timed them.
+# On 2 CPU cores, the demo's smoothed int8 (bench/batch_padding.py): requests of 16 random PhraseBank
+# sentences score 320 texts/s as one padded run, 458 one text a run, 533 sorted in groups of at most 8
+# that pad <= 10 %; 1,500 Reuters sentences in bulk, sorted, 592-596 / 597-605 / 516-526 texts/s in
+# batches of 8 / 16 / 64. Other providers keep large batches until a GPU has timed them.
 CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE = 8, 64
+PAD_SLACK = 0.10
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 
 
@@ -132,15 +134,28 @@ class OnnxClassifier:
         feeds = self.feeds(ids)
         return self.session.run(["logits"], {k: v for k, v in feeds.items() if k in self.input_names})[0]
 
+    def run_sorted(self, ids: list[list[int]]) -> np.ndarray:
+        """Logits of token id lists in input order. Texts run in length order,
+        in groups of at most ``batch_size`` that pad at most ``PAD_SLACK`` of
+        their tokens: on CPU a padded token costs as much as a real one while a
+        bigger batch gains little (bench/RESULTS.md, "Serving")."""
+        out = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
+        group: list[int] = []
+        tokens = 0
+        for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+            length = len(ids[i])  # the longest so far: the group's padded width
+            if group and (len(group) == self.batch_size or length * (len(group) + 1) > (1 + PAD_SLACK) * (tokens + length)):
+                out[group] = self.run_encoded([ids[j] for j in group])
+                group, tokens = [], 0
+            group.append(i)
+            tokens += length
+        if group:
+            out[group] = self.run_encoded([ids[j] for j in group])
+        return out
+
     def logits(self, texts: list[str]) -> np.ndarray:
         """Logits in input order; batches are length-sorted to keep padding small."""
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        ids = self.encode(texts)
-        order = np.argsort([len(tokens) for tokens in ids], kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            index = order[start : start + self.batch_size]
-            out[index] = self.run_encoded([ids[i] for i in index])
-        return out
+        return self.run_sorted(self.encode(texts))
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """Softmax probabilities in input order, columns in ``self.labels`` order."""

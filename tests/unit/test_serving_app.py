@@ -93,6 +93,23 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(server, ti
     assert batches < len(requests), "no two requests shared a batch"
 
 
+def test_a_batch_runs_in_length_order_in_groups_that_pad_little(tiny_onnx):
+    from serving.model import PAD_SLACK
+
+    model = OnnxClassifier(tiny_onnx)
+    rng = random.Random(1)
+    ids = model.encode([" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(50)])
+    runs: list[list[int]] = []
+    run_encoded = model.run_encoded
+    model.run_encoded = lambda group: runs.append([len(t) for t in group]) or run_encoded(group)
+    logits = model.run_sorted(ids)
+    np.testing.assert_allclose(logits, np.concatenate([run_encoded([t]) for t in ids]), atol=1e-5)
+    assert sum(map(len, runs)) == len(ids) and 1 < len(runs) < len(ids)
+    for group in runs:
+        assert len(group) <= model.batch_size
+        assert len(group) == 1 or max(group) * len(group) <= (1 + PAD_SLACK) * sum(group)
+
+
 def _metric(url: str, name: str, labels: str = "") -> float:
     text = httpx.get(f"{url}/metrics").text
     for line in text.splitlines():
