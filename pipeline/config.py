@@ -20,7 +20,8 @@ from pipeline.recipes import load_recipe
 
 ENV_PREFIX = "FINSENT_"
 # Read by other tools, not by Settings: the docker compose file's image and data folder names.
-NOT_SETTINGS = frozenset({"FINSENT_AIRFLOW_IMAGE", "FINSENT_AIRFLOW_GPU_IMAGE", "FINSENT_SERVING_IMAGE", "FINSENT_DATA_DIR"})
+NOT_SETTINGS = frozenset({"FINSENT_AIRFLOW_IMAGE", "FINSENT_AIRFLOW_GPU_IMAGE", "FINSENT_SERVING_IMAGE", "FINSENT_DATA_DIR",
+                          "FINSENT_STEP_GROUP"})  # the last: set by pipeline.steps for the steps it starts
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 OFFLINE_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
