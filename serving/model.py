@@ -62,6 +62,16 @@ PAD_SLACK = 0.10
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
 
 
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """All graph optimizations, one inter-op thread, ``threads`` intra-op threads (unset: the host's cores)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 class OnnxClassifier:
     """``expected_sha256`` (file name → sha256, from the registry) is checked
     before anything is loaded, as is the manifest's own record of the model and
@@ -91,14 +101,9 @@ class OnnxClassifier:
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.no_padding()
         self.pad_id: int = manifest["pad_token_id"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
         requested = providers or ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
+            self.session = ort.InferenceSession(str(onnx_path), session_options(threads), providers=requested)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ModelLoadError(f"{onnx_path} is not a loadable ONNX model: {err}") from err
         self.providers: list[str] = self.session.get_providers()

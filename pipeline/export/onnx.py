@@ -14,6 +14,17 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_FILE = "model.onnx"
 
 
+def _export(module: torch.nn.Module, tokenizer, path: Path, output: str, max_length: int) -> None:
+    """``module`` to ONNX (weights inline) with dynamic batch and sequence axes, fed as the tokenizer's output."""
+    example = tokenizer(["Profit rose.", "Net sales fell by 5 % in the quarter ."], padding=True, return_tensors="pt")
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
+    names = [name for name in INPUTS if name in example]
+    torch.onnx.export(
+        module, (), kwargs={name: example[name] for name in names}, f=str(path), input_names=names,
+        output_names=[output], external_data=False, dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
+    )
+
+
 def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = "", model_version: str = "") -> Path:
     """Writes ``model.onnx`` (weights inline), ``tokenizer.json`` and the serving manifest to ``out_dir``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -25,14 +36,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, max_length: int, model_name: str = 
     out_dir.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
-    example = tokenizer(["Profit rose.", "Net sales fell by 5 % in the quarter ."], padding=True, return_tensors="pt")
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
-    names = [name for name in INPUTS if name in example]
-    torch.onnx.export(
-        model, (), kwargs={name: example[name] for name in names}, f=str(out_dir / ONNX_FILE),
-        input_names=names, output_names=["logits"], external_data=False,
-        dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
-    )
+    _export(model, tokenizer, out_dir / ONNX_FILE, "logits", max_length)
     tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (out_dir / MANIFEST).write_text(json.dumps({
@@ -68,13 +72,6 @@ def export_encoder(hf_dir: Path, path: Path, max_length: int) -> Path:
     from pipeline.train.model import load_classifier
 
     model, tokenizer = load_classifier(str(hf_dir))
-    wrapper = _MeanPooledEncoder(model.base_model.eval()).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = tokenizer(["Profit rose.", "Net sales fell by 5 % in the quarter ."], padding=True, return_tensors="pt")
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
-    names = [name for name in INPUTS if name in example]
-    torch.onnx.export(
-        wrapper, (), kwargs={name: example[name] for name in names}, f=str(path), input_names=names,
-        output_names=["embeddings"], external_data=False, dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
-    )
+    _export(_MeanPooledEncoder(model.base_model.eval()).eval(), tokenizer, path, "embeddings", max_length)
     return path

@@ -32,13 +32,8 @@ def activation_maxima(onnx_path: Path, classifier, texts: list[str], tensors: li
     maxima: dict[str, np.ndarray] = {}
     ids = classifier.encode(texts)
     for start in range(0, len(ids), 8):
-        chunk = ids[start : start + 8]
-        width = max(map(len, chunk))
-        input_ids = np.full((len(chunk), width), classifier.pad_id, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, tokens in enumerate(chunk):
-            input_ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+        feeds = classifier.feeds(ids[start : start + 8])
+        mask = feeds["attention_mask"]
         values = session.run(tensors, {k: v for k, v in feeds.items() if k in inputs})
         for name, value in zip(tensors, values):
             found = np.abs(value.reshape(-1, value.shape[-1])[mask.reshape(-1).astype(bool)]).max(0)

@@ -15,7 +15,7 @@ from filelock import FileLock
 from pipeline import registry
 from pipeline.config import Settings
 from pipeline.monitor import MonitorError
-from serving.model import OnnxClassifier
+from serving.model import OnnxClassifier, session_options
 from serving.registry import blessed_variants, load_version
 
 
@@ -80,12 +80,7 @@ class Encoder:
     def __init__(self, onnx_path: Path, classifier: OnnxClassifier, threads: int | None):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(onnx_path), session_options(threads), providers=["CPUExecutionProvider"])
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.classifier = classifier
 

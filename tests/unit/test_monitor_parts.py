@@ -251,3 +251,20 @@ def test_the_onnx_encoder_embeds_as_the_pytorch_encoder_does(tiny_classifier, ti
     expected = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_a_day_has_work_only_with_news_or_outputs_to_clear(tmp_path):
+    from pipeline.config import Settings
+    from pipeline.data.landing import news_partition
+    from pipeline.monitor.days import has_work, monitor_partition
+
+    settings = Settings(project_dir=tmp_path / "project", state_dir=tmp_path / "state", landing_dir=tmp_path / "landing")
+    quiet, landed, curated, scored = (date(1987, 3, d) for d in (1, 2, 3, 4))
+    (settings.landing_zone / landed.isoformat()).mkdir(parents=True)
+    (settings.landing_zone / landed.isoformat() / "notes.txt").write_text("not a landing file")
+    assert not has_work(settings, landed)  # only tabular files count
+    (settings.landing_zone / landed.isoformat() / "wire.jsonl").write_text("{}\n")
+    news_partition(settings, curated).mkdir(parents=True)
+    (news_partition(settings, curated) / "news.parquet").write_bytes(b"")
+    monitor_partition(settings, scored).mkdir(parents=True)  # an earlier run's outputs, to be cleared
+    assert [has_work(settings, day) for day in (quiet, landed, curated, scored)] == [False, True, True, True]
