@@ -14,7 +14,7 @@ export FINSENT_REUTERS_DIR ?= $(REUTERS_DIR)
 export DVC_NO_ANALYTICS    := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test lock clean-state
+.PHONY: setup demo test test-scaled scaled-services stack-up stack-down lock clean-state
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,25 @@ demo: setup
 	$(BIN)/finsent demo
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not scaled"
+
+# The scaled profile's tests, against the machine's own PostgreSQL and Redis on loopback.
+test-scaled: setup scaled-services
+	$(BIN)/python -m pytest -m scaled tests/scaled
+
+# PostgreSQL and Redis answer on loopback: started first where they are installed but down.
+scaled-services:
+	pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster $$(pg_lsclusters -h | head -1 | cut -d' ' -f1,2) start
+	redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --bind 127.0.0.1 --port 6379 --save '' --daemonize yes
+	pg_isready -h 127.0.0.1 -p 5432 -t 30 && redis-cli -h 127.0.0.1 -p 6379 ping
+
+# The scaled profile on this machine (docs/scaling.md): MLflow, Airflow and two Celery workers as local
+# processes with pid files under .finsent/stack; PostgreSQL and Redis are the machine's own.
+stack-up: setup
+	FINSENT_PROFILE=scaled $(BIN)/finsent stack up
+
+stack-down: setup
+	FINSENT_PROFILE=scaled $(BIN)/finsent stack down
 
 # Regenerate the lock after changing dependencies in pyproject.toml:
 # install them into a fresh .venv (torch first), then freeze everything but torch and finsent.
@@ -40,3 +58,4 @@ lock:
 
 clean-state:
 	rm -rf .finsent
+

@@ -94,7 +94,7 @@ def cmd_monitor_report(settings: Settings, args) -> dict:
 def cmd_start_run(settings: Settings, args) -> dict:
     from pipeline.train.jobs import start_run
 
-    return start_run(settings)
+    return start_run(settings, use_cache=not args.no_cache)
 
 
 def cmd_mlm_adapt(settings: Settings, args) -> dict:
@@ -128,12 +128,15 @@ def cmd_register(settings: Settings, args) -> dict:
 
 
 def cmd_train(settings: Settings, args) -> dict:
-    """All train steps in one process: start_run → mlm_adapt → finetune → evaluate → register."""
+    """All train steps in one process: start_run → mlm_adapt → finetune → evaluate → register;
+    or, when start_run finds the same training registered before, that version's summary."""
     from pipeline.train import jobs
 
     from pipeline.train.sweep import best_trial, log_sweep, sweep_trials
 
-    run = jobs.start_run(settings)
+    run = jobs.start_run(settings, use_cache=not args.no_cache)
+    if run["cached"]:
+        return jobs.cached_summary(settings, run)
     adapted = jobs.mlm_adapt(settings, run["run_id"])
     trials = sweep_trials(settings.train)
     results = [jobs.finetune(settings, run["run_id"], adapted["model_dir"], trial) for trial in trials]
@@ -211,7 +214,7 @@ def cmd_mlflow_server(settings: Settings, args) -> None:
     from pipeline.services import mlflow_server_command
 
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    command = mlflow_server_command(settings.state_dir, args.port)
+    command = mlflow_server_command(settings.state_dir, args.port, settings.scaled_profile)
     os.execv(command[0], command)
 
 
@@ -237,6 +240,18 @@ def cmd_demo(settings: Settings, args) -> dict:
     from pipeline.demo import run_demo
 
     return run_demo(settings, Path(args.dags))
+
+
+def cmd_stack(settings: Settings, args) -> dict:
+    from pipeline import stack
+
+    if args.action == "up":
+        return stack.stack_up(settings, Path(args.dags))
+    if args.action == "down":
+        return stack.stack_down(settings)
+    if args.action == "add-worker":
+        return stack.add_worker(settings, Path(args.dags), args.name, args.queue, args.concurrency)
+    return stack.stack_status(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,9 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("config", cmd_config, "the resolved settings as JSON (with --recipe: that recipe's)").add_argument(
         "--markdown", action="store_true", help="the configuration reference, as docs/configuration.md holds it")
     add("demo", cmd_demo, "run the whole pipeline once through Airflow").add_argument("--dags", default="dags")
+    stack_command = add("stack", cmd_stack, "start, stop or show the scaled profile's processes on this machine "
+                        "(FINSENT_PROFILE=scaled: PostgreSQL, Celery on Redis, a GPU-queue worker)")
+    stack_command.add_argument("action", choices=("up", "down", "status", "add-worker"))
+    stack_command.add_argument("--dags", default="dags")
+    stack_command.add_argument("--name", default="gpu-2", help="add-worker: the new worker's name")
+    stack_command.add_argument("--queue", default="gpu", help="add-worker: the Celery queue it consumes")
+    stack_command.add_argument("--concurrency", type=int, default=1, help="add-worker: tasks it runs at once")
     for name in ("start-run", "mlm-adapt", "finetune", "sweep-trials", "evaluate", "register", "train", "config"):
         sub.choices[name].add_argument(
             "--recipe", default=None, help=f"training recipe: {', '.join(recipe_names())} or a YAML file (FINSENT_RECIPE)")
+    for name in ("start-run", "train"):
+        sub.choices[name].add_argument(
+            "--no-cache", action="store_true", help="train even when a run with the same data, code, config and base "
+            "registered a model (by default that run is reused)")
     return parser
 
 
@@ -340,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     end_group_on_sigterm()  # a step that a task started: its children end with it
     from pipeline.monitor import MonitorError
     from pipeline.release import ReleaseError
+    from pipeline.stack import StackError
     from serving.errors import ModelLoadError
 
     try:
         result = args.func(settings, args)
-    except (MonitorError, ReleaseError, ModelLoadError) as error:  # a clear reason, no traceback; the full log has the rest
+    except (MonitorError, ReleaseError, ModelLoadError, StackError) as error:  # a clear reason, no traceback; the full log has the rest
         print(f"finsent {args.command}: {error}", file=sys.stderr)
         return 1
     if result is not None:

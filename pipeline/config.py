@@ -21,7 +21,8 @@ from pipeline.recipes import load_recipe
 ENV_PREFIX = "FINSENT_"
 # Read by other tools, not by Settings: the docker compose file's image and data folder names.
 NOT_SETTINGS = frozenset({"FINSENT_AIRFLOW_IMAGE", "FINSENT_AIRFLOW_GPU_IMAGE", "FINSENT_SERVING_IMAGE", "FINSENT_DATA_DIR",
-                          "FINSENT_STEP_GROUP"})  # the last: set by pipeline.steps for the steps it starts
+                          "FINSENT_STEP_GROUP", "FINSENT_WORKER_NAME"})
+# The last two: set by pipeline.steps for the steps it starts, and by `finsent stack up` for each worker.
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 OFFLINE_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -291,9 +292,38 @@ class OrchestrationConfig(BaseModel):
         "export, a monitor day's scoring): past it the task fails and its step's process group ends")
 
 
+class ScaledConfig(BaseModel):
+    """The scaled profile (``FINSENT_PROFILE=scaled``): Airflow's metadata DB, MLflow's backend store and the
+    monitor's tables on PostgreSQL, the CeleryExecutor with Redis as broker, a worker for the default queue and
+    one for the GPU queue. ``finsent stack up`` starts it on one machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    postgres_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432", description="the PostgreSQL server (SQLAlchemy URL without a "
+        "database); the databases below are created on it when missing")
+    airflow_database: str = Field("finsent_airflow", description="Airflow's metadata DB, and Celery's result backend")
+    mlflow_database: str = Field("finsent_mlflow", description="MLflow's backend store")
+    monitor_database: str = Field("finsent_monitor", description="the monitor's index and alert tables, unless "
+                                  "monitor.database_url names another")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery's broker")
+    artifacts_destination: str | None = Field(
+        None, description="MLflow's artifact store: s3://bucket/prefix (the s3 extra; credentials from AWS_* "
+        "variables) or a folder every node mounts; unset: <state_dir>/mlflow/artifacts")
+    parallelism: int = Field(8, ge=1, description="task instances the scheduler runs at once, over all workers")
+    worker_concurrency: int = Field(2, ge=1, description="tasks a default-queue worker runs at once (a GPU worker "
+                                    "runs orchestration.gpu_pool_slots)")
+
+    def database_url(self, database: str) -> str:
+        return f"{self.postgres_url.rstrip('/')}/{database}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FINSENT_", env_nested_delimiter="__", extra="forbid")
 
+    profile: Literal["embedded", "scaled"] = Field(
+        "embedded", description="embedded: SQLite, LocalExecutor, one machine (`make demo`); scaled: PostgreSQL, "
+        "CeleryExecutor with a GPU queue, MLflow on PostgreSQL (the scaled section; `make stack-up`)")
     project_dir: Path = Field(Path("."), description="the DVC repository that holds data/ and data.dvc")
     state_dir: Path = Field(Path(".finsent"), description="services' state, run outputs, DVC remote")
     keep_checkpoints: bool = Field(
@@ -325,6 +355,7 @@ class Settings(BaseSettings):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     serving: ServingConfig = ServingConfig()
     monitor: MonitorConfig = MonitorConfig()
+    scaled: ScaledConfig = ScaledConfig()
     alert_webhook: str | None = Field(
         None, description="URL that each monitor alert is POSTed to as JSON (retried; a failure never fails the day)")
 
@@ -338,6 +369,11 @@ class Settings(BaseSettings):
             except ValidationError as error:
                 raise ValueError(f"recipe {recipe.path}: {settings_error_message(error)}") from None
         return self
+
+    @property
+    def scaled_profile(self) -> ScaledConfig | None:
+        """The scaled section when the scaled profile is on; None on the embedded default."""
+        return self.scaled if self.profile == "scaled" else None
 
     @property
     def data_dir(self) -> Path:
@@ -369,7 +405,11 @@ class Settings(BaseSettings):
 
     @property
     def monitor_database_url(self) -> str:
-        return self.monitor.database_url or f"sqlite:///{(self.state_dir / 'monitor.db').resolve()}"
+        if self.monitor.database_url:
+            return self.monitor.database_url
+        if self.profile == "scaled":
+            return self.scaled.database_url(self.scaled.monitor_database)
+        return f"sqlite:///{(self.state_dir / 'monitor.db').resolve()}"
 
     @property
     def runs_dir(self) -> Path:

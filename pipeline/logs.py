@@ -255,6 +255,13 @@ def _test_metrics(metrics: dict) -> str:
     return text
 
 
+def _start_run(result: dict) -> str:
+    if result.get("cached"):
+        return (f"reused run {result.get('run_id')} (cache): version {result.get('model_version', '?')} was trained "
+                "on the same data, code, config and base; no_cache=true trains anyway")
+    return f"MLflow run {result.get('run_id')}"
+
+
 def _register(result: dict) -> str:
     return f"registered {result.get('name', '?')} version {result.get('version', '?')} as @candidate"
 
@@ -272,6 +279,8 @@ def _export(result: dict) -> str:
 
 
 def _gate(result: dict) -> str:
+    if result.get("no_op"):
+        return f"no-op: {result.get('reason', '')}"
     verdict = "promote" if result.get("promote") else "reject"
     return f"{verdict} version {result.get('candidate_version', '?')}: {result.get('reason', '')}"
 
@@ -285,6 +294,8 @@ def _infra_check(result: dict | None) -> str:
 
 
 def _promote(result: dict) -> str:
+    if result.get("no_op"):
+        return f"no-op; champion stays version {result.get('champion_version')}"
     if result.get("promoted"):
         return f"champion is now version {result.get('champion_version')}"
     return f"not promoted; champion stays version {result.get('champion_version')}"
@@ -335,7 +346,7 @@ _SUMMARIES: dict[str, Callable[[Any], str]] = {
     "ingest.ingest_corpus": _ingest_corpus,
     "ingest.ingest_news": _ingest_news,
     "ingest.version_data": lambda digest: f"data/ versioned with DVC ({str(digest)[:12]})",
-    "train.start_run": lambda run_id: f"MLflow run {run_id}",
+    "train.start_run": _start_run,
     "release.gate": _gate,
     "release.infra_check": _infra_check,
     "release.promote": _promote,

@@ -14,6 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import LABELS, Settings, TrainConfig
+from pipeline.train import cache
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -56,10 +57,12 @@ def _flatten(prefix: str, value) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-def start_training_run(settings: Settings, data_digest: str, test_digest: str) -> str:
-    """Creates the run every training step logs into; returns its id."""
+def start_training_run(settings: Settings, data_digest: str, test_digest: str, cache_key: str | None = None) -> str:
+    """Creates the run every training step logs into, tagged with its step-cache
+    key (computed when not given); returns its id."""
     import pandas as pd
 
+    key = cache_key or cache.cache_key(settings, test_digest)
     connect(settings)
     with mlflow.start_run(run_name="train") as run:
         mlflow.log_params(_flatten("", {k: v for k, v in settings.resolved().items() if k in ("train", "ingest")}))
@@ -78,6 +81,7 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str) -
             "git_commit": git_commit(settings.project_dir),
             "config_hash": train_config_hash(settings.train),
             "settings_hash": settings.config_hash(),
+            cache.CACHE_TAG: key,
         })
         for split in ("train", "validation", "test"):
             # float agreement: MLflow's schema warns on integer columns that could hold missing values.

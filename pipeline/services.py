@@ -21,7 +21,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from pipeline.config import OrchestrationConfig
+from pipeline.config import OrchestrationConfig, ScaledConfig
 from pipeline.logs import Segments, StatusLine, meter_percent, parse_mark, parse_meter, plain, summarize
 
 log = logging.getLogger(__name__)
@@ -72,30 +72,35 @@ def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
         pass
 
 
-def mlflow_server_command(state_dir: Path, port: int) -> list[str]:
-    """The embedded tracking server: SQLite backend, local artifact store, one worker."""
+def mlflow_server_command(state_dir: Path, port: int, scaled: ScaledConfig | None = None) -> list[str]:
+    """The tracking server, one worker: embedded, a SQLite backend and a local artifact store; scaled,
+    the backend store on PostgreSQL and the artifacts where the scaled settings say."""
     root = (state_dir / "mlflow").resolve()
     root.mkdir(parents=True, exist_ok=True)
+    backend, artifacts = f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts")
+    if scaled is not None:
+        backend, artifacts = scaled.database_url(scaled.mlflow_database), scaled.artifacts_destination or artifacts
     return [
-        _bin("mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
+        _bin("mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
 
 
-def start_mlflow_server(state_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(state_dir: Path, port: int | None = None,
+                        scaled: ScaledConfig | None = None) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = start_process(mlflow_server_command(state_dir, port), state_dir / "logs" / "mlflow.log", env)
+    process = start_process(mlflow_server_command(state_dir, port, scaled), state_dir / "logs" / "mlflow.log", env)
     uri = f"http://127.0.0.1:{port}"
     wait_for_http(f"{uri}/health", timeout=180, process=process)
     return process, uri
 
 
-def airflow_settings(airflow_home: Path, dags_folder: Path) -> dict[str, dict[str, str]]:
-    """An embedded Airflow 3: SQLite metadata DB, LocalExecutor, small parallelism."""
-    return {
+def airflow_settings(airflow_home: Path, dags_folder: Path, scaled: ScaledConfig | None = None) -> dict[str, dict[str, str]]:
+    """Embedded (``scaled`` None): an SQLite metadata DB, the LocalExecutor, small parallelism.
+    Scaled: the metadata DB on PostgreSQL, the CeleryExecutor with the Redis broker, task states
+    in the metadata DB's server (Celery's database result backend)."""
+    settings = {
         "core": {
             "dags_folder": str(dags_folder.resolve()),
             "load_examples": "False",
@@ -107,15 +112,26 @@ def airflow_settings(airflow_home: Path, dags_folder: Path) -> dict[str, dict[st
         # all writing, a CLI call needs to wait for the lock (60 s, not sqlite's 5 s).
         "database": {"sql_alchemy_conn": f"sqlite:///{airflow_home.resolve() / 'airflow.db'}?timeout=60"},
     }
+    if scaled is not None:
+        metadata = scaled.database_url(scaled.airflow_database)
+        settings["core"].update(executor="CeleryExecutor", parallelism=str(scaled.parallelism))
+        # Airflow's async engine would take asyncpg for PostgreSQL; psycopg 3 is async itself.
+        settings["database"] = {"sql_alchemy_conn": metadata,
+                                "sql_alchemy_conn_async": metadata.replace("+psycopg:", "+psycopg_async:", 1)}
+        settings["celery"] = {"broker_url": scaled.broker_url, "result_backend": f"db+{metadata}",
+                              "worker_concurrency": str(scaled.worker_concurrency)}
+        settings["operators"] = {"default_queue": "default"}
+    return settings
 
 
-def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None) -> dict[str, str]:
+def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None,
+                scaled: ScaledConfig | None = None) -> dict[str, str]:
     """Environment for ``airflow`` commands on this home. The same settings go
     to ``airflow.cfg`` there, so ``AIRFLOW_HOME=… airflow standalone`` by hand
     sees the same database, DAGs and executor."""
     airflow_home = airflow_home.resolve()
     airflow_home.mkdir(parents=True, exist_ok=True)
-    settings = airflow_settings(airflow_home, dags_folder)
+    settings = airflow_settings(airflow_home, dags_folder, scaled)
     config = configparser.ConfigParser(interpolation=None)
     config.read(airflow_home / "airflow.cfg")
     # Scheduler, API server and task workers must sign and check task tokens
@@ -132,7 +148,8 @@ def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None)
         env.update({f"AIRFLOW__{section.upper()}__{key.upper()}": value for key, value in options.items()})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # Several monitor days score at once: their ONNX Runtime threads share the cores instead of fighting over them.
-    env.setdefault("FINSENT_MONITOR__THREADS", str(max(1, (os.cpu_count() or 1) // int(settings["core"]["parallelism"]))))
+    tasks_per_host = scaled.worker_concurrency if scaled is not None else int(settings["core"]["parallelism"])
+    env.setdefault("FINSENT_MONITOR__THREADS", str(max(1, (os.cpu_count() or 1) // tasks_per_host)))
     # airflow_local_settings.py: the scheduler imports the pipeline before forking tasks.
     local_settings = str((dags_folder / "local_settings").resolve())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [local_settings, env.get("PYTHONPATH")]))

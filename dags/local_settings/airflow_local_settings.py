@@ -14,3 +14,13 @@ def _forks_tasks(argv: list[str]) -> bool:
 
 if _forks_tasks(sys.argv):
     import pipeline.preload  # noqa: F401
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the workers ``finsent stack up`` starts: several workers share one
+    host there, so each task instance records ``<worker>@<host>`` (the Celery node's name)."""
+    import os
+    import socket
+
+    name = os.environ.get("FINSENT_WORKER_NAME")
+    return f"{name}@{socket.getfqdn()}" if name else socket.getfqdn()

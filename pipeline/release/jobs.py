@@ -170,6 +170,15 @@ def _suite(settings: Settings):
     return load_suite(settings.release.behavioural_dir, LABELS)
 
 
+def _already_champion(version: str) -> dict:
+    """The decision on a candidate that is the champion already: nothing to gate, nothing recorded on the
+    version (its own gate decision stays), and promote leaves the alias and its history alone."""
+    reason = f"version {version} is already the champion: nothing to release"
+    log.info("gate: %s", reason)
+    return {"candidate_version": version, "champion_version": version, "decided_at": _now(), "no_op": True,
+            "promote": False, "reason": reason, "behaviour": None}
+
+
 def gate(settings: Settings, version: str | None = None) -> dict:
     """Scores candidate and champion on the frozen test split and the behavioural
     suite with their served variants, decides, and records the decision on both."""
@@ -177,6 +186,8 @@ def gate(settings: Settings, version: str | None = None) -> dict:
 
     candidate = _candidate(settings, version)
     champion = registry.version_by_alias(settings, registry.CHAMPION)
+    if champion is not None and champion.version == candidate.version:
+        return _already_champion(candidate.version)
     test, suite = _test_split(settings), _suite(settings)
     mine = evaluate_version(settings, candidate, test, suite)
     theirs = None
@@ -280,6 +291,9 @@ def promote(settings: Settings, gate_record: dict, infra: dict | None = None, by
             log.warning("champion moved from %s to %s since the gate: gating version %s again",
                         gate_record["champion_version"], current_version, version)
             gate_record = gate(settings, version)
+        if gate_record.get("no_op"):
+            return {"promoted": False, "no_op": True, "reason": gate_record["reason"], "champion_version": version,
+                    "compared_with": version, "model_uri": f"models:/{settings.model_name}@{registry.CHAMPION}"}
         candidate = registry.connect(settings).get_model_version(settings.model_name, version)
         infra_ok = infra is None or infra["passed"]
         promoted = bool(gate_record["promote"]) and infra_ok

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ from pipeline.config import LABELS, Settings, TrainConfig
 from pipeline.data.frozen import require_frozen_test_set
 from pipeline.data.ingest import load_split
 from pipeline.data.version import read_digest
+from pipeline.train import cache
 
 log = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -33,11 +35,40 @@ def _run_dir(settings: Settings, run_id: str, step: str) -> Path:
     return path
 
 
-def start_run(settings: Settings) -> dict:
+def start_run(settings: Settings, use_cache: bool = True) -> dict:
+    """Opens the run the training steps log into; or, when a run with the same
+    step-cache key registered a model (``pipeline.train.cache``), returns that
+    run with ``cached: True`` and its version, and nothing is trained."""
     digest = read_digest(settings.project_dir)
     test_digest = require_frozen_test_set(settings.project_dir, load_split(settings.labeled_dir, "test"))
-    run_id = registry.start_training_run(settings, digest, test_digest)
-    return {"run_id": run_id, "data_digest": digest, "test_digest": test_digest}
+    key = cache.cache_key(settings, test_digest)
+    found = cache.find_cached_run(settings, key) if use_cache else None
+    if found is None:
+        run_id = registry.start_training_run(settings, digest, test_digest, cache_key=key)
+        return {"run_id": run_id, "cached": False, "data_digest": digest, "test_digest": test_digest, "cache_key": key}
+    client = registry.connect(settings)
+    hits = int(client.get_run(found.run_id).data.tags.get(cache.HITS_TAG, "0")) + 1
+    client.set_tag(found.run_id, cache.REUSED_AT_TAG, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    client.set_tag(found.run_id, cache.HITS_TAG, str(hits))
+    log.info("training skipped: data, code, config and base match run %s (version %s); --no-cache trains anyway",
+             found.run_id, found.version)
+    # The aliases stay where they are: this version was handed to the release when it was registered, and
+    # @candidate also answers canary traffic, which a run that trained nothing should not move.
+    return {"run_id": found.run_id, "cached": True, "model_version": found.version,
+            "model_uri": f"models:/{settings.model_name}/{found.version}", "data_digest": digest,
+            "test_digest": test_digest, "cache_key": key}
+
+
+def cached_summary(settings: Settings, run: dict) -> dict:
+    """What ``finsent train`` returns when ``start_run`` reused a run: its version, as ``register`` would say it."""
+    client = registry.connect(settings)
+    version = client.get_model_version(settings.model_name, run["model_version"])
+    metrics = client.get_run(run["run_id"]).data.metrics
+    return {
+        "model_uri": run["model_uri"], "name": version.name, "version": version.version, "run_id": run["run_id"],
+        "config_hash": version.tags.get("config_hash"), "cached": True,
+        "test_metrics": {key.removeprefix("test_"): value for key, value in metrics.items() if key.startswith("test_")},
+    }
 
 
 def mlm_adapt(settings: Settings, run_id: str) -> dict:

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(path for path in (REPO / "dags").glob("*.py") if path.name != "assets.py")
 EXPECTED_TASKS = {
     "ingest": ["ingest_corpus", "ingest_labeled", "ingest_news", "version_data"],
-    "train": ["evaluate", "finetune", "mlm_adapt", "pick_best", "register", "start_run", "sweep_trials"],
+    "train": ["check_cache", "evaluate", "finetune", "mlm_adapt", "pick_best", "register", "start_run", "sweep_trials"],
     "release": ["export_onnx", "gate", "infra_check", "promote"],
     "release_override": ["override"],
     "monitor": ["build_index", "detect_drift", "score_news", "trigger_retraining"],
@@ -91,20 +91,38 @@ def test_every_asset_is_defined_once_in_assets_py():
     assert defined and set(defined) == {"assets.py"}, f"Assets defined outside dags/assets.py: {defined}"
 
 
-def test_the_train_dag_takes_a_recipe_param(tmp_path):
+def test_the_train_dag_takes_recipe_and_no_cache_params(tmp_path):
     code = (
         "import sys; sys.path.insert(0, 'dags')\n"
         "from airflow.sdk.definitions._internal.contextmanager import DagContext\n"
         "import importlib.util\n"
         "spec = importlib.util.spec_from_file_location('train_dag', 'dags/train.py')\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "print(module.train_dag().params['recipe'])"
+        "params = module.train_dag().params; print(params['recipe'], params['no_cache'])"
     )
     env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path),
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "None"
+    assert done.stdout.strip().splitlines()[-1] == "None False"
+
+
+def test_a_cached_run_skips_every_task_after_start_run(tmp_path):
+    code = (
+        "import json, sys; sys.path.insert(0, 'dags')\n"
+        "import importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('train_dag', 'dags/train.py')\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "check = module.train_dag().get_task('check_cache')\n"
+        "print(json.dumps([check.task_type, sorted(check.get_flat_relative_ids(upstream=False))]))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    task_type, downstream = json.loads(done.stdout.strip().splitlines()[-1])
+    assert task_type == "_ShortCircuitDecoratedOperator"
+    assert downstream == sorted(set(EXPECTED_TASKS["train"]) - {"start_run", "check_cache"})
 
 
 def test_drift_emitted_by_the_monitor_schedules_training(tmp_path):

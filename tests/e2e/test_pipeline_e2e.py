@@ -129,6 +129,40 @@ def test_chain_registers_promotes_and_serves(pipeline_env):
     assert server.poll() is not None
 
 
+def _airflow_db(env: dict) -> Path:
+    return Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///").split("?")[0])
+
+
+def _candidate_events(env: dict) -> int:
+    with sqlite3.connect(_airflow_db(env)) as connection:
+        return connection.execute("SELECT count(*) FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                                  "WHERE a.name = 'finsent-model-candidate'").fetchone()[0]
+
+
+def test_an_unchanged_rerun_of_train_reuses_the_run_and_trains_nothing(pipeline_env):
+    # Same data, code, config and base as the chain's run: start_run finds that run in MLflow, and
+    # check_cache skips every later task, so nothing is trained, registered or handed to the release.
+    env = pipeline_env
+    client = MlflowClient(env["FINSENT_TRACKING_URI"])
+    experiment_id = client.get_experiment_by_name(env["FINSENT_EXPERIMENT"]).experiment_id
+    runs = {run.info.run_id for run in client.search_runs([experiment_id])}
+    versions = {v.version for v in client.search_model_versions("name = 'finsent-sentiment'")}
+    events = _candidate_events(env)
+    _dags_test("train", env)
+
+    with sqlite3.connect(_airflow_db(env)) as connection:
+        (run_id,) = connection.execute("SELECT run_id FROM dag_run WHERE dag_id = 'train' ORDER BY id DESC LIMIT 1").fetchone()
+        states = dict(connection.execute("SELECT task_id, state FROM task_instance WHERE dag_id = 'train' AND run_id = ?",
+                                         (run_id,)).fetchall())
+    training = ["mlm_adapt", "sweep_trials", "finetune", "pick_best", "evaluate", "register"]
+    assert states == {"start_run": "success", "check_cache": "success", **dict.fromkeys(training, "skipped")}
+    assert {run.info.run_id for run in client.search_runs([experiment_id])} == runs
+    assert {v.version for v in client.search_model_versions("name = 'finsent-sentiment'")} == versions
+    assert _candidate_events(env) == events
+    reused = client.get_run(client.get_model_version("finsent-sentiment", "1").run_id).data.tags
+    assert reused["cache_key"] and reused["cache_hits"] == "1" and reused["cache_reused_at"]
+
+
 def _monitor_rows(env: dict) -> pd.DataFrame:
     store = MonitorStore(f"sqlite:///{Path(env['FINSENT_STATE_DIR']).resolve() / 'monitor.db'}")
     try:
@@ -162,7 +196,7 @@ def test_monitor_dag_scores_a_day_emits_drift_and_a_backfill_replaces_rows(pipel
     services.airflow(["dags", "pause", "train"], env, logs / "airflow-cli.log")  # no training under the scheduler below
     drift = json.loads((state.parent / "data" / "monitor" / f"date={DRIFT_DAY}" / "drift.json").read_text())
     assert drift["status"] == "checked" and drift["drifted"], drift
-    database = Path(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].removeprefix("sqlite:///").split("?")[0])
+    database = _airflow_db(env)
     with sqlite3.connect(database) as connection:
         events = connection.execute(
             "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'finsent-drift'").fetchall()

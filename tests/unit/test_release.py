@@ -210,6 +210,17 @@ def test_failures_are_clear_and_leave_the_champion(released, tmp_path, tiny_onnx
     assert _champion(settings) == champion
 
 
+def test_releasing_the_champion_again_is_a_no_op_that_keeps_its_history(released):
+    # What a cached training run leaves behind when the release runs anyway: @candidate is @champion.
+    settings = released[0]
+    champion = _version(settings, _champion(settings))
+    decision = gate(settings, champion.version)
+    assert decision["no_op"] and not decision["promote"] and "already the champion" in decision["reason"]
+    result = promote(settings, decision, None, by="test")
+    assert result["no_op"] and not result["promoted"] and result["champion_version"] == champion.version
+    assert _champion(settings) == champion.version and _version(settings, champion.version).tags == champion.tags
+
+
 def test_a_gpu_provider_that_falls_back_to_cpu_is_refused_unless_allowed(tiny_onnx):
     asked = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(ModelLoadError, match="asked for CUDAExecutionProvider"):
