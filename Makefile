@@ -14,7 +14,7 @@ export FINSENT_REUTERS_DIR ?= $(REUTERS_DIR)
 export DVC_NO_ANALYTICS    := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-scaled scaled-services stack-up stack-down lock clean-state
+.PHONY: setup demo test test-scaled scaled-services stack-up stack-down lock clean-state secrets
 
 setup: $(VENV)/.installed
 
@@ -59,3 +59,7 @@ lock:
 clean-state:
 	rm -rf .finsent
 
+# docker/.env for the compose stack in docker/: fresh random secrets, mode 0600.
+# Refuses to overwrite an existing one (the database volumes keep their first passwords).
+secrets:
+	python3 docker/make_env.py

