@@ -142,6 +142,17 @@ def kill_at_first_checkpoint(command: list[str], checkpoints: Path, log_path: Pa
 # so more sentences are cut than under a real model: the share is allowed up to 20 %.
 TEST_INGEST = {"min_clean_share": 0.5, "max_truncated_share": 0.2}
 TEST_INGEST_ENV = {f"FINSENT_INGEST__{key.upper()}": str(value) for key, value in TEST_INGEST.items()}
+# A chain through Airflow on the tiny base: seconds a step; the caller sets the base and the epochs.
+TINY_CHAIN_ENV = {
+    "FINSENT_TRAIN__MAX_LENGTH": "64",
+    "FINSENT_TRAIN__MLM_STEPS": "4",
+    "FINSENT_TRAIN__MLM_BLOCK_SIZE": "64",
+    "FINSENT_TRAIN__MLM_BATCH_SIZE": "8",
+    "FINSENT_TRAIN__MLM_MAX_CORPUS_TEXTS": "100",
+    "FINSENT_TRAIN__BATCH_SIZE": "16",
+    "FINSENT_TRAIN__LEARNING_RATE": "0.002",
+    "FINSENT_RELEASE__MIN_MACRO_F1": "0.0",
+}
 
 
 def make_settings(project: Path, fpb: Path, reuters: Path | None, base: Path, **overrides) -> Settings:

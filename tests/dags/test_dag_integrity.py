@@ -91,36 +91,31 @@ def test_every_asset_is_defined_once_in_assets_py():
     assert defined and set(defined) == {"assets.py"}, f"Assets defined outside dags/assets.py: {defined}"
 
 
-def test_the_train_dag_takes_recipe_and_no_cache_params(tmp_path):
-    code = (
-        "import sys; sys.path.insert(0, 'dags')\n"
-        "from airflow.sdk.definitions._internal.contextmanager import DagContext\n"
-        "import importlib.util\n"
-        "spec = importlib.util.spec_from_file_location('train_dag', 'dags/train.py')\n"
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "params = module.train_dag().params; print(params['recipe'], params['no_cache'])"
-    )
-    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "None False"
-
-
-def test_a_cached_run_skips_every_task_after_start_run(tmp_path):
+def _with_the_train_dag(tmp_path, statement: str) -> str:
+    """The last line ``statement`` prints about ``dag`` (the train DAG), loaded in a fresh process
+    whose Airflow metadata DB does not exist."""
     code = (
         "import json, sys; sys.path.insert(0, 'dags')\n"
         "import importlib.util\n"
         "spec = importlib.util.spec_from_file_location('train_dag', 'dags/train.py')\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "check = module.train_dag().get_task('check_cache')\n"
-        "print(json.dumps([check.task_type, sorted(check.get_flat_relative_ids(upstream=False))]))"
+        f"dag = module.train_dag()\n{statement}"
     )
     env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path),
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/missing/dir/airflow.db"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    task_type, downstream = json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_train_dag_takes_recipe_and_no_cache_params(tmp_path):
+    assert _with_the_train_dag(tmp_path, "print(dag.params['recipe'], dag.params['no_cache'])") == "None False"
+
+
+def test_a_cached_run_skips_every_task_after_start_run(tmp_path):
+    printed = _with_the_train_dag(tmp_path, "check = dag.get_task('check_cache')\n"
+                                  "print(json.dumps([check.task_type, sorted(check.get_flat_relative_ids(upstream=False))]))")
+    task_type, downstream = json.loads(printed)
     assert task_type == "_ShortCircuitDecoratedOperator"
     assert downstream == sorted(set(EXPECTED_TASKS["train"]) - {"start_run", "check_cache"})
 

@@ -21,7 +21,7 @@ from pipeline.config import OrchestrationConfig
 from pipeline.data.landing import day_folder, layout_reuters
 from pipeline.data.sources import read_phrasebank
 from pipeline.monitor.store import MonitorStore
-from tests.conftest import FPB_DIR, REPO, TEST_INGEST_ENV
+from tests.conftest import FPB_DIR, REPO, TEST_INGEST_ENV, TINY_CHAIN_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -55,15 +55,8 @@ def pipeline_env(tmp_path_factory, mlflow_server, fpb_subset, reuters_subset, he
         **TEST_INGEST_ENV,
         # Without a masked-LM head, as the default MiniLM ships: its head is fitted before the gate.
         "FINSENT_TRAIN__BASE_MODEL": str(headless_base),
-        "FINSENT_TRAIN__MAX_LENGTH": "64",
-        "FINSENT_TRAIN__MLM_STEPS": "4",
-        "FINSENT_TRAIN__MLM_BLOCK_SIZE": "64",
-        "FINSENT_TRAIN__MLM_BATCH_SIZE": "8",
-        "FINSENT_TRAIN__MLM_MAX_CORPUS_TEXTS": "100",
+        **TINY_CHAIN_ENV,
         "FINSENT_TRAIN__EPOCHS": "2",
-        "FINSENT_TRAIN__BATCH_SIZE": "16",
-        "FINSENT_TRAIN__LEARNING_RATE": "0.002",
-        "FINSENT_RELEASE__MIN_MACRO_F1": "0.0",
         # The monitor: days of the Reuters subset, small drift windows, one day per window.
         **{f"FINSENT_MONITOR__{key.upper()}": str(value) for key, value in MONITOR_ENV.items()},
     }

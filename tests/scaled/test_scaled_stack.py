@@ -29,7 +29,7 @@ from pipeline import services, stack
 from pipeline.config import ScaledConfig, Settings
 from pipeline.data.landing import layout_reuters
 from pipeline.monitor.store import MonitorStore
-from tests.conftest import REPO, TEST_INGEST_ENV
+from tests.conftest import REPO, TEST_INGEST_ENV, TINY_CHAIN_ENV
 
 pytestmark = [pytest.mark.scaled, pytest.mark.e2e]
 MONITOR_FIRST, MONITOR_LAST = date(1987, 3, 1), date(1987, 3, 3)
@@ -118,15 +118,8 @@ def scaled(tmp_path_factory, fpb_subset, reuters_subset, headless_base):
         "FINSENT_EXPERIMENT": "scaled",
         **TEST_INGEST_ENV,
         "FINSENT_TRAIN__BASE_MODEL": str(headless_base),
-        "FINSENT_TRAIN__MAX_LENGTH": "64",
-        "FINSENT_TRAIN__MLM_STEPS": "4",
-        "FINSENT_TRAIN__MLM_BLOCK_SIZE": "64",
-        "FINSENT_TRAIN__MLM_BATCH_SIZE": "8",
-        "FINSENT_TRAIN__MLM_MAX_CORPUS_TEXTS": "100",
-        "FINSENT_TRAIN__EPOCHS": "3",
-        "FINSENT_TRAIN__BATCH_SIZE": "16",
-        "FINSENT_TRAIN__LEARNING_RATE": "0.002",
-        "FINSENT_RELEASE__MIN_MACRO_F1": "0.0",
+        **TINY_CHAIN_ENV,
+        "FINSENT_TRAIN__EPOCHS": "3",  # a fine-tuning long enough to be killed in the middle
         **{f"FINSENT_MONITOR__{key.upper()}": str(value) for key, value in MONITOR_ENV.items()},
         # A worker that stops heartbeating is noticed in 20 s (default 300), its task retried 5 s later.
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
