@@ -310,7 +310,6 @@ class ScaledConfig(BaseModel):
     artifacts_destination: str | None = Field(
         None, description="MLflow's artifact store: s3://bucket/prefix (the s3 extra; credentials from AWS_* "
         "variables) or a folder every node mounts; unset: <state_dir>/mlflow/artifacts")
-    parallelism: int = Field(8, ge=1, description="task instances the scheduler runs at once, over all workers")
     worker_concurrency: int = Field(2, ge=1, description="tasks a default-queue worker runs at once (a GPU worker "
                                     "runs orchestration.gpu_pool_slots)")
 

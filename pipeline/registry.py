@@ -14,13 +14,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import LABELS, Settings, TrainConfig
-from pipeline.train import cache
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ONNX_ARTIFACT_PATH = "onnx"
 MODEL_CARD = "model_card.md"
 LINEAGE_TAGS = ("data_digest", "test_digest", "git_commit", "config_hash")
+CACHE_TAG = "cache_key"  # a training run's step-cache key (pipeline.train.cache)
 
 
 def connect_uri(tracking_uri: str) -> MlflowClient:
@@ -57,12 +57,11 @@ def _flatten(prefix: str, value) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-def start_training_run(settings: Settings, data_digest: str, test_digest: str, cache_key: str | None = None) -> str:
-    """Creates the run every training step logs into, tagged with its step-cache
-    key (computed when not given); returns its id."""
+def start_training_run(settings: Settings, data_digest: str, test_digest: str, cache_key: str) -> str:
+    """Creates the run every training step logs into, tagged with its step-cache key
+    (``pipeline.train.cache``); returns its id."""
     import pandas as pd
 
-    key = cache_key or cache.cache_key(settings, test_digest)
     connect(settings)
     with mlflow.start_run(run_name="train") as run:
         mlflow.log_params(_flatten("", {k: v for k, v in settings.resolved().items() if k in ("train", "ingest")}))
@@ -81,7 +80,7 @@ def start_training_run(settings: Settings, data_digest: str, test_digest: str, c
             "git_commit": git_commit(settings.project_dir),
             "config_hash": train_config_hash(settings.train),
             "settings_hash": settings.config_hash(),
-            cache.CACHE_TAG: key,
+            CACHE_TAG: cache_key,
         })
         for split in ("train", "validation", "test"):
             # float agreement: MLflow's schema warns on integer columns that could hold missing values.

@@ -114,7 +114,9 @@ def airflow_settings(airflow_home: Path, dags_folder: Path, scaled: ScaledConfig
     }
     if scaled is not None:
         metadata = scaled.database_url(scaled.airflow_database)
-        settings["core"].update(executor="CeleryExecutor", parallelism=str(scaled.parallelism))
+        # Parallelism: Airflow's own default (AIRFLOW__CORE__PARALLELISM): the workers' concurrency bounds each host.
+        settings["core"]["executor"] = "CeleryExecutor"
+        del settings["core"]["parallelism"]
         # Airflow's async engine would take asyncpg for PostgreSQL; psycopg 3 is async itself.
         settings["database"] = {"sql_alchemy_conn": metadata,
                                 "sql_alchemy_conn_async": metadata.replace("+psycopg:", "+psycopg_async:", 1)}
@@ -125,13 +127,17 @@ def airflow_settings(airflow_home: Path, dags_folder: Path, scaled: ScaledConfig
 
 
 def airflow_env(airflow_home: Path, dags_folder: Path, base: dict | None = None,
-                scaled: ScaledConfig | None = None) -> dict[str, str]:
+                scaled: ScaledConfig | None = None, api_port: int | None = None) -> dict[str, str]:
     """Environment for ``airflow`` commands on this home. The same settings go
     to ``airflow.cfg`` there, so ``AIRFLOW_HOME=… airflow standalone`` by hand
-    sees the same database, DAGs and executor."""
+    sees the same database, DAGs and executor (and, with ``api_port``, the API
+    server that the task workers report to)."""
     airflow_home = airflow_home.resolve()
     airflow_home.mkdir(parents=True, exist_ok=True)
     settings = airflow_settings(airflow_home, dags_folder, scaled)
+    if api_port is not None:
+        settings["api"] = {"port": str(api_port)}
+        settings["core"]["execution_api_server_url"] = f"http://127.0.0.1:{api_port}/execution/"
     config = configparser.ConfigParser(interpolation=None)
     config.read(airflow_home / "airflow.cfg")
     # Scheduler, API server and task workers must sign and check task tokens

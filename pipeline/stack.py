@@ -8,7 +8,6 @@ the databases created, but never started or stopped here."""
 
 from __future__ import annotations
 
-import configparser
 import json
 import logging
 import os
@@ -111,19 +110,6 @@ def _wait_for_line(path: Path, text: str, process: subprocess.Popen, timeout: fl
     raise TimeoutError(f"{path} did not say {text!r} within {timeout:.0f}s")
 
 
-def _persist(airflow_home: Path, env: dict[str, str], keys: tuple[str, ...]) -> None:
-    """Copies the stack's ports into airflow.cfg, so ``AIRFLOW_HOME=… airflow …`` by hand finds them too."""
-    config = configparser.ConfigParser(interpolation=None)
-    config.read(airflow_home / "airflow.cfg")
-    for key in keys:
-        _, section, option = key.lower().split("__")
-        if not config.has_section(section):
-            config.add_section(section)
-        config.set(section, option, env[key])
-    with open(airflow_home / "airflow.cfg", "w") as handle:
-        config.write(handle)
-
-
 def worker_command(name: str, queue: str, concurrency: int, pid_file: Path) -> list[str]:
     return [services._bin("airflow"), "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
             "--celery-hostname", f"{name}@%h", "--pid", str(pid_file), "--skip-serve-logs"]
@@ -145,10 +131,8 @@ def stack_env(settings: Settings, dags_folder: Path, base: dict | None = None) -
     """The environment of ``airflow`` commands against the stack that is up (its database, broker and API server)."""
     record = _read(stack_file(settings))
     home = Path(record["airflow_home"])
-    env = services.airflow_env(home, dags_folder, dict(os.environ if base is None else base), _scaled(settings))
-    env.update(record["airflow_env"])
-    _persist(home, env, tuple(record["airflow_env"]))
-    return env
+    return services.airflow_env(home, dags_folder, dict(os.environ if base is None else base), _scaled(settings),
+                                record["api_port"])
 
 
 class _Starter:
@@ -200,19 +184,15 @@ def stack_up(settings: Settings, dags_folder: Path) -> dict:
     start = _Starter(path, record, logs)
     try:
         tracking = urlsplit(settings.tracking_uri)
-        env = services.airflow_env(home, dags_folder, dict(os.environ), scaled)
+        api_port = services.free_port()
+        record.update(api_port=api_port, api_url=f"http://127.0.0.1:{api_port}")
+        env = services.airflow_env(home, dags_folder, dict(os.environ), scaled, api_port)
         if tracking.hostname in ("127.0.0.1", "localhost") and tracking.port:
             command = services.mlflow_server_command(state, tracking.port, scaled)
             process = start("mlflow", command, {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
             services.wait_for_http(f"{settings.tracking_uri}/health", timeout=180, process=process)
         services.migrate_airflow_db(env, logs / "airflow-db.log")
         services.create_gpu_pool(env, logs / "airflow-cli.log", settings.orchestration)
-        api_port = services.free_port()
-        record["api_url"] = f"http://127.0.0.1:{api_port}"
-        record["airflow_env"] = {"AIRFLOW__API__PORT": str(api_port),
-                                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{record['api_url']}/execution/"}
-        env.update(record["airflow_env"])
-        _persist(home, env, tuple(record["airflow_env"]))
         process = start("api-server", [services._bin("airflow"), "api-server", "--host", "127.0.0.1", "--port",
                                        str(api_port)], env)
         services.wait_for_http(f"{record['api_url']}/api/v2/monitor/health", timeout=180, process=process)

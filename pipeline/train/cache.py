@@ -18,8 +18,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipeline.config import Settings
+from pipeline.registry import CACHE_TAG
 
-CACHE_TAG = "cache_key"
 REUSED_AT_TAG = "cache_reused_at"
 HITS_TAG = "cache_hits"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the installed ``pipeline`` package
@@ -107,15 +107,9 @@ def cache_inputs(settings: Settings, test_digest: str) -> dict:
     }
 
 
-def cache_key(settings: Settings, test_digest: str | None = None) -> str:
-    """sha256 of ``cache_inputs``; the frozen test split's digest is read from the project when not given."""
-    if test_digest is None:
-        from pipeline.data.frozen import require_frozen_test_set
-        from pipeline.data.ingest import load_split
-
-        test_digest = require_frozen_test_set(settings.project_dir, load_split(settings.labeled_dir, "test"))
-    inputs = cache_inputs(settings, test_digest)
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+def cache_key(settings: Settings, test_digest: str) -> str:
+    """sha256 of ``cache_inputs``."""
+    return hashlib.sha256(json.dumps(cache_inputs(settings, test_digest), sort_keys=True).encode()).hexdigest()
 
 
 def find_cached_run(settings: Settings, key: str) -> CachedRun | None:

@@ -31,7 +31,7 @@ SMALL_DRIFT = {"drift_texts_per_day": 40, "drift_window_texts": 60, "drift_refer
 def _register(settings, model_dir) -> str:
     from pipeline.release.jobs import export_candidate
 
-    run_id = registry.start_training_run(settings, "data-digest", "test-digest")
+    run_id = registry.start_training_run(settings, "data-digest", "test-digest", "cache-key")
     version = registry.register_classifier(settings, run_id, model_dir).version
     export_candidate(settings, version)
     return version

@@ -27,7 +27,7 @@ MODEL = "finsent-release-test"
 
 
 def _register(settings, model_dir: Path) -> str:
-    run_id = registry.start_training_run(settings, "data-digest", "test-digest")
+    run_id = registry.start_training_run(settings, "data-digest", "test-digest", "cache-key")
     return registry.register_classifier(settings, run_id, model_dir).version
 
 

@@ -19,6 +19,10 @@ from pipeline.logs import summarize
 from pipeline.train import cache, jobs
 
 
+def _key(settings) -> str:
+    return cache.cache_key(settings, read_frozen(settings.project_dir)["test_digest"])
+
+
 def _with_train(settings, **fields):
     return settings.model_copy(update={"train": settings.train.model_copy(update=fields)})
 
@@ -36,40 +40,39 @@ def own_copies(ingested, tiny_base, tmp_path, monkeypatch):
 
 def test_the_key_moves_with_each_input_and_with_nothing_else(own_copies):
     settings, base, package = own_copies
-    key = cache.cache_key(settings)
-    assert key == cache.cache_key(settings, test_digest=read_frozen(settings.project_dir)["test_digest"])
+    key = _key(settings)
     # The copy of the sources holds the same files: where the package is installed does not count.
     assert cache.code_digest(package) == cache.code_digest(Path(registry.__file__).parent)
     weights = base / "model.safetensors"
     weights.touch()  # a newer mtime, the same bytes
-    assert cache.cache_key(settings) == key
+    assert _key(settings) == key
 
     # A day's news or monitor output lands in data/ too (DVC's digest moves), but no training reads it.
     (settings.monitor_dir / "date=1987-03-02").mkdir(parents=True)
     (settings.monitor_dir / "date=1987-03-02" / "index.parquet").write_bytes(b"rows")
-    assert cache.cache_key(settings) == key
+    assert _key(settings) == key
     train_split = settings.labeled_dir / "train.parquet"
     rows = train_split.read_bytes()
     pd.read_parquet(train_split).iloc[1:].to_parquet(train_split)
-    assert cache.cache_key(settings) != key
+    assert _key(settings) != key
     train_split.write_bytes(rows)
-    assert cache.cache_key(settings) == key
-    assert cache.cache_key(settings, test_digest="another") != key
+    assert _key(settings) == key
+    assert cache.cache_key(settings, "another") != key
     source = package / "train" / "classify.py"
     original = source.read_bytes()
     source.write_bytes(original + b"\n# a changed line\n")
-    assert cache.cache_key(settings) != key
+    assert _key(settings) != key
     source.write_bytes(original)
-    assert cache.cache_key(settings) == key
+    assert _key(settings) == key
     (package / "train" / "new_module.py").write_text("VALUE = 1\n")
-    assert cache.cache_key(settings) != key
+    assert _key(settings) != key
     (package / "train" / "new_module.py").unlink()
-    assert cache.cache_key(_with_train(settings, epochs=settings.train.epochs + 1)) != key
-    assert cache.cache_key(_with_train(settings, sweep_seeds=[0, 1])) != key
+    assert _key(_with_train(settings, epochs=settings.train.epochs + 1)) != key
+    assert _key(_with_train(settings, sweep_seeds=[0, 1])) != key
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    assert cache.cache_key(settings) != key
+    assert _key(settings) != key
     # A hub id without a local copy is keyed by its name.
     assert cache.model_digest("some-org/not-downloaded", settings.bases_dir) == "hub:some-org/not-downloaded"
 
@@ -113,10 +116,10 @@ def test_a_run_is_reused_once_it_registered_a_version_and_no_cache_trains_anyway
     # A teacher given by alias is keyed by the version the alias points at.
     newer = jobs.register(settings, forced["run_id"], str(tiny_classifier))["version"]
     student = _with_train(settings, teacher_model=f"models:/{settings.model_name}@{registry.CANDIDATE}")
-    taught_by_newer = cache.cache_key(student)
-    assert cache.cache_key(student) == taught_by_newer
+    taught_by_newer = _key(student)
+    assert _key(student) == taught_by_newer
     client.set_registered_model_alias(settings.model_name, registry.CANDIDATE, version)
-    assert cache.cache_key(student) != taught_by_newer
+    assert _key(student) != taught_by_newer
 
     # A deleted version is no hit: the next run with a live version is, then none.
     client.delete_model_version(settings.model_name, version)
